@@ -1,0 +1,312 @@
+"""LLaDA in Flax NNX: a LLaMA-style transformer with bidirectional attention.
+
+REFERENCE §1. Block:
+    h   = x + attn_out(SDPA_noncausal(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))),  n = attn_norm(x)
+    out = h + ff_out(silu(ff_proj(m)) * up_proj(m)),                                     m = ff_norm(h)
+RoPE (half-split `rotate_half` form) and RMSNorm are computed in float32; no biases; untied head.
+
+Unlike the reference implementation, the model takes a key-padding `attention_mask`: padded keys
+are never attended, and RoPE positions count only real tokens, so a left-padded prompt gives the
+same logits as the same prompt alone.
+
+Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``,
+``mlp``, ``norm``, and ``layers`` for scanned stacks); `egspo.sharding` maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of a LLaDA model. Field names follow LLaDA's `config.json`."""
+
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  mlp_hidden_size: int
+  vocab_size: int
+  embedding_size: int
+  mask_token_id: int
+  eos_token_id: int
+  pad_token_id: int
+  rope_theta: float = 500000.0
+  rms_norm_eps: float = 1e-5
+  max_sequence_length: int = 4096
+  # Numerics and memory (not part of the checkpoint).
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype of matmuls; norms, RoPE and logits stay float32
+  remat: bool = False  # rematerialise each block in the backward pass
+  scan_layers: bool = False  # one scanned block with a leading `layers` axis instead of a list
+  attention_impl: str | None = None  # passed to jax.nn.dot_product_attention (None = XLA)
+
+  def __post_init__(self):
+    def bad(field, why):
+      raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: {why}")
+
+    for f in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size",
+              "embedding_size", "max_sequence_length"):
+      if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
+        bad(f, "must be a positive integer")
+    if self.d_model % self.n_heads:
+      bad("d_model", f"must be divisible by n_heads={self.n_heads}")
+    if self.n_heads % self.n_kv_heads:
+      bad("n_kv_heads", f"must divide n_heads={self.n_heads}")
+    if (self.d_model // self.n_heads) % 2:
+      bad("n_heads", "head_dim = d_model / n_heads must be even for RoPE")
+    if self.embedding_size < self.vocab_size:
+      bad("embedding_size", f"must be >= vocab_size={self.vocab_size}")
+    for f in ("mask_token_id", "eos_token_id", "pad_token_id"):
+      if not 0 <= getattr(self, f) < self.vocab_size:
+        bad(f, f"must be a token id in [0, vocab_size={self.vocab_size})")
+    for f in ("param_dtype", "dtype"):
+      if getattr(self, f) not in _DTYPES:
+        bad(f, f"must be one of {sorted(_DTYPES)}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def jnp_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def jnp_param_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def num_params(self) -> int:
+    d, f, v = self.d_model, self.mlp_hidden_size, self.embedding_size
+    kv = self.n_kv_heads * self.head_dim
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
+    return self.n_layers * per_layer + 2 * v * d + d
+
+  # Keys of LLaDA's config.json that describe the architecture.
+  HF_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size",
+             "embedding_size", "mask_token_id", "eos_token_id", "rope_theta", "rms_norm_eps",
+             "max_sequence_length")
+
+  def to_hf_config(self) -> dict[str, Any]:
+    cfg = {k: getattr(self, k) for k in self.HF_KEYS}
+    cfg["pad_token_id"] = self.pad_token_id
+    cfg["model_type"] = "llada"
+    return cfg
+
+  @classmethod
+  def from_hf_config(cls, cfg: dict[str, Any], **overrides) -> "ModelConfig":
+    missing = [k for k in cls.HF_KEYS if k not in cfg and k not in overrides
+               and k not in ("embedding_size", "n_kv_heads", "max_sequence_length")]
+    if missing:
+      raise ValueError(f"config.json is missing LLaDA keys: {missing}")
+    kw = {k: cfg[k] for k in cls.HF_KEYS if k in cfg}
+    kw.setdefault("embedding_size", kw["vocab_size"])
+    kw.setdefault("n_kv_heads", kw["n_heads"])
+    if cfg.get("embedding_size") is None:
+      kw["embedding_size"] = kw["vocab_size"]
+    kw["pad_token_id"] = cfg.get("pad_token_id", kw["eos_token_id"])
+    if kw["pad_token_id"] is None:
+      kw["pad_token_id"] = kw["eos_token_id"]
+    kw["rope_theta"] = float(kw.get("rope_theta", 500000.0))
+    kw["rms_norm_eps"] = float(kw.get("rms_norm_eps", 1e-5))
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def _builtin_vocab() -> tuple[int, int, int, int]:
+  """(vocab_size, mask, eos, pad) of the built-in character tokenizer used by CPU presets."""
+  from egspo import tokenizer  # local import: the model does not otherwise depend on tokenizers
+
+  tok = tokenizer.CharTokenizer()
+  return tok.vocab_size, tok.mask_id, tok.eos_id, tok.pad_id
+
+
+def _llada_8b() -> ModelConfig:
+  return ModelConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288,
+                     vocab_size=126464, embedding_size=126464, mask_token_id=126336,
+                     eos_token_id=126081, pad_token_id=126081, rope_theta=500000.0,
+                     rms_norm_eps=1e-5, max_sequence_length=4096, param_dtype="bfloat16",
+                     dtype="bfloat16", remat=True)
+
+
+def _small(d_model, n_layers, n_heads, mlp, max_len) -> ModelConfig:
+  v, mask, eos, pad = _builtin_vocab()
+  return ModelConfig(d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
+                     mlp_hidden_size=mlp, vocab_size=v, embedding_size=v, mask_token_id=mask,
+                     eos_token_id=eos, pad_token_id=pad, rope_theta=10000.0,
+                     max_sequence_length=max_len)
+
+
+PRESETS = {
+    "llada_8b": _llada_8b,
+    # CPU presets over the built-in character tokenizer.
+    "tiny": lambda: _small(64, 2, 4, 192, 256),  # ~0.15M parameters
+    "small": lambda: _small(128, 4, 4, 384, 512),  # ~0.9M parameters
+    "base": lambda: _small(256, 6, 8, 768, 1024),  # ~5M parameters
+}
+
+
+def get_config(preset: str, **overrides) -> ModelConfig:
+  """A named preset (`llada_8b`, `tiny`, `small`, `base`) with optional field overrides."""
+  if preset not in PRESETS:
+    raise ValueError(f"unknown model preset {preset!r}; known presets: {sorted(PRESETS)}")
+  cfg = PRESETS[preset]()
+  return cfg.replace(**overrides) if overrides else cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+def _dense(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], rngs: nnx.Rngs):
+  init = nnx.initializers.normal(stddev=0.02)
+  return nnx.Linear(d_in, d_out, use_bias=False, dtype=cfg.jnp_dtype,
+                    param_dtype=cfg.jnp_param_dtype,
+                    kernel_init=nnx.with_metadata(init, logical_axes=axes), rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+  """y = weight * x / sqrt(mean(x²) + eps), computed in float32 (LLaDA's RMSLayerNorm)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    del rngs
+    self.eps = cfg.rms_norm_eps
+    self.weight = nnx.Param(jnp.ones((cfg.d_model,), cfg.jnp_param_dtype), logical_axes=("norm",))
+
+  def __call__(self, x):
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return (self.weight[...].astype(jnp.float32) * x).astype(dtype)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float):
+  """cos, sin tables [B, L, head_dim] in float32 for integer positions [B, L]."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, head_dim/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+  """Half-split rotary embedding of x [B, L, N, H] (rotate_half form), in float32."""
+  dtype = x.dtype
+  x = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(dtype)
+
+
+class Block(nnx.Module):
+  """One LLaDA transformer block (pre-norm attention + SwiGLU MLP)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, hd = cfg.d_model, cfg.head_dim
+    self.attn_norm = RMSNorm(cfg, rngs=rngs)
+    self.q_proj = _dense(cfg, d, cfg.n_heads * hd, ("embed", "heads"), rngs)
+    self.k_proj = _dense(cfg, d, cfg.n_kv_heads * hd, ("embed", "kv_heads"), rngs)
+    self.v_proj = _dense(cfg, d, cfg.n_kv_heads * hd, ("embed", "kv_heads"), rngs)
+    self.attn_out = _dense(cfg, cfg.n_heads * hd, d, ("heads", "embed"), rngs)
+    self.ff_norm = RMSNorm(cfg, rngs=rngs)
+    self.ff_proj = _dense(cfg, d, cfg.mlp_hidden_size, ("embed", "mlp"), rngs)
+    self.up_proj = _dense(cfg, d, cfg.mlp_hidden_size, ("embed", "mlp"), rngs)
+    self.ff_out = _dense(cfg, cfg.mlp_hidden_size, d, ("mlp", "embed"), rngs)
+
+  def __call__(self, x, cos, sin, key_mask):
+    """x [B, L, D]; cos/sin [B, L, H]; key_mask [B, L] bool (True = attend to this key)."""
+    cfg = self.cfg
+    b, l, _ = x.shape
+    n = self.attn_norm(x)
+    q = self.q_proj(n).reshape(b, l, cfg.n_heads, cfg.head_dim)
+    k = self.k_proj(n).reshape(b, l, cfg.n_kv_heads, cfg.head_dim)
+    v = self.v_proj(n).reshape(b, l, cfg.n_kv_heads, cfg.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1(query), L(key)]
+    attn = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=False,
+                                        implementation=cfg.attention_impl)
+    h = x + self.attn_out(attn.reshape(b, l, cfg.n_heads * cfg.head_dim))
+    m = self.ff_norm(h)
+    return h + self.ff_out(jax.nn.silu(self.ff_proj(m)) * self.up_proj(m))
+
+
+class LLaDA(nnx.Module):
+  """The LLaDA mask predictor: token ids [B, L] → logits [B, L, vocab_size] (float32)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    emb_init = nnx.with_metadata(nnx.initializers.normal(stddev=0.02),
+                                 logical_axes=("vocab", "embed"))
+    self.wte = nnx.Embed(cfg.embedding_size, cfg.d_model, dtype=cfg.jnp_dtype,
+                         param_dtype=cfg.jnp_param_dtype, embedding_init=emb_init, rngs=rngs)
+    if cfg.scan_layers:
+      @nnx.split_rngs(splits=cfg.n_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make_blocks(rngs):
+        return Block(cfg, rngs=rngs)
+
+      self.blocks = make_blocks(rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+    self.ln_f = RMSNorm(cfg, rngs=rngs)
+    self.ff_out = _dense(cfg, cfg.d_model, cfg.embedding_size, ("embed", "vocab"), rngs)
+
+  def hidden_states(self, input_ids, attention_mask=None):
+    """Final normalised hidden states [B, L, D] for input_ids [B, L].
+
+    attention_mask [B, L] (bool/int, 1 = real token): padded keys are not attended, and RoPE
+    positions count real tokens only (position = number of real tokens before it).
+    """
+    cfg = self.cfg
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    if input_ids.shape[1] > cfg.max_sequence_length:
+      raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's "
+                       f"max_sequence_length={cfg.max_sequence_length}")
+    if attention_mask is None:
+      key_mask = None
+      positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    else:
+      key_mask = attention_mask.astype(bool)
+      positions = jnp.maximum(jnp.cumsum(key_mask, axis=1) - 1, 0)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    x = self.wte(input_ids)
+
+    def block_fn(block, x):
+      return block(x, cos, sin, key_mask)
+
+    if cfg.remat:
+      block_fn = nnx.remat(block_fn, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+      def run(block, x):
+        return block_fn(block, x)
+
+      x = run(self.blocks, x)
+    else:
+      for block in self.blocks:
+        x = block_fn(block, x)
+    return self.ln_f(x)
+
+  def logits(self, hidden):
+    """LM head: hidden [..., D] → float32 logits [..., vocab_size]."""
+    out = self.ff_out(hidden).astype(jnp.float32)
+    return out[..., : self.cfg.vocab_size]
+
+  def __call__(self, input_ids, attention_mask=None):
+    return self.logits(self.hidden_states(input_ids, attention_mask))
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> LLaDA:
+  return LLaDA(cfg, rngs=nnx.Rngs(seed))

