@@ -1,0 +1,187 @@
+"""The sharded policy-gradient update and the batched per-step log-probabilities it needs.
+
+Parameters are handled functionally: `nnx.split` turns the policy into a graph definition, the
+*trainable* state (all `nnx.Param`s, or only `nnx.LoRAParam`s for LoRA) and the *frozen* rest.
+`update_step` is one `jax.jit` with `in_shardings`/`out_shardings` over the mesh and a donated
+train state; inside, `lax.scan` accumulates gradients over micro-batches, optax applies AdamW with
+clipping, and a non-finite loss or gradient refuses the update (the old state is kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from egspo.diffusion import rollout as rollout_lib
+
+
+@struct.dataclass
+class TrainState:
+  """What the optimizer owns. `params` is the trainable `nnx.State`."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """The policy's graph definition; `model(params, frozen)` rebuilds the LLaDA module."""
+
+  graphdef: Any
+
+  def model(self, params, frozen):
+    return nnx.merge(self.graphdef, params, frozen)
+
+
+def split_policy(model, trainable: str = "full"):
+  """→ (Policy, trainable params, frozen state). trainable: 'full' (every Param) or 'lora'."""
+  if trainable == "full":
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  elif trainable == "lora":
+    graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    if not jax.tree.leaves(params):
+      raise ValueError("trainable='lora' but the model has no LoRA parameters (apply_lora first)")
+  else:
+    raise ValueError(f"trainable must be 'full' or 'lora', got {trainable!r}")
+  return Policy(graphdef), params, frozen
+
+
+def reference_params(params, trainable: str):
+  """The frozen reference policy π_ref = the base policy (REFERENCE §3.7).
+
+  Full fine-tuning keeps a copy of the initial parameters. With LoRA the base policy is the same
+  network with a zero LoRA delta, so zeros stand in for the adapters and cost no extra memory
+  beyond the (small) adapters themselves.
+  """
+  if trainable == "lora":
+    return jax.tree.map(jnp.zeros_like, params)
+  return jax.tree.map(jnp.copy, params)
+
+
+def committed_positions(commit_step, steps, max_commit: int):
+  """Indices of the completion positions committed at each selected step.
+
+  commit_step: [B, G]; steps: [B, K] → (idx [B, K, M] int32, valid [B, K, M] bool), M = max_commit,
+  the largest number of tokens any step commits (static, from the sampler's schedule).
+  """
+  hit = commit_step[:, None, :] == steps[:, :, None]  # [B, K, G]
+  # Stable argsort of "not hit" puts the committed positions first, in position order.
+  idx = jnp.argsort(~hit, axis=-1, stable=True)[..., :max_commit].astype(jnp.int32)
+  valid = jnp.take_along_axis(hit, idx, axis=-1)
+  return idx, valid
+
+
+def step_logprobs(model, prompt_ids, prompt_mask, tokens, commit_step, steps, *,
+                  mask_token_id: int, max_commit: int):
+  """log π_θ(a_t | s_t) for every selected step, all B×K states in one batched forward.
+
+  REFERENCE §3.4: the sum over the tokens committed at step t of log softmax(model(x_t))[token]
+  (untempered; the choice of positions is not modelled).
+
+  prompt_ids, prompt_mask: [B, P]; tokens, commit_step: [B, G]; steps: [B, K] → [B, K] float32.
+  The LM head runs only at the ≤ M committed positions of each state, not the whole canvas.
+  """
+  b, k = steps.shape
+  p, g = prompt_ids.shape[1], tokens.shape[1]
+  ro = rollout_lib
+  comp = ro.completion_at(tokens[:, None, :], commit_step[:, None, :], steps, mask_token_id)
+  ids = jnp.concatenate([jnp.broadcast_to(prompt_ids[:, None], (b, k, p)),
+                         comp.astype(prompt_ids.dtype)], axis=-1).reshape(b * k, p + g)
+  attn = jnp.concatenate([jnp.broadcast_to(prompt_mask[:, None], (b, k, p)),
+                          jnp.ones((b, k, g), bool)], axis=-1).reshape(b * k, p + g)
+  hidden = model.hidden_states(ids, attn)[:, p:, :].reshape(b, k, g, -1)  # [B, K, G, D]
+  idx, valid = committed_positions(commit_step, steps, max_commit)  # [B, K, M]
+  h = jnp.take_along_axis(hidden, idx[..., None], axis=2)  # [B, K, M, D]
+  logp = jax.nn.log_softmax(model.logits(h), axis=-1)  # [B, K, M, V]
+  tok = jnp.take_along_axis(jnp.broadcast_to(tokens[:, None, :], (b, k, g)), idx, axis=-1)
+  tok_logp = jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(valid, tok_logp, 0.0), axis=-1)
+
+
+def all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
+
+
+def make_update_step(policy: Policy, tx: optax.GradientTransformation, loss_fn: LossFn, *,
+                     state_shardings=None, frozen_shardings=None, batch_shardings=None):
+  """Builds the jitted, sharded update: (state, frozen, batch, key) → (state, metrics).
+
+  `loss_fn(model, micro_batch, key) -> (loss_sum, denom, metrics)` is a pure function of arrays;
+  the step minimises Σ loss_sum / Σ denom over the micro-batches. `batch` is a pytree whose
+  leaves have a leading micro-batch axis [A, ...]; the gradient is accumulated over the A
+  micro-batches with `lax.scan`, so memory is that of one micro-batch. Each micro-batch
+  gets its own key (fold_in(key, a)).
+  """
+
+  def loss_of_params(params, frozen, mb, key):
+    loss_sum, denom, metrics = loss_fn(policy.model(params, frozen), mb, key)
+    return loss_sum, (denom, metrics)
+
+  grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
+
+  def update(state: TrainState, frozen, batch, key):
+    num_micro = jax.tree.leaves(batch)[0].shape[0]
+
+    def micro(carry, xs):
+      g_acc, l_acc, d_acc = carry
+      a, mb = xs
+      (loss_sum, (denom, metrics)), grads = grad_fn(state.params, frozen, mb,
+                                                    jax.random.fold_in(key, a))
+      g_acc = jax.tree.map(jnp.add, g_acc, grads)
+      return (g_acc, l_acc + loss_sum, d_acc + denom), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (g_sum, l_sum, d_sum), metrics = jax.lax.scan(
+        micro, (zeros, jnp.float32(0), jnp.float32(0)), (jnp.arange(num_micro), batch))
+    denom = jnp.maximum(d_sum, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, g_sum)
+    loss = l_sum / denom
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    ok = jnp.logical_and(all_finite(loss), all_finite(grads))
+    new_state = TrainState(step=state.step + ok.astype(state.step.dtype),
+                           params=new_params, opt_state=new_opt)
+    new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+    out = {k: jnp.mean(v) for k, v in metrics.items()}
+    out.update(loss=loss, grad_norm=optax.global_norm(grads), update_ok=ok.astype(jnp.float32),
+               denom=d_sum)
+    return new_state, out
+
+  return jax.jit(update,
+                 in_shardings=(state_shardings, frozen_shardings, batch_shardings, None),
+                 out_shardings=(state_shardings, None),
+                 donate_argnums=(0,))
+
+
+def make_optimizer(learning_rate, *, b1=0.9, b2=0.99, weight_decay=0.1, max_grad_norm=0.2,
+                   warmup_steps=0, total_steps=None, schedule="constant"):
+  """AdamW with global-norm clipping (REFERENCE §3.8). No weight decay on norm weights (1-D)."""
+  if schedule == "constant":
+    lr = (optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps else
+          learning_rate)
+    if warmup_steps:
+      lr = optax.join_schedules([lr, optax.constant_schedule(learning_rate)], [warmup_steps])
+  elif schedule == "cosine":
+    if not total_steps:
+      raise ValueError("optim.schedule='cosine' needs optim.total_steps > 0")
+    lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
+                                            total_steps)
+  else:
+    raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
+
+  def decay_mask(params):
+    return jax.tree.map(lambda x: x.ndim > 1, params)
+
+  return optax.chain(optax.clip_by_global_norm(max_grad_norm),
+                     optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
