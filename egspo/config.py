@@ -1,0 +1,209 @@
+"""The experiment configuration: one `ml_collections.ConfigDict` shared by every task config.
+
+`configs/<task>.py:get_config(arg)` calls `base_config(task, variant)`: variant '' is the paper's
+LLaDA-8B setting (REFERENCE §3.8), 'tiny' runs the whole pipeline (SFT warm start, then RL) on a
+2-core CPU with a ~0.1M-parameter model over the built-in character tokenizer. `validate` checks
+every field the code reads and names the bad one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+ALGORITHMS = ("egspo", "egspo_sa", "diffu_grpo", "espo", "gdpo", "stabledrl")
+SELECTIONS = ("entropy", "uniform", "random", "adaptive")
+
+
+def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.variant = variant
+
+  c.task = ml_collections.ConfigDict()
+  c.task.name = task
+  c.task.prompt_style = "chat"  # 'chat' (instruct template) | 'plain' (CPU presets)
+  c.task.options = ml_collections.ConfigDict()  # passed to egspo.tasks.get_task
+  c.task.train_file = ""  # local data file for tasks without a generator (gsm8k, math500, code)
+  c.task.eval_file = ""
+  c.task.num_eval_examples = 256
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "llada_8b"
+  c.model.checkpoint = ""  # HF directory or converted orbax directory ('' = random init)
+  c.model.param_dtype = "bfloat16"
+  c.model.dtype = "bfloat16"
+  c.model.remat = True
+  c.model.scan_layers = False
+  c.tokenizer = ""  # '' = the checkpoint directory; 'char' = built-in character tokenizer
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.enabled = True
+  c.lora.rank = 128
+  c.lora.alpha = 64.0
+  c.lora.targets = "q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out"
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1 = all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = ()  # extra (logical_axis, mesh_axes) pairs overriding egspo.sharding's defaults
+
+  c.algorithm = "egspo_sa"
+  c.egspo = ml_collections.ConfigDict()
+  c.egspo.num_selected_steps = 8  # K
+  c.egspo.selection = "entropy"  # entropy | uniform | random | adaptive
+  c.egspo.adaptive_alpha = 0.7
+  c.egspo.lam = 0.5  # λ of the stepwise advantage; egspo (no SA) forces 0
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.eps = 0.2
+  c.loss.eps_high = 0.5
+  c.loss.beta = 0.04
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.gen_length = 256
+  c.rollout.block_length = 32
+  c.rollout.steps = 128
+  c.rollout.temperature = 0.9
+  c.rollout.remasking = "low_confidence"
+  c.rollout.max_prompt_length = 200
+
+  c.batch = ml_collections.ConfigDict()
+  c.batch.num_prompts = 12  # prompts per RL iteration (global)
+  c.batch.group_size = 8  # G completions per prompt
+  c.batch.micro_batch_size = 48  # completions per gradient-accumulation micro-batch (global)
+
+  c.update = ml_collections.ConfigDict()
+  # 'per_step': the reference schedule, one rollout reused for K optimizer steps, the k-th on
+  # the k-th selected step of every sample. 'joint': one optimizer step over all K steps.
+  c.update.schedule = "per_step"
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 3e-5
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.weight_decay = 0.1
+  c.optim.max_grad_norm = 0.2
+  c.optim.warmup_steps = 0
+  c.optim.schedule = "constant"
+
+  c.sft = ml_collections.ConfigDict()
+  c.sft.steps = 0  # masked-diffusion SFT warm start (0 = skip; the 8B model is already instruct)
+  c.sft.batch_size = 64
+  c.sft.learning_rate = 1e-3
+  c.sft.warmup_steps = 50
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_iterations = 1000
+  c.train.time_budget_s = 0.0  # >0: stop the RL stage after this many seconds
+  c.train.log_every = 1
+  c.train.eval_every = 100
+  c.train.checkpoint_every = 50
+  c.train.keep_checkpoints = 3
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.gen_length = 256
+  c.eval.block_length = 32
+  c.eval.steps = 128  # d1 protocol: gen_length / 2
+  c.eval.batch_size = 64
+  c.eval.before_training = True
+
+  if variant == "tiny":
+    _tiny(c)
+  elif variant not in ("", "8b"):
+    raise ValueError(f"unknown config variant {variant!r}; known: '' (LLaDA-8B), 'tiny'")
+  return c
+
+
+def _tiny(c: ml_collections.ConfigDict) -> None:
+  """The embedded CPU default: small model, char tokenizer, SFT then RL, ~15 min on 2 cores."""
+  c.task.prompt_style = "plain"
+  c.task.num_eval_examples = 256
+  c.model.preset = "tiny"
+  c.model.param_dtype = "float32"
+  c.model.dtype = "float32"
+  c.model.remat = False
+  c.tokenizer = "char"
+  c.lora.enabled = False
+  c.rollout.gen_length = 32
+  c.rollout.block_length = 16
+  c.rollout.steps = 16
+  c.rollout.temperature = 1.0
+  c.rollout.max_prompt_length = 40
+  c.egspo.num_selected_steps = 4
+  c.batch.num_prompts = 16
+  c.batch.group_size = 8
+  c.batch.micro_batch_size = 128
+  c.optim.learning_rate = 1e-4
+  c.optim.max_grad_norm = 1.0
+  c.sft.steps = 1500
+  c.sft.batch_size = 64
+  c.sft.learning_rate = 2e-3
+  c.train.num_iterations = 150
+  c.train.eval_every = 50
+  c.train.checkpoint_every = 25
+  c.eval.gen_length = 32
+  c.eval.block_length = 16
+  c.eval.steps = 16
+  c.eval.batch_size = 256
+
+
+def _check(cond: bool, field: str, value: Any, why: str) -> None:
+  if not cond:
+    raise ValueError(f"bad config field {field}={value!r}: {why}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field."""
+  _check(c.algorithm in ALGORITHMS, "algorithm", c.algorithm, f"must be one of {ALGORITHMS}")
+  _check(c.task.prompt_style in ("chat", "plain"), "task.prompt_style", c.task.prompt_style,
+         "must be 'chat' or 'plain'")
+  _check(c.egspo.selection in SELECTIONS, "egspo.selection", c.egspo.selection,
+         f"must be one of {SELECTIONS}")
+  _check(c.egspo.num_selected_steps >= 1, "egspo.num_selected_steps", c.egspo.num_selected_steps,
+         "must be >= 1")
+  _check(c.egspo.num_selected_steps <= c.rollout.steps, "egspo.num_selected_steps",
+         c.egspo.num_selected_steps, f"must be <= rollout.steps={c.rollout.steps}")
+  _check(0.0 < c.egspo.adaptive_alpha <= 1.0, "egspo.adaptive_alpha", c.egspo.adaptive_alpha,
+         "must be in (0, 1]")
+  _check(c.egspo.lam >= 0.0, "egspo.lam", c.egspo.lam, "must be >= 0")
+  for name in ("gen_length", "block_length", "steps", "max_prompt_length"):
+    _check(c.rollout[name] > 0, f"rollout.{name}", c.rollout[name], "must be positive")
+  _check(c.rollout.gen_length % c.rollout.block_length == 0, "rollout.gen_length",
+         c.rollout.gen_length, f"must be divisible by rollout.block_length={c.rollout.block_length}")
+  blocks = c.rollout.gen_length // c.rollout.block_length
+  _check(c.rollout.steps % blocks == 0, "rollout.steps", c.rollout.steps,
+         f"must be divisible by the number of blocks ({blocks})")
+  _check(c.rollout.temperature >= 0, "rollout.temperature", c.rollout.temperature, "must be >= 0")
+  _check(c.rollout.remasking in ("low_confidence", "random"), "rollout.remasking",
+         c.rollout.remasking, "must be 'low_confidence' or 'random'")
+  _check(c.batch.group_size >= 2, "batch.group_size", c.batch.group_size,
+         "must be >= 2 (advantages are relative to the group)")
+  _check(c.batch.num_prompts >= 1, "batch.num_prompts", c.batch.num_prompts, "must be >= 1")
+  total = c.batch.num_prompts * c.batch.group_size
+  _check(c.batch.micro_batch_size >= 1 and total % c.batch.micro_batch_size == 0,
+         "batch.micro_batch_size", c.batch.micro_batch_size,
+         f"must divide num_prompts*group_size={total}")
+  _check(c.update.schedule in ("per_step", "joint"), "update.schedule", c.update.schedule,
+         "must be 'per_step' or 'joint'")
+  _check(c.optim.learning_rate > 0, "optim.learning_rate", c.optim.learning_rate, "must be > 0")
+  _check(c.optim.schedule in ("constant", "cosine"), "optim.schedule", c.optim.schedule,
+         "must be 'constant' or 'cosine'")
+  _check(c.loss.eps > 0 and c.loss.eps_high > 0, "loss.eps", c.loss.eps, "eps and eps_high > 0")
+  _check(c.loss.beta >= 0, "loss.beta", c.loss.beta, "must be >= 0")
+  _check(c.sft.steps >= 0, "sft.steps", c.sft.steps, "must be >= 0")
+  _check(c.train.num_iterations >= 0, "train.num_iterations", c.train.num_iterations, ">= 0")
+  _check(c.train.checkpoint_every >= 1, "train.checkpoint_every", c.train.checkpoint_every,
+         "must be >= 1")
+  _check(c.lora.rank >= 1, "lora.rank", c.lora.rank, "must be >= 1")
+  e_blocks = c.eval.gen_length // c.eval.block_length if c.eval.block_length else 0
+  _check(c.eval.block_length > 0 and c.eval.gen_length % c.eval.block_length == 0,
+         "eval.gen_length", c.eval.gen_length, "must be divisible by eval.block_length")
+  _check(e_blocks and c.eval.steps % e_blocks == 0, "eval.steps", c.eval.steps,
+         f"must be divisible by the number of eval blocks ({e_blocks})")
+  if c.model.preset == "llada_8b" and not c.model.checkpoint:
+    raise ValueError("bad config field model.checkpoint='': the llada_8b preset needs the "
+                     "converted or HF checkpoint directory (--config.model.checkpoint=DIR); "
+                     "random 8B weights would only waste a pod")
