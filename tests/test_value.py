@@ -1,0 +1,73 @@
+"""The one-step value estimator: the gather and the batched, deduplicated host-side scoring."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from egspo.rl import value
+
+
+def test_one_step_guesses_gathers_per_sample_steps():
+  b, t, g = 3, 5, 4
+  x0_hat = jnp.arange(b * t * g, dtype=jnp.int32).reshape(b, t, g)
+  steps = jnp.array([[0, 4], [2, 2], [3, 1]])
+  out = value.one_step_guesses(x0_hat, steps)
+  assert out.shape == (b, 2, g)
+  for i in range(b):
+    for j in range(2):
+      np.testing.assert_array_equal(out[i, j], x0_hat[i, int(steps[i, j])])
+
+
+class _Counter:
+  """Toy task: text = letters of the ids; reward = weight · (# of 'a') / length."""
+
+  def __init__(self):
+    self.calls, self.decoded = 0, 0
+
+  def decode(self, ids):
+    self.decoded += len(ids)
+    return ["".join(chr(97 + int(c)) for c in row) for row in ids]
+
+  def reward(self, texts, examples):
+    self.calls += 1
+    return np.array([ex["w"] * t.count("a") / len(t) for t, ex in zip(texts, examples)])
+
+
+def test_one_step_values_hand_computed_and_deduplicated():
+  ex0, ex1 = {"w": 1.0}, {"w": 2.0}
+  guesses = np.array([
+      [[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]],  # row 0: first two equal
+      [[0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]],  # row 1: same first guess as row 0, other example
+  ])
+  final = np.array([[0, 0, 0, 1], [0, 1, 1, 1]])
+  c = _Counter()
+  vals, fin, m = value.one_step_values(guesses, c.reward, c.decode, [ex0, ex1], final_tokens=final)
+  np.testing.assert_allclose(vals, [[0.5, 0.5, 0.75], [1.0, 0.0, 0.0]])
+  np.testing.assert_allclose(fin, [0.75, 0.5])
+  assert c.calls == 1
+  # Row 0: {0011, 0001} (final 0001 is a repeat); row 1: {0011, 1111, 0111}.
+  assert m["value/unique_evals"] == 5 and c.decoded == 5
+  assert m["value/requested_evals"] == 8
+
+
+def test_one_step_values_shared_example_object_dedups_across_rows_and_valid_mask():
+  ex = {"w": 1.0}
+  guesses = np.array([[[0, 1]], [[0, 1]]])
+  c = _Counter()
+  vals, fin, m = value.one_step_values(guesses, c.reward, c.decode, [ex, ex])
+  np.testing.assert_allclose(vals, [[0.5], [0.5]])
+  assert fin is None and m["value/unique_evals"] == 1
+  vals, _, m = value.one_step_values(guesses, c.reward, c.decode, [ex, ex],
+                                     valid=np.array([[True], [False]]))
+  np.testing.assert_allclose(vals, [[0.5], [0.0]])
+  assert m["value/requested_evals"] == 1
+
+
+def test_one_step_values_errors():
+  c = _Counter()
+  with pytest.raises(ValueError, match="examples has 1 entries for B=2"):
+    value.one_step_values(np.zeros((2, 1, 3), int), c.reward, c.decode, [{"w": 1}])
+  with pytest.raises(ValueError, match=r"\[B, K, G\]"):
+    value.one_step_values(np.zeros((2, 3), int), c.reward, c.decode, [{}, {}])
+  with pytest.raises(ValueError, match="reward_fn returned 1 rewards for 2"):
+    value.one_step_values(np.array([[[0]], [[1]]]), lambda t, e: [0.0], c.decode, [{}, {}])
