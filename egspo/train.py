@@ -1,0 +1,368 @@
+"""The training loop: SFT warm start (optional), then RL iterations, with evaluation and resume.
+
+One RL iteration reads as the algorithm (REFERENCE §3):
+
+    rollout  = generate(policy, prompts)                 # T denoising steps, one jitted scan
+    rewards  = task.rewards(decode(rollout))             # host
+    batches  = algorithm.plan(rollout, rewards)          # select steps, values, advantages, π_ref
+    for batch in batches: state = update_step(state, batch)   # jitted, sharded, donated
+
+Everything is resumable: the train state (parameters, optimizer), the iteration counter and the
+data position are checkpointed; the sampling and update keys are derived from (seed, stage,
+step), so a resumed run repeats exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from egspo import checkpoint as ckpt_lib
+from egspo import config as config_lib
+from egspo import metrics as metrics_lib
+from egspo import sharding as shard_lib
+from egspo import tokenizer as tok_lib
+from egspo import tasks as tasks_lib
+from egspo.diffusion import masking
+from egspo.diffusion import sampler as sampler_lib
+from egspo.model import llada
+from egspo.rl import algorithms as algo_lib
+from egspo.rl import update as update_lib
+from egspo.tasks import data as data_lib
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up
+
+
+def build_model(config, tokenizer, mesh, rules):
+  """The policy: pretrained weights (HF or converted dir) or a seeded random init, sharded."""
+  overrides = dict(param_dtype=config.model.param_dtype, dtype=config.model.dtype,
+                   remat=config.model.remat, scan_layers=config.model.scan_layers)
+  if config.model.checkpoint:
+    from egspo.model import from_pretrained
+
+    model = from_pretrained(config.model.checkpoint, mesh=mesh, rules=rules, **overrides)
+  else:
+    cfg = llada.get_config(config.model.preset, **overrides)
+    if cfg.vocab_size < tokenizer.vocab_size:
+      raise ValueError(f"model.preset={config.model.preset!r} has vocab_size={cfg.vocab_size} "
+                       f"< the tokenizer's {tokenizer.vocab_size}")
+    model = shard_lib.create_sharded_model(cfg, mesh, rules, seed=config.seed)
+  for name in ("mask_id", "eos_id"):
+    want = getattr(tokenizer, name)
+    have = model.cfg.mask_token_id if name == "mask_id" else model.cfg.eos_token_id
+    if want != have:
+      raise ValueError(f"tokenizer {name}={want} differs from the model's {have}")
+  if config.lora.enabled:
+    from egspo.model import lora
+
+    lora.apply_lora(model, rank=config.lora.rank, alpha=config.lora.alpha,
+                    targets=config.lora.targets, rngs=nnx.Rngs(config.seed + 1))
+  return model
+
+
+def sampler_config(config, model_cfg, section: str) -> sampler_lib.SamplerConfig:
+  s = config[section]
+  return sampler_lib.SamplerConfig(
+      gen_length=s.gen_length, steps=s.steps, block_length=s.block_length,
+      mask_token_id=model_cfg.mask_token_id,
+      temperature=float(s.temperature) if section == "rollout" else 0.0,
+      remasking=s.remasking if section == "rollout" else "low_confidence")
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Holds what the stages share. Create with `Trainer.create(config, workdir)`."""
+
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+  mesh: Any
+  rules: Any
+  tokenizer: Any
+  task: Any
+  policy: update_lib.Policy
+  params: Any
+  frozen: Any
+  model_cfg: llada.ModelConfig
+  writer: Any
+  trainable: str
+
+  @classmethod
+  def create(cls, config, workdir) -> "Trainer":
+    config_lib.validate(config)
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = shard_lib.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp,
+                               tensor=config.mesh.tensor)
+    rules = shard_lib.make_rules(config.mesh.rules)
+    tokenizer = tok_lib.load_tokenizer(config.tokenizer or config.model.checkpoint)
+    task = tasks_lib.get_task(config.task.name, **config.task.options)
+    model = build_model(config, tokenizer, mesh, rules)
+    trainable = "lora" if config.lora.enabled else "full"
+    policy, params, frozen = update_lib.split_policy(model, trainable)
+    writer = metrics_lib.MetricsWriter(workdir, is_main_process=jax.process_index() == 0)
+    if jax.process_index() == 0:
+      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    return cls(config=config, workdir=workdir, mesh=mesh, rules=rules, tokenizer=tokenizer,
+               task=task, policy=policy, params=params, frozen=frozen, model_cfg=model.cfg,
+               writer=writer, trainable=trainable)
+
+  # -- helpers -----------------------------------------------------------------------------
+
+  def shardings_of(self, tree):
+    return shard_lib.logical_to_mesh_sharding(tree, self.mesh, self.rules)
+
+  def batch_sharding(self):
+    return shard_lib.data_sharding(self.mesh)
+
+  def encode_prompts(self, examples, purpose="train"):
+    """Left-padded prompt ids/mask [B, max_prompt_length] (fixed width: no recompiles)."""
+    c = self.config
+    prefill = self.task.eval_prefill(c.task.prompt_style) if purpose == "eval" else ""
+    texts = [self.tokenizer.chat_prompt(self.task.prompt(ex, c.task.prompt_style, purpose),
+                                        prefill) for ex in examples]
+    return self.tokenizer.encode_batch(texts, max_length=c.rollout.max_prompt_length,
+                                       pad_to=c.rollout.max_prompt_length)
+
+  def decode(self, tokens) -> list[str]:
+    return sampler_lib.decode_completions(np.asarray(tokens), self.tokenizer)
+
+  def new_state(self, params, tx):
+    state = update_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                  opt_state=tx.init(params))
+    return state
+
+  def state_shardings(self, state):
+    abstract = jax.eval_shape(lambda: state)
+    return self.shardings_of(abstract)
+
+  # -- evaluation --------------------------------------------------------------------------
+
+  def evaluate(self, params, examples, tag: str, step: int) -> dict:
+    """Greedy decoding with the eval protocol; accuracy on held-out `examples`."""
+    c = self.config
+    scfg = sampler_config(c, self.model_cfg, "eval")
+    gen = self._eval_generate(scfg)
+    scores, texts = [], []
+    bs = c.eval.batch_size
+    for i in range(0, len(examples), bs):
+      chunk = list(examples[i:i + bs])
+      n = len(chunk)
+      chunk += [chunk[-1]] * (bs - n)  # pad the last batch: one compiled shape
+      ids, mask = self.encode_prompts(chunk, purpose="eval")
+      tokens = np.asarray(gen(params, self.frozen, jnp.asarray(ids), jnp.asarray(mask)))[:n]
+      for ex, text in zip(chunk[:n], self.decode(tokens)):
+        texts.append(text)
+        scores.append(self.task.score(text, ex))
+    metrics = self.task.aggregate(scores)
+    self.writer.write_scalars(step, {f"{tag}/{k}": float(v) for k, v in metrics.items()
+                                     if isinstance(v, (int, float, np.floating))})
+    if jax.process_index() == 0:
+      out = self.workdir / "eval" / f"{tag}_{step}.json"
+      out.parent.mkdir(parents=True, exist_ok=True)
+      out.write_text(json.dumps({"metrics": metrics, "generations": [
+          {"question": self.task.prompt(ex, c.task.prompt_style, "eval"), "generation": t,
+           "score": s} for ex, t, s in zip(examples, texts, scores)]}, default=str, indent=1))
+    logging.info("eval %s @%d: %s", tag, step, metrics)
+    return metrics
+
+  def _eval_generate(self, scfg):
+    key = jax.random.key(0)  # unused at temperature 0
+
+    @jax.jit
+    def gen(params, frozen, ids, mask):
+      model = self.policy.model(params, frozen)
+      return sampler_lib.generate(sampler_lib.model_logits_fn(model, scfg.gen_length), ids, mask,
+                                  key, scfg).tokens
+
+    return gen
+
+  def eval_examples(self) -> list:
+    c = self.config
+    return data_lib.eval_examples(self.task, n=c.task.num_eval_examples, path=c.task.eval_file,
+                                  seed=c.seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# SFT warm start (LLaDA's masked-diffusion SFT loss)
+
+
+def sft_stage(tr: Trainer):
+  c = tr.config
+  if c.sft.steps == 0:
+    return tr.params
+  ckpt = ckpt_lib.Checkpointer(tr.workdir / "checkpoints" / "sft", max_to_keep=2)
+  tx = update_lib.make_optimizer(c.sft.learning_rate, b1=0.9, b2=0.99, weight_decay=0.0,
+                                 max_grad_norm=1.0, warmup_steps=c.sft.warmup_steps)
+  state = tr.new_state(tr.params, tx)
+  stream = data_lib.PromptStream(tr.task, batch_size=c.sft.batch_size, seed=c.seed + 17,
+                                 path=c.task.train_file, group_size=1)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(target=state, fallback=True)
+    stream.restore(meta["data"])
+    start = int(meta["step"])
+    logging.info("SFT: resumed at step %d", start)
+  if start >= c.sft.steps:
+    ckpt.close()
+    return state.params
+
+  gen_len, eos = c.rollout.gen_length, tr.tokenizer.eos_id
+
+  def make_batch(examples):
+    ids, mask = tr.encode_prompts(examples)
+    comp = np.full((len(examples), gen_len), eos, np.int32)
+    for i, ex in enumerate(examples):
+      t = tr.tokenizer.encode(tr.task.sft_target(ex, c.task.prompt_style))
+      if len(t) > gen_len:
+        raise ValueError(f"SFT target of {len(t)} tokens exceeds rollout.gen_length={gen_len}")
+      comp[i, :len(t)] = t
+    return {"ids": np.concatenate([ids, comp], 1),
+            "attention_mask": np.concatenate([mask, np.ones_like(comp, bool)], 1),
+            "completion_mask": np.concatenate([np.zeros_like(mask), np.ones_like(comp, bool)], 1)}
+
+  def loss_fn(model, mb, key):
+    return masking.sft_loss(model, mb["ids"], mb["attention_mask"], mb["completion_mask"], key,
+                            mask_token_id=tr.model_cfg.mask_token_id)
+
+  update = update_lib.make_update_step(tr.policy, tx, loss_fn)
+  base_key = jax.random.fold_in(jax.random.key(c.seed), 1)
+  t0 = time.time()
+  with ckpt_lib.PreemptionGuard() as guard:
+    for step in range(start, c.sft.steps):
+      batch = jax.tree.map(lambda x: jnp.asarray(x)[None], make_batch(stream.next()))
+      state, m = update(state, tr.frozen, batch, jax.random.fold_in(base_key, step))
+      done = step + 1
+      if done % 50 == 0 or done == c.sft.steps:
+        m = {f"sft/{k}": float(v) for k, v in m.items()}
+        m["sft/steps_per_s"] = (done - start) / (time.time() - t0)
+        tr.writer.write_scalars(done, m)
+        logging.info("sft %d/%d loss %.4f", done, c.sft.steps, m["sft/loss"])
+      stop = guard.should_stop(done)
+      if done % c.train.checkpoint_every == 0 or done == c.sft.steps or stop:
+        ckpt.save(done, state, {"step": done, "data": stream.state()}, force=True)
+      if stop:
+        ckpt.close()
+        raise SystemExit(0)
+  ckpt.close()
+  return state.params
+
+
+# ----------------------------------------------------------------------------------------------
+# RL
+
+
+def rl_stage(tr: Trainer, init_params) -> dict:
+  c = tr.config
+  tx = update_lib.make_optimizer(
+      c.optim.learning_rate, b1=c.optim.b1, b2=c.optim.b2, weight_decay=c.optim.weight_decay,
+      max_grad_norm=c.optim.max_grad_norm, warmup_steps=c.optim.warmup_steps,
+      schedule=c.optim.schedule, total_steps=c.train.num_iterations)
+  state = tr.new_state(init_params, tx)
+  ref_params = update_lib.reference_params(init_params, tr.trainable)
+  scfg = sampler_config(c, tr.model_cfg, "rollout")
+  sampler_lib.check_model_config(tr.model_cfg, scfg, c.rollout.max_prompt_length)
+  schedule = sampler_lib.commit_schedule(scfg)
+  ctx = algo_lib.Context(config=c, policy=tr.policy, ref_params=ref_params,
+                         mask_token_id=tr.model_cfg.mask_token_id, max_commit=int(schedule.max()),
+                         reward_fn=tr.task.rewards, decode_fn=tr.decode)
+  algo = algo_lib.get_algorithm(c.algorithm)(ctx)
+  update = update_lib.make_update_step(tr.policy, tx, algo.loss)
+
+  @jax.jit
+  def rollout_fn(params, frozen, ids, mask, key):
+    model = tr.policy.model(params, frozen)
+    return sampler_lib.generate(sampler_lib.model_logits_fn(model, scfg.gen_length), ids, mask,
+                                key, scfg)
+
+  ckpt = ckpt_lib.Checkpointer(tr.workdir / "checkpoints" / "rl", max_to_keep=c.train.keep_checkpoints)
+  stream = data_lib.PromptStream(tr.task, batch_size=c.batch.num_prompts, seed=c.seed,
+                                 path=c.task.train_file, group_size=c.batch.group_size)
+  start = 0
+  history = {}
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(target=state, fallback=True)
+    stream.restore(meta["data"])
+    start = int(meta["step"])
+    history = meta.get("history", {})
+    logging.info("RL: resumed at iteration %d", start)
+
+  eval_examples = tr.eval_examples()
+  if start == 0 and c.eval.before_training and eval_examples:
+    history["before"] = tr.evaluate(state.params, eval_examples, "eval", 0)
+
+  base_key = jax.random.fold_in(jax.random.key(c.seed), 2)
+  t_start = time.time()
+  timer = metrics_lib.Timer()
+  with ckpt_lib.PreemptionGuard() as guard:
+    for it in range(start, c.train.num_iterations):
+      key = jax.random.fold_in(base_key, it)
+      examples = stream.next()  # [B] = num_prompts × G, groups contiguous
+      ids, mask = tr.encode_prompts(examples)
+      with timer("rollout"):
+        ro = rollout_fn(state.params, tr.frozen, jnp.asarray(ids), jnp.asarray(mask),
+                        jax.random.fold_in(key, 0))
+        jax.block_until_ready(ro)
+      with timer("reward"):
+        texts = tr.decode(ro.tokens)
+        rewards = np.asarray(tr.task.rewards(texts, examples), np.float32)
+      with timer("plan"):
+        batches, pm = algo.plan(state.params, tr.frozen,
+                                algo_lib.Iteration(ro, rewards, examples, key))
+      with timer("update"):
+        ms = []
+        for j, batch in enumerate(batches):
+          state, m = update(state, tr.frozen, batch, jax.random.fold_in(key, 100 + j))
+          ms.append(m)
+        ms = jax.device_get(ms)
+      done = it + 1
+      m = {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
+      m.update(pm)
+      m.update(reward=float(rewards.mean()), reward_std=float(rewards.std()),
+               completion_tokens=float(np.mean([len(t) for t in texts])))
+      m.update({f"time/{k}": v for k, v in timer.pop().items()})
+      tr.writer.write_scalars(done, {f"rl/{k}": v for k, v in m.items()})
+      if done % c.train.log_every == 0:
+        logging.info("rl %d/%d reward %.3f loss %.4f kl %.4f", done, c.train.num_iterations,
+                     m["reward"], m["loss"], m.get("kl", float("nan")))
+      if eval_examples and (done % c.train.eval_every == 0 or done == c.train.num_iterations):
+        history[f"eval_{done}"] = tr.evaluate(state.params, eval_examples, "eval", done)
+      out_of_time = c.train.time_budget_s and time.time() - t_start > c.train.time_budget_s
+      stop = guard.should_stop(done)
+      if (done % c.train.checkpoint_every == 0 or done == c.train.num_iterations or stop
+          or out_of_time):
+        ckpt.save(done, state, {"step": done, "data": stream.state(), "history": history},
+                  force=True)
+      if stop:
+        ckpt.close()
+        raise SystemExit(0)
+      if out_of_time:
+        if eval_examples:
+          history[f"eval_{done}"] = tr.evaluate(state.params, eval_examples, "eval", done)
+        break
+  ckpt.close()
+  tr.params = state.params
+  return history
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """SFT warm start (if `sft.steps`), then RL; returns the evaluation history."""
+  tr = Trainer.create(config, workdir)
+  params = sft_stage(tr)
+  history = rl_stage(tr, params)
+  tr.writer.close()
+  if jax.process_index() == 0:
+    (tr.workdir / "history.json").write_text(json.dumps(history, indent=1, default=float))
+  return history
