@@ -1,0 +1,457 @@
+"""Checkpoints with exact resume, preemption handling and the non-finite-update guard.
+
+REFERENCE §3 (the training loop). A checkpoint is two orbax items in one step directory:
+
+    <workdir>/<step>/state   the training state: any pytree of jax arrays (params, optimizer
+                             state, RNG keys, counters), saved with `ocp.args.StandardSave`
+    <workdir>/<step>/meta    a JSON dict of host-side facts (step, data-iterator position, config
+                             snapshot, ...), saved with `ocp.args.JsonSave`
+
+Exact resume needs every source of state: parameters, optimizer moments and count, the RNG key,
+the data position and the step. The caller puts the first three in `state` and the host-side ones
+in `meta`; `Checkpointer.restore` gives both back bit-for-bit (tests/test_checkpoint.py trains a
+toy model N steps straight and k + (N - k) steps across a restart, and a SIGKILL, and compares).
+
+Atomicity is orbax's: a step is written to `<step>.orbax-checkpoint-tmp-<time>` and renamed to
+`<step>` only when every item (and, multi-host, every process) has finished, with a
+`commit_success.txt` marker. An interrupted save therefore leaves a tmp directory that
+`latest_step()`/`restore()` never see (and that is deleted when the next `Checkpointer` opens the
+directory); the previous step stays loadable.
+
+Multi-host: every process calls `save`/`restore` with its addressable shards; orbax coordinates
+who writes what (each process writes its own array shards, the primary process writes metadata and
+the JSON item, and the rename happens after a barrier). Nothing here writes from process 0 only.
+
+Typed PRNG keys (`jax.random.key`) cannot be serialised as such, so `save` stores their
+`jax.random.key_data` and records the key's implementation under `meta["__prng_keys__"]`;
+`restore` wraps them back with `jax.random.wrap_key_data`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+log = logging.getLogger(__name__)
+
+STATE_ITEM = "state"
+META_ITEM = "meta"
+_PRNG_META_KEY = "__prng_keys__"
+_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint step that cannot be restored: the message names its directory and the fault."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed PRNG keys ⇄ raw key data.
+
+
+def _is_prng_key(x) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _key_impl_name(x) -> str:
+  """Name of a typed key's implementation, e.g. 'threefry2x32'; works on arrays and abstract."""
+  if isinstance(x, jax.Array):
+    return str(jax.random.key_impl(x))
+  # ShapeDtypeStruct: the dtype carries the impl; key_impl() only accepts concrete arrays.
+  return str(x.dtype._impl.name)  # pylint: disable=protected-access
+
+
+def _keys_to_data(tree) -> tuple[Any, dict[str, str]]:
+  """Replaces every typed PRNG key leaf by its uint32 key data → (tree, {keystr(path): impl})."""
+  impls = {}
+
+  def encode(path, x):
+    if _is_prng_key(x):
+      impls[jax.tree_util.keystr(path)] = _key_impl_name(x)
+      return jax.random.key_data(x)
+    return x
+
+  return jax.tree_util.tree_map_with_path(encode, tree), impls
+
+
+def _abstract_keys_to_data(target):
+  """Abstract target with typed-key leaves replaced by the abstract key data (same sharding)."""
+
+  def encode(x):
+    if not _is_prng_key(x):
+      return x
+    data = jax.eval_shape(jax.random.key_data, x)
+    # The key data has trailing key dims; a NamedSharding's spec leaves trailing dims replicated,
+    # so the key's own sharding lays the data out the same way.
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(x, "sharding", None))
+
+  return jax.tree_util.tree_map(encode, target)
+
+
+def _data_to_keys(tree, impls: Mapping[str, str]):
+  """Inverse of `_keys_to_data`: wraps the recorded leaves back into typed keys."""
+  if not impls:
+    return tree
+  found = set()
+
+  def decode(path, x):
+    name = jax.tree_util.keystr(path)
+    if name in impls:
+      found.add(name)
+      return jax.random.wrap_key_data(x, impl=impls[name])
+    return x
+
+  out = jax.tree_util.tree_map_with_path(decode, tree)
+  missing = set(impls) - found
+  if missing:
+    raise CheckpointError(f"PRNG key leaves {sorted(missing)} recorded at save time are not in the "
+                          "restored state: the target's tree structure differs from the saved one")
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpointer.
+
+
+class Checkpointer:
+  """Orbax `CheckpointManager` over (state, meta) with keep-N, async saves and safe restore.
+
+  Usage (every process of a multi-host run makes the same calls):
+
+      ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=3, keep_every=1000)
+      if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(target=jax.eval_shape(lambda: state), fallback=True)
+      ...
+      ckpt.save(step, state, {"step": step, "data_position": pos})   # returns at once (async)
+      ...
+      ckpt.close()                                                   # waits for the last save
+
+  An async `save` returns after the arrays are copied off the device, so the caller may donate or
+  overwrite the state's buffers right away; the file writes continue in a background thread.
+  """
+
+  def __init__(self, directory, *, max_to_keep: int | None = 3, keep_every: int | None = None,
+               save_interval_steps: int = 1, async_save: bool = True, read_only: bool = False):
+    """
+    Args:
+      directory: root directory of the step directories (created if missing).
+      max_to_keep: keep the newest N steps (None = keep all).
+      keep_every: also keep forever every step that is a multiple of this (None = off).
+      save_interval_steps: `save` (without force) only writes steps that are multiples of this.
+      async_save: write in a background thread (call `wait_until_finished`/`close`).
+      read_only: open an existing directory for restoring only.
+    """
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
+    if keep_every is not None and keep_every < 1:
+      raise ValueError(f"keep_every must be >= 1 or None, got {keep_every}")
+    if save_interval_steps < 1:
+      raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+    self.directory = epath.Path(directory)
+    policies = [ocp_managers.LatestN(n=max_to_keep)]
+    if keep_every is not None:
+      policies.append(ocp_managers.EveryNSteps(interval_steps=keep_every))
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_interval_steps,
+        preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save,
+        # Left-over tmp dirs are saves that never committed (killed mid-write): drop them.
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
+        read_only=read_only,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, item_names=(STATE_ITEM, META_ITEM),
+                                          options=options)
+
+  # -- queries -------------------------------------------------------------------------------
+
+  def all_steps(self) -> list[int]:
+    """Committed steps, ascending (tmp dirs of unfinished saves are not steps)."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The newest committed step, or None if the directory has none."""
+    return self._manager.latest_step()
+
+  def step_dir(self, step: int) -> epath.Path:
+    return self.directory / str(step)
+
+  # -- save ----------------------------------------------------------------------------------
+
+  def save(self, step: int, state, meta: Mapping[str, Any] | None = None, *,
+           force: bool = False) -> bool:
+    """Starts saving `state` (pytree of arrays) and `meta` (JSON-able dict) as step `step`.
+
+    Returns True if a save was started (False when `save_interval_steps` skips this step and
+    `force` is not set). Raises ValueError if `meta` is not a JSON-able dict or uses the
+    reserved key "__prng_keys__".
+    """
+    meta = dict(meta or {})
+    if _PRNG_META_KEY in meta:
+      raise ValueError(f"meta key {_PRNG_META_KEY!r} is reserved by the checkpointer")
+    state, impls = _keys_to_data(state)
+    meta[_PRNG_META_KEY] = impls
+    return self._manager.save(
+        int(step), force=force,
+        args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
+                                   META_ITEM: ocp.args.JsonSave(meta)}))
+
+  def wait_until_finished(self) -> None:
+    """Blocks until the pending async save (if any) is committed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager's threads."""
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # -- restore -------------------------------------------------------------------------------
+
+  def restore(self, step: int | None = None, target=None, *,
+              fallback: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Restores (state, meta) of `step` (default: the latest step).
+
+    Args:
+      step: the step to restore; None = `latest_step()`.
+      target: abstract state to restore into: a pytree of `jax.ShapeDtypeStruct` (with
+        `sharding=NamedSharding(...)` for a sharded restore; e.g. `jax.eval_shape` of the
+        initial state with shardings attached), or of concrete arrays. Restored leaves get its
+        tree structure, dtypes and shardings. None = the saved structure, as nested dicts/lists
+        of arrays on the default device.
+      fallback: if the step cannot be restored, log why and try the next older committed step
+        (the guard against a checkpoint corrupted after its commit, e.g. a truncated file).
+
+    Raises:
+      FileNotFoundError: the directory has no committed step.
+      CheckpointError: the step (and, with `fallback`, every older one) is corrupt or missing;
+        the message names each step directory and what is wrong with it.
+    """
+    self._manager.reload()  # another process (or a killed run) may have changed the directory
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no committed checkpoint in {self.directory} "
+                              f"(found: {_listing(self.directory)})")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise CheckpointError(f"no committed checkpoint for step {step} in {self.directory}; "
+                            f"committed steps: {steps}")
+    candidates = [s for s in reversed(steps) if s <= step] if fallback else [step]
+    errors = []
+    for s in candidates:
+      try:
+        return self._restore_step(s, target)
+      except CheckpointError as e:
+        errors.append(str(e))
+        if fallback:
+          log.warning("checkpoint step %d is unusable, trying an older one: %s", s, e)
+    raise CheckpointError("\n".join(errors) if len(errors) == 1 else
+                          "no restorable checkpoint:\n  " + "\n  ".join(errors))
+
+  def _restore_step(self, step: int, target):
+    step_dir = self.step_dir(step)
+    problem = _check_step_dir(step_dir)
+    if problem:
+      raise CheckpointError(f"checkpoint {step_dir} is incomplete: {problem}")
+    abstract = None if target is None else _abstract_keys_to_data(_to_abstract(target))
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract),
+                                           META_ITEM: ocp.args.JsonRestore()}))
+    except Exception as e:  # orbax/tensorstore raise many types; name the step dir either way
+      raise CheckpointError(f"checkpoint {step_dir} cannot be restored: "
+                            f"{type(e).__name__}: {_first_line(e)}") from e
+    meta = dict(restored[META_ITEM] or {})
+    impls = meta.pop(_PRNG_META_KEY, {})
+    state = _data_to_keys(restored[STATE_ITEM], impls)
+    return state, meta
+
+
+def _to_abstract(tree):
+  """Concrete arrays → ShapeDtypeStruct with their sharding; abstract leaves kept."""
+
+  def to_sds(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return x
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    if isinstance(x, (np.ndarray, np.generic)):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return x
+
+  return jax.tree_util.tree_map(to_sds, tree)
+
+
+def _check_step_dir(step_dir: epath.Path) -> str | None:
+  """Cheap structural check of a committed step dir → description of what is missing, or None."""
+  required = [
+      "_CHECKPOINT_METADATA",
+      f"{STATE_ITEM}/_METADATA",
+      f"{META_ITEM}/metadata",
+  ]
+  if not step_dir.is_dir():
+    return "the step directory does not exist"
+  for rel in required:
+    if not (step_dir / rel).exists():
+      return f"missing file {rel!r}"
+  for rel in (f"{META_ITEM}/metadata", f"{STATE_ITEM}/_METADATA"):
+    if (step_dir / rel).stat().length == 0:
+      return f"file {rel!r} is empty"
+  return None
+
+
+def _first_line(e: BaseException, limit: int = 500) -> str:
+  text = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _listing(directory: epath.Path) -> list[str]:
+  try:
+    return sorted(p.name for p in directory.iterdir())
+  except OSError:
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption.
+
+
+class PreemptionGuard:
+  """Context manager that turns SIGTERM/SIGINT into a flag the training loop polls.
+
+      with PreemptionGuard() as guard:
+        for step in range(start, total):
+          state = train_step(state)
+          if guard.should_stop(step):
+            ckpt.save(step, state, meta, force=True)
+            break
+      ckpt.close()     # the async save must commit before the process exits
+
+  Single process: the handlers set a flag; the current step finishes, the caller saves and
+  returns, and the process exits with code 0. A second SIGINT raises KeyboardInterrupt at once
+  (for a person at the terminal who really wants out).
+
+  Multi-host (`jax.process_count() > 1`): a preemption notice reaches one host, but all hosts
+  must stop, and save, at the same step, or the save's collectives deadlock. JAX's preemption
+  service (started by `jax.distributed.initialize`, config `jax_enable_preemption_service`)
+  catches SIGTERM in C++ and agrees on a sync step; `should_stop(step)` then returns
+  `multihost_utils.reached_preemption_sync_point(step)`, which is True on every host at the
+  same step. So in that mode the guard leaves SIGTERM to JAX (a Python handler would replace
+  JAX's) and only handles SIGINT, which it agrees on across hosts with a small all-gather.
+  `should_stop(step)` must then be called by every host at every step with the same `step`.
+
+  On exit the previous handlers are restored. Handlers can only be installed from the main
+  thread; elsewhere the guard logs a warning and only the multi-host sync point is active.
+  """
+
+  def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
+    self._signals = tuple(signals)
+    self._previous: dict[int, Any] = {}
+    self._event = threading.Event()
+    self._received: list[int] = []
+    self._multihost = False
+
+  @property
+  def received(self) -> list[int]:
+    """Signal numbers received so far (in order)."""
+    return list(self._received)
+
+  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    if signum == signal.SIGINT and self._event.is_set() and signal.SIGINT in self._received:
+      raise KeyboardInterrupt  # second Ctrl-C: stop now
+    self._received.append(signum)
+    self._event.set()
+    log.warning("received signal %d: will save and stop after the current step", signum)
+
+  def __enter__(self) -> "PreemptionGuard":
+    self._multihost = jax.process_count() > 1
+    signals = self._signals
+    if self._multihost:
+      signals = tuple(s for s in signals if s != signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread():
+      log.warning("PreemptionGuard entered off the main thread: no signal handlers installed")
+      return self
+    for s in signals:
+      self._previous[s] = signal.signal(s, self._handler)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, prev in self._previous.items():
+      signal.signal(s, prev if prev is not None else signal.SIG_DFL)
+    self._previous.clear()
+
+  def request_stop(self) -> None:
+    """Sets the stop flag by hand (tests, or a loop that decides to stop itself)."""
+    self._event.set()
+
+  def should_stop(self, step: int | None = None) -> bool:
+    """True once a stop was requested (and, multi-host, agreed by all hosts at `step`)."""
+    if not self._multihost:
+      return self._event.is_set()
+    if step is None:
+      raise ValueError("multi-host PreemptionGuard.should_stop needs the step (same on all hosts)")
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    local = np.array([self._event.is_set()], dtype=np.int32)
+    any_host = bool(np.asarray(multihost_utils.process_allgather(local)).any())
+    return multihost_utils.reached_preemption_sync_point(int(step)) or any_host
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite guard.
+
+
+def all_finite(tree) -> jax.Array:
+  """True iff every floating (and complex) leaf of `tree` is free of NaN/±Inf → bool scalar.
+
+  Integer, bool and key leaves are ignored. Works inside `jax.jit` (returns a traced bool).
+  """
+  oks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+         if not _is_prng_key(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  if not oks:
+    return jnp.bool_(True)
+  return jnp.all(jnp.stack(oks))
+
+
+def select_if_finite(ok, new_state, old_state):
+  """`new_state` where `ok` else `old_state`, leaf by leaf (both trees of the same structure).
+
+  The pattern that refuses a non-finite update inside the jitted step and keeps the last good
+  state (params, optimizer moments and count alike):
+
+      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+      ok = all_finite((loss, grads))
+      updates, new_opt = tx.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      params, opt_state = select_if_finite(ok, (new_params, new_opt), (params, opt_state))
+
+  `ok` is a bool scalar (a traced one inside jit). A `jnp.where` select costs one elementwise
+  pass and keeps donation working; `jax.lax.cond(ok, lambda: new, lambda: old)` is equivalent.
+  Typed PRNG keys are selected through their key data.
+  """
+  ok = jnp.asarray(ok)
+  if ok.shape != () or ok.dtype != jnp.bool_:
+    raise ValueError(f"select_if_finite needs a bool scalar, got {ok.dtype}{list(ok.shape)}")
+  if jax.tree_util.tree_structure(new_state) != jax.tree_util.tree_structure(old_state):
+    raise ValueError("select_if_finite: new_state and old_state have different tree structures")
+
+  def select(new, old):
+    if _is_prng_key(new):
+      data = jnp.where(ok, jax.random.key_data(new), jax.random.key_data(old))
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(new))
+    return jnp.where(ok, new, old)
+
+  return jax.tree_util.tree_map(select, new_state, old_state)

@@ -1,0 +1,405 @@
+"""Tests for egspo.checkpoint: round trips, sharded restore, keep-N, atomicity, corruption,
+exact resume (normal stop, SIGKILL, SIGTERM), the preemption guard and the non-finite guard.
+
+This file is also the toy training program the subprocess tests run:
+    python tests/test_checkpoint.py WORKDIR TOTAL_STEPS [--sleep S] [--guard]
+"""
+
+import argparse
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+if __name__ == "__main__":  # subprocess: same device set-up as the in-process tests
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from egspo import checkpoint as ckpt_lib
+from egspo.checkpoint import (CheckpointError, Checkpointer, PreemptionGuard, all_finite,
+                              select_if_finite)
+
+P = jax.sharding.PartitionSpec
+NamedSharding = jax.sharding.NamedSharding
+THIS_FILE = pathlib.Path(__file__).resolve()
+
+
+def _assert_trees_identical(a, b):
+  """Same structure, dtypes and bits (typed keys compared through their key data)."""
+  la, ta = jax.tree_util.tree_flatten(a)
+  lb, tb = jax.tree_util.tree_flatten(b)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    if ckpt_lib._is_prng_key(x):
+      assert ckpt_lib._is_prng_key(y)
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    x, y = np.asarray(x).reshape(-1), np.asarray(y).reshape(-1)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(x.view(np.uint8), y.view(np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# The toy training program: a tiny MLP, AdamW, a key split per step, a positioned data stream.
+
+_TX = optax.adamw(3e-2, weight_decay=0.1)
+_BATCH, _DIN, _DH = 8, 4, 16
+
+
+def _batch_at(position: int):
+  """Deterministic data stream: the batch at `position` depends on the position only."""
+  rng = np.random.default_rng([1234, position])
+  x = rng.normal(size=(_BATCH, _DIN)).astype(np.float32)
+  y = np.sin(x.sum(-1, keepdims=True)).astype(np.float32)
+  return x, y
+
+
+def _init_state():
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  params = {"w1": jax.random.normal(k1, (_DIN, _DH)) * 0.5, "b1": jnp.zeros(_DH),
+            "w2": jax.random.normal(k2, (_DH, 1)) * 0.5, "b2": jnp.zeros(1)}
+  return {"params": params, "opt": _TX.init(params), "key": k3}
+
+
+def _loss(params, x, y, key):
+  x = x + 0.1 * jax.random.normal(key, x.shape)  # input noise: makes the RNG key matter
+  h = jnp.tanh(x @ params["w1"] + params["b1"])
+  return jnp.mean((h @ params["w2"] + params["b2"] - y) ** 2)
+
+
+@jax.jit
+def _train_step(state, x, y):
+  key, sub = jax.random.split(state["key"])
+  loss, grads = jax.value_and_grad(_loss)(state["params"], x, y, sub)
+  updates, opt = _TX.update(grads, state["opt"], state["params"])
+  return {"params": optax.apply_updates(state["params"], updates), "opt": opt, "key": key}, loss
+
+
+def toy_train(workdir, total_steps: int, *, sleep: float = 0.0, guard: bool = False,
+              stop_after: int | None = None):
+  """Trains to `total_steps`, resuming from the latest checkpoint; saves after every step.
+
+  Checkpoint step s holds the state after s training steps and meta {step, data_position}.
+  `stop_after` returns normally after that many steps (of the whole run). Returns the state.
+  """
+  state = _init_state()
+  start, position = 0, 0
+  ckpt = Checkpointer(workdir, max_to_keep=2) if workdir is not None else None
+  if ckpt is not None and ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(target=jax.eval_shape(lambda: state))
+    start, position = meta["step"], meta["data_position"]
+  end = total_steps if stop_after is None else min(total_steps, stop_after)
+  with PreemptionGuard() as g:
+    for step in range(start, end):
+      x, y = _batch_at(position)
+      position += 1
+      state, _ = _train_step(state, x, y)
+      if ckpt is not None:
+        ckpt.save(step + 1, state, {"step": step + 1, "data_position": position})
+      if guard and g.should_stop(step):
+        print(f"preempted after step {step + 1}", flush=True)
+        break
+      time.sleep(sleep)
+  if ckpt is not None:
+    ckpt.close()
+  return state
+
+
+def _run_toy_subprocess(workdir, total_steps, *, sleep, guard=False):
+  cmd = [sys.executable, str(THIS_FILE), str(workdir), str(total_steps), "--sleep", str(sleep)]
+  if guard:
+    cmd.append("--guard")
+  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(THIS_FILE.parents[1])))
+
+
+def _wait_for_step(proc, workdir, step, timeout=60.0):
+  """Polls until the committed step directory `step` exists (or the process has ended)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if (pathlib.Path(workdir) / str(step)).is_dir():
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"toy run ended early rc={proc.returncode}: {proc.stderr.read()[-2000:]}")
+    time.sleep(0.01)
+  proc.kill()
+  raise AssertionError(f"step {step} never appeared in {workdir}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume.
+
+N_STEPS = 12
+
+
+def test_exact_resume_after_normal_stop(tmp_path):
+  straight = toy_train(None, N_STEPS)
+  toy_train(tmp_path, N_STEPS, stop_after=5)
+  assert Checkpointer(tmp_path).latest_step() == 5
+  resumed = toy_train(tmp_path, N_STEPS)
+  _assert_trees_identical(straight, resumed)
+  # And the control: resuming without the saved RNG key/data position gives other bits.
+  assert not np.array_equal(np.asarray(straight["params"]["w1"]),
+                            np.asarray(toy_train(None, N_STEPS - 5)["params"]["w1"]))
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+  total = 40
+  proc = _run_toy_subprocess(tmp_path, total, sleep=0.05)
+  _wait_for_step(proc, tmp_path, 4)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=30)
+  assert proc.returncode == -signal.SIGKILL
+  ckpt = Checkpointer(tmp_path)
+  killed_at = ckpt.latest_step()
+  ckpt.close()
+  assert 4 <= killed_at < total  # it really was cut off mid-run
+  resumed = toy_train(tmp_path, total)
+  _assert_trees_identical(toy_train(None, total), resumed)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  total = 200
+  proc = _run_toy_subprocess(tmp_path, total, sleep=0.05, guard=True)
+  _wait_for_step(proc, tmp_path, 3)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 0, err[-2000:]
+  assert "preempted after step" in out
+  stopped = int(out.split("preempted after step")[1].split()[0])
+  ckpt = Checkpointer(tmp_path)
+  assert ckpt.latest_step() == stopped < total
+  _, meta = ckpt.restore()
+  ckpt.close()
+  assert meta == {"step": stopped, "data_position": stopped}
+  _assert_trees_identical(toy_train(None, stopped + 3), toy_train(tmp_path, stopped + 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trips, sharding, retention, atomicity, corruption.
+
+
+def _state_with_everything():
+  params = {"w": jnp.arange(12, dtype=jnp.float32).reshape(3, 4), "b": jnp.ones(4, jnp.bfloat16)}
+  return {"params": params, "opt": optax.adamw(1e-3).init(params), "key": jax.random.key(7),
+          "batch_keys": jax.random.split(jax.random.key(3), 8), "step": jnp.int32(41)}
+
+
+def test_roundtrip_typed_keys_optax_state_and_meta(tmp_path):
+  state = _state_with_everything()
+  meta = {"step": 41, "data_position": [3, 17], "config": {"lr": 1e-3, "name": "tiny"}}
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.latest_step() is None
+    assert ckpt.save(41, state, meta)
+    ckpt.wait_until_finished()
+    assert ckpt.latest_step() == 41 and ckpt.all_steps() == [41]
+    restored, restored_meta = ckpt.restore(target=jax.eval_shape(lambda: state))
+    assert restored_meta == meta
+    _assert_trees_identical(state, restored)
+    assert restored["key"].dtype == state["key"].dtype
+    # The optax state comes back as the same named tuples (the target's structure).
+    assert type(restored["opt"][0]) is type(state["opt"][0])
+    # Without a target: the saved structure as plain containers, keys still typed.
+    untargeted, _ = ckpt.restore(41)
+    assert ckpt_lib._is_prng_key(untargeted["key"])
+    np.testing.assert_array_equal(jax.random.key_data(untargeted["batch_keys"]),
+                                  jax.random.key_data(state["batch_keys"]))
+    np.testing.assert_array_equal(untargeted["params"]["w"], state["params"]["w"])
+
+
+def test_meta_reserved_key_rejected(tmp_path):
+  with Checkpointer(tmp_path) as ckpt, np.testing.assert_raises(ValueError):
+    ckpt.save(0, {"x": jnp.ones(2)}, {"__prng_keys__": 1})
+
+
+def test_sharded_restore_into_other_mesh_layout(tmp_path):
+  assert jax.device_count() == 8
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  w = jax.device_put(jnp.arange(64, dtype=jnp.float32).reshape(8, 8),
+                     NamedSharding(mesh, P("data", "model")))
+  keys = jax.device_put(jax.random.split(jax.random.key(0), 8), NamedSharding(mesh, P("data")))
+  state = {"w": w, "keys": keys, "v": jnp.arange(8.0)}
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(3, state, {"step": 3})
+    ckpt.wait_until_finished()
+    target = {
+        "w": jax.ShapeDtypeStruct((8, 8), jnp.float32, sharding=NamedSharding(mesh, P("model", None))),
+        "keys": jax.ShapeDtypeStruct((8,), keys.dtype, sharding=NamedSharding(mesh, P("model"))),
+        "v": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=NamedSharding(mesh, P(("data", "model")))),
+    }
+    restored, _ = ckpt.restore(target=target)
+  for name in ("w", "keys", "v"):
+    assert restored[name].sharding == target[name].sharding, name
+  assert len(restored["v"].addressable_shards) == 8
+  assert restored["v"].addressable_shards[0].data.shape == (1,)
+  _assert_trees_identical(state, restored)
+
+
+def test_keep_n_keep_every_and_interval(tmp_path):
+  with Checkpointer(tmp_path / "a", max_to_keep=2, keep_every=4) as ckpt:
+    for s in range(10):
+      ckpt.save(s, {"x": jnp.full(2, s, jnp.float32)}, {"step": s})
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == [0, 4, 8, 9]
+    state, meta = ckpt.restore(4)
+    assert meta == {"step": 4} and float(state["x"][0]) == 4.0
+  with Checkpointer(tmp_path / "b", max_to_keep=None, save_interval_steps=3) as ckpt:
+    saved = [ckpt.save(s, {"x": jnp.zeros(1)}) for s in range(7)]
+    assert saved == [True, False, False, True, False, False, True]
+    assert ckpt.save(7, {"x": jnp.zeros(1)}, force=True)
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == [0, 3, 6, 7]
+
+
+def _two_steps(directory):
+  with Checkpointer(directory, max_to_keep=5) as ckpt:
+    for s in (1, 2):
+      ckpt.save(s, {"x": jnp.full(256, s, jnp.float32)}, {"step": s})
+  return directory
+
+
+def test_interrupted_save_is_ignored_and_cleaned(tmp_path):
+  _two_steps(tmp_path)
+  # What a save killed mid-write leaves: a tmp dir with some, not all, of the files.
+  tmp = tmp_path / f"3{ckpt_lib._ORBAX_TMP_SUFFIX}-1700000000"
+  shutil.copytree(tmp_path / "2", tmp)
+  shutil.rmtree(tmp / "meta")
+  ckpt = Checkpointer(tmp_path)
+  assert ckpt.latest_step() == 2 and ckpt.all_steps() == [1, 2]
+  state, meta = ckpt.restore()
+  assert meta == {"step": 2} and float(state["x"][0]) == 2.0
+  ckpt.close()
+  assert not tmp.exists()  # swept when the directory was opened
+
+
+def test_corrupt_checkpoint_message_and_fallback(tmp_path):
+  _two_steps(tmp_path)
+  (tmp_path / "2" / "state" / "_METADATA").unlink()
+  ckpt = Checkpointer(tmp_path)
+  with np.testing.assert_raises(CheckpointError) as cm:
+    ckpt.restore()
+  msg = str(cm.exception)
+  assert str(tmp_path / "2") in msg and "state/_METADATA" in msg and "missing" in msg
+  state, meta = ckpt.restore(fallback=True)
+  assert meta == {"step": 1} and float(state["x"][0]) == 1.0
+  ckpt.close()
+
+
+def test_truncated_array_file_is_reported(tmp_path):
+  _two_steps(tmp_path)
+  data_files = [p for p in (tmp_path / "2" / "state").rglob("*")
+                if p.is_file() and p.parent.name == "d"]
+  assert data_files
+  for p in data_files:
+    with open(p, "r+b") as f:
+      f.truncate(3)
+  ckpt = Checkpointer(tmp_path)
+  with np.testing.assert_raises(CheckpointError) as cm:
+    ckpt.restore(target={"x": jax.ShapeDtypeStruct((256,), jnp.float32)})
+  assert str(tmp_path / "2") in str(cm.exception) and "cannot be restored" in str(cm.exception)
+  state, meta = ckpt.restore(target={"x": jax.ShapeDtypeStruct((256,), jnp.float32)},
+                             fallback=True)
+  assert meta == {"step": 1} and float(state["x"][0]) == 1.0
+  ckpt.close()
+
+
+def test_restore_errors_name_the_problem(tmp_path):
+  with Checkpointer(tmp_path / "empty") as ckpt, np.testing.assert_raises(FileNotFoundError):
+    ckpt.restore()
+  _two_steps(tmp_path / "two")
+  with Checkpointer(tmp_path / "two") as ckpt:
+    with np.testing.assert_raises(CheckpointError) as cm:
+      ckpt.restore(step=5)
+    assert "step 5" in str(cm.exception) and "[1, 2]" in str(cm.exception)
+  with np.testing.assert_raises(ValueError):
+    Checkpointer(tmp_path / "bad", max_to_keep=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption guard.
+
+
+def test_preemption_guard_sets_flag_and_restores_handlers():
+  seen = []
+  sentinel = lambda signum, frame: seen.append(signum)
+  old = signal.signal(signal.SIGTERM, sentinel)
+  try:
+    with PreemptionGuard() as guard:
+      assert not guard.should_stop(0)
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.01)  # Python runs handlers between bytecodes of the main thread
+      assert guard.should_stop(1) and guard.received == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is sentinel
+    assert seen == []  # the guard, not the previous handler, got the signal
+  finally:
+    signal.signal(signal.SIGTERM, old)
+
+
+def test_preemption_guard_second_sigint_interrupts():
+  with PreemptionGuard() as guard:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)
+    assert guard.should_stop()
+    with np.testing.assert_raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite guard.
+
+
+def test_all_finite_cases():
+  f = jax.jit(all_finite)
+  good = {"a": jnp.ones(3), "i": jnp.arange(3), "k": jax.random.key(0), "h": jnp.ones(2, jnp.bfloat16)}
+  assert bool(f(good))
+  assert not bool(f({**good, "a": jnp.array([1.0, jnp.nan, 2.0])}))
+  assert not bool(f({**good, "h": jnp.array([jnp.inf, 0], jnp.bfloat16)}))
+  assert not bool(f({**good, "a": jnp.array([-jnp.inf])}))
+  assert bool(f({"i": jnp.array([2**31 - 1])}))  # integers are never non-finite
+  assert bool(f({}))
+
+
+def test_select_if_finite_refuses_a_nan_update():
+  tx = optax.adamw(0.1)
+  params = {"w": jnp.array([1.0, -2.0])}
+
+  @jax.jit
+  def step(params, opt, key, scale):
+    new_key, sub = jax.random.split(key)
+    loss, grads = jax.value_and_grad(lambda p: jnp.sum(p["w"] ** 2) * scale)(params)
+    updates, new_opt = tx.update(grads, opt, params)
+    ok = all_finite((loss, grads))
+    new = (optax.apply_updates(params, updates), new_opt, new_key)
+    return select_if_finite(ok, new, (params, opt, key)), ok
+
+  state = (params, tx.init(params), jax.random.key(1))
+  (bad_state, ok) = step(*state, jnp.float32(jnp.nan))
+  assert not bool(ok)
+  _assert_trees_identical(bad_state, state)  # params, moments, count and key all kept
+  (good_state, ok) = step(*state, jnp.float32(1.0))
+  assert bool(ok)
+  # One AdamW step moves each weight by lr·sign(g) (bias-corrected first step) plus decay.
+  np.testing.assert_allclose(good_state[0]["w"], [1.0 - 0.1 - 0.1 * 1e-4 * 1.0,
+                                                   -2.0 + 0.1 + 0.1 * 1e-4 * 2.0], rtol=1e-5)
+  assert int(good_state[1][0].count) == 1
+  with np.testing.assert_raises(ValueError):
+    select_if_finite(jnp.array([True, False]), params, params)
+
+
+if __name__ == "__main__":
+  parser = argparse.ArgumentParser()
+  parser.add_argument("workdir")
+  parser.add_argument("total_steps", type=int)
+  parser.add_argument("--sleep", type=float, default=0.0)
+  parser.add_argument("--guard", action="store_true")
+  a = parser.parse_args()
+  toy_train(a.workdir, a.total_steps, sleep=a.sleep, guard=a.guard)
