@@ -24,6 +24,13 @@ from flax import nnx
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# Names of `jax.checkpoint` policies for `ModelConfig.remat_policy`.
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything": jax.checkpoint_policies.everything_saveable,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -46,6 +53,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype of matmuls; norms, RoPE and logits stay float32
   remat: bool = False  # rematerialise each block in the backward pass
+  # What a rematerialised block keeps from its forward pass (a name in REMAT_POLICIES):
+  # "nothing" recomputes the whole block (least memory); "dots" keeps matmul outputs.
+  remat_policy: str = "nothing"
   scan_layers: bool = False  # one scanned block with a leading `layers` axis instead of a list
   attention_impl: str | None = None  # passed to jax.nn.dot_product_attention (None = XLA)
 
@@ -71,6 +81,12 @@ class ModelConfig:
     for f in ("param_dtype", "dtype"):
       if getattr(self, f) not in _DTYPES:
         bad(f, f"must be one of {sorted(_DTYPES)}")
+    if self.remat_policy not in REMAT_POLICIES:
+      bad("remat_policy", f"must be one of {sorted(REMAT_POLICIES)}")
+    if not self.rms_norm_eps > 0:
+      bad("rms_norm_eps", "must be positive")
+    if not self.rope_theta > 0:
+      bad("rope_theta", "must be positive")
 
   @property
   def head_dim(self) -> int:
@@ -169,10 +185,16 @@ def get_config(preset: str, **overrides) -> ModelConfig:
 # Layers
 
 
-def _dense(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], rngs: nnx.Rngs):
+def _dense(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], rngs: nnx.Rngs,
+           out_dtype=None):
+  """A bias-free projection; the kernel is [in, out] (the transpose of PyTorch's weight).
+
+  out_dtype=float32 makes the matmul accumulate into and return float32 even with bf16 inputs
+  (used by the LM head so log-probs are not rounded to bf16).
+  """
   init = nnx.initializers.normal(stddev=0.02)
   return nnx.Linear(d_in, d_out, use_bias=False, dtype=cfg.jnp_dtype,
-                    param_dtype=cfg.jnp_param_dtype,
+                    param_dtype=cfg.jnp_param_dtype, preferred_element_type=out_dtype,
                     kernel_init=nnx.with_metadata(init, logical_axes=axes), rngs=rngs)
 
 
@@ -260,7 +282,9 @@ class LLaDA(nnx.Module):
     else:
       self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
     self.ln_f = RMSNorm(cfg, rngs=rngs)
-    self.ff_out = _dense(cfg, cfg.d_model, cfg.embedding_size, ("embed", "vocab"), rngs)
+    # LM head: bf16 inputs, float32 output (logits feed log-probs, ratios and entropies).
+    self.ff_out = _dense(cfg, cfg.d_model, cfg.embedding_size, ("embed", "vocab"), rngs,
+                         out_dtype=jnp.float32)
 
   def hidden_states(self, input_ids, attention_mask=None):
     """Final normalised hidden states [B, L, D] for input_ids [B, L].
@@ -271,6 +295,11 @@ class LLaDA(nnx.Module):
     cfg = self.cfg
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+      raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+      raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape "
+                       f"{input_ids.shape}")
     if input_ids.shape[1] > cfg.max_sequence_length:
       raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's "
                        f"max_sequence_length={cfg.max_sequence_length}")
@@ -287,7 +316,9 @@ class LLaDA(nnx.Module):
       return block(x, cos, sin, key_mask)
 
     if cfg.remat:
-      block_fn = nnx.remat(block_fn, prevent_cse=not cfg.scan_layers)
+      # Inside scan, CSE cannot merge the recomputation into the forward, so it may stay on.
+      block_fn = nnx.remat(block_fn, prevent_cse=not cfg.scan_layers,
+                           policy=REMAT_POLICIES[cfg.remat_policy])
     if cfg.scan_layers:
       @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
       def run(block, x):
@@ -309,4 +340,5 @@ class LLaDA(nnx.Module):
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> LLaDA:
+  """A randomly initialised LLaDA (unsharded; see `egspo.sharding.create_sharded_model`)."""
   return LLaDA(cfg, rngs=nnx.Rngs(seed))

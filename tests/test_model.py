@@ -1,0 +1,283 @@
+"""LLaDA in Flax NNX (egspo.model.llada) against the independent PyTorch LLaDA (tests/torch_llada.py).
+
+REFERENCE §1. Parity ≤ 1e-4 in f32 on small random configs (MHA and GQA), with left padding,
+scan/remat variants equal to the plain model (logits and gradients), bf16 close to f32, config
+and input validation.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import torch_llada
+from egspo.model import llada
+
+PAD = 0
+
+
+def small_config(**kw) -> llada.ModelConfig:
+  base = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=48, vocab_size=50,
+              embedding_size=52, mask_token_id=49, eos_token_id=1, pad_token_id=PAD,
+              rope_theta=10000.0, rms_norm_eps=1e-5, max_sequence_length=64)
+  base.update(kw)
+  return llada.ModelConfig(**base)
+
+
+def load_torch_state_dict(model: llada.LLaDA, sd: dict[str, torch.Tensor]) -> llada.LLaDA:
+  """Copies a HF-layout PyTorch state dict (REFERENCE §1 names, [out, in]) into `model` in place.
+
+  Test-local: kernels are the transposes of the PyTorch weights; scanned models stack the layers.
+  """
+  cfg = model.cfg
+  dt = cfg.jnp_param_dtype
+
+  def arr(name, transpose=False):
+    t = sd[name].float().numpy()
+    return jnp.asarray(t.T if transpose else t, dtype=dt)
+
+  pre = "model.transformer."
+  model.wte.embedding.value = arr(pre + "wte.weight")
+  model.ln_f.weight.value = arr(pre + "ln_f.weight")
+  model.ff_out.kernel.value = arr(pre + "ff_out.weight", transpose=True)
+  names = {"attn_norm": ("weight", False), "ff_norm": ("weight", False)}
+  names.update({p: ("kernel", True) for p in
+                ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")})
+  for mod, (attr, tr) in names.items():
+    per_layer = [arr(f"{pre}blocks.{i}.{mod}.weight", tr) for i in range(cfg.n_layers)]
+    if cfg.scan_layers:
+      getattr(getattr(model.blocks, mod), attr).value = jnp.stack(per_layer)
+    else:
+      for i, w in enumerate(per_layer):
+        getattr(getattr(model.blocks[i], mod), attr).value = w
+  return model
+
+
+def torch_logits(cfg: llada.ModelConfig, sd, ids, mask=None) -> np.ndarray:
+  hf = cfg.to_hf_config()
+  m = None if mask is None else torch.as_tensor(np.array(mask))
+  return torch_llada.forward(sd, hf, torch.as_tensor(np.array(ids)), m).numpy()
+
+
+def jit_forward(model):
+  """Logits through nnx.split/merge inside jax.jit (how training code calls the model)."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def f(state, ids, mask):
+    return nnx.merge(graphdef, state)(ids, mask)
+
+  return lambda ids, mask=None: f(state, ids, mask)
+
+
+def random_ids(key, b, l, vocab):
+  return jax.random.randint(jax.random.key(key), (b, l), 2, vocab, dtype=jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def torch_sd():
+  return {kv: torch_llada.random_state_dict(small_config(n_kv_heads=kv).to_hf_config(), seed=kv)
+          for kv in (2, 4)}
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])  # MHA and GQA
+def test_parity_with_torch_f32(torch_sd, n_kv_heads):
+  cfg = small_config(n_kv_heads=n_kv_heads)
+  sd = torch_sd[n_kv_heads]
+  model = load_torch_state_dict(llada.init_model(cfg), sd)
+  ids = random_ids(0, 3, 17, cfg.vocab_size)
+  ours = np.asarray(jit_forward(model)(ids))
+  ref = torch_logits(cfg, sd, ids)
+  assert ours.shape == (3, 17, cfg.vocab_size) and ours.dtype == np.float32
+  assert np.abs(ref).max() > 0.5  # non-trivial logits, so the tolerance below means something
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+  # A different state dict gives different logits: the loader really moved the weights.
+  other = torch_logits(cfg, torch_llada.random_state_dict(cfg.to_hf_config(), seed=99), ids)
+  assert np.abs(other - ref).max() > 0.1
+
+
+def test_left_padding_equals_prompt_alone(torch_sd):
+  cfg = small_config(n_kv_heads=2)
+  sd = torch_sd[2]
+  model = load_torch_state_dict(llada.init_model(cfg), sd)
+  fwd = jit_forward(model)
+  lengths = [13, 7, 1]
+  width = max(lengths)
+  prompts = [np.asarray(random_ids(10 + i, 1, n, cfg.vocab_size))[0] for i, n in enumerate(lengths)]
+  ids = np.full((len(lengths), width), PAD, np.int32)
+  mask = np.zeros((len(lengths), width), np.int32)
+  for i, p in enumerate(prompts):
+    ids[i, width - len(p):] = p
+    mask[i, width - len(p):] = 1
+  padded = np.asarray(fwd(jnp.asarray(ids), jnp.asarray(mask)))
+  ref_padded = torch_logits(cfg, sd, ids, mask)
+  np.testing.assert_allclose(padded, ref_padded, atol=1e-4, rtol=0)
+  for i, p in enumerate(prompts):
+    alone = np.asarray(fwd(jnp.asarray(p[None])))[0]
+    np.testing.assert_allclose(padded[i, width - len(p):], alone, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(alone, torch_logits(cfg, sd, p[None])[0], atol=1e-4, rtol=0)
+  # Padding content is never attended: other pad token values leave the real positions unchanged.
+  ids2 = np.where(mask == 1, ids, 7)
+  padded2 = np.asarray(fwd(jnp.asarray(ids2), jnp.asarray(mask)))
+  np.testing.assert_allclose(padded2[mask == 1], padded[mask == 1], atol=1e-6, rtol=0)
+  # Without the mask the padding is attended (the reference code's defect) and logits change.
+  unmasked = np.asarray(fwd(jnp.asarray(ids)))
+  assert np.abs(unmasked[1, width - lengths[1]:] - padded[1, width - lengths[1]:]).max() > 1e-2
+
+
+def _loss_and_grads(model, ids, mask, targets):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def step(params, rest):
+    def loss_fn(params):
+      logits = nnx.merge(graphdef, params, rest)(ids, mask)
+      logp = jax.nn.log_softmax(logits)
+      return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1)), logits
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  (loss, logits), grads = step(params, rest)
+  return loss, grads, logits
+
+
+def _stack_grads(grads, cfg):
+  """Per-layer gradients of a list-of-blocks model → the scanned layout (leading layer axis)."""
+  flat = nnx.to_flat_state(grads)
+  out = {}
+  for path, v in flat:
+    if path[0] == "blocks":
+      out.setdefault(("blocks",) + path[2:], [None] * cfg.n_layers)[path[1]] = v.value
+    else:
+      out[path] = v.value
+  return {k: (jnp.stack(v) if isinstance(v, list) else v) for k, v in out.items()}
+
+
+def test_scan_and_remat_give_identical_logits_and_grads(torch_sd):
+  cfg0 = small_config(n_kv_heads=2)
+  sd = torch_sd[2]
+  ids = random_ids(3, 2, 11, cfg0.vocab_size)
+  mask = jnp.asarray([[1] * 11, [0] * 4 + [1] * 7], jnp.int32)
+  targets = random_ids(4, 2, 11, cfg0.vocab_size)
+  ref_loss, ref_grads, ref_logits = _loss_and_grads(
+      load_torch_state_dict(llada.init_model(cfg0), sd), ids, mask, targets)
+  ref_flat = _stack_grads(ref_grads, cfg0)
+  assert min(float(jnp.abs(g).max()) for g in ref_flat.values()) > 0  # every param gets gradient
+  for scan, remat, policy in [(False, True, "nothing"), (True, False, "nothing"),
+                              (True, True, "dots")]:
+    cfg = cfg0.replace(scan_layers=scan, remat=remat, remat_policy=policy)
+    loss, grads, logits = _loss_and_grads(load_torch_state_dict(llada.init_model(cfg), sd),
+                                          ids, mask, targets)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(loss, ref_loss, atol=1e-6, rtol=0)
+    got = ({p: v.value for p, v in nnx.to_flat_state(grads)} if scan
+           else _stack_grads(grads, cfg))
+    assert set(got) == set(ref_flat), (scan, remat)
+    for k in ref_flat:
+      np.testing.assert_allclose(got[k], ref_flat[k], atol=1e-5, rtol=1e-5,
+                                 err_msg=f"scan={scan} remat={remat} {k}")
+
+
+def test_scanned_init_has_stacked_params():
+  cfg = small_config(scan_layers=True)
+  model = llada.init_model(cfg)
+  params = nnx.state(model, nnx.Param)
+  assert params["blocks"]["q_proj"]["kernel"].value.shape == (2, 32, 32)
+  assert params["blocks"]["k_proj"]["kernel"].value.shape == (2, 32, 16)
+  assert params["blocks"]["q_proj"]["kernel"].get_metadata()["logical_axes"] == ("embed", "heads")
+  # The layers are initialised independently (split RNG streams), not copies of one block.
+  k = params["blocks"]["q_proj"]["kernel"].value
+  assert float(jnp.abs(k[0] - k[1]).max()) > 1e-3
+
+
+def test_bf16_runs_and_stays_close(torch_sd):
+  sd = torch_sd[2]
+  ids = random_ids(5, 2, 16, 50)
+  ref = np.asarray(jit_forward(load_torch_state_dict(llada.init_model(small_config()), sd))(ids))
+  for param_dtype, dtype in [("float32", "bfloat16"), ("bfloat16", "bfloat16")]:
+    cfg = small_config(param_dtype=param_dtype, dtype=dtype)
+    model = load_torch_state_dict(llada.init_model(cfg), sd)
+    assert model.blocks[0].q_proj.kernel.value.dtype == cfg.jnp_param_dtype
+    logits = np.asarray(jit_forward(model)(ids))
+    assert logits.dtype == np.float32 and np.isfinite(logits).all()
+    err = np.abs(logits - ref).max() / np.abs(ref).max()
+    assert err < 3e-2, (param_dtype, dtype, err)
+    # Close, but really computed in bf16 (otherwise this test would not test bf16).
+    assert np.abs(logits - ref).max() > 1e-5
+    # The argmax token (what the sampler commits) agrees almost everywhere.
+    assert (logits.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+
+
+def test_num_params_matches_model():
+  for cfg in (small_config(), small_config(n_kv_heads=1, scan_layers=True)):
+    params = nnx.state(llada.init_model(cfg), nnx.Param)
+    assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
+  # The real LLaDA-8B sizes, abstractly (no memory): 8.02B parameters.
+  cfg8 = llada.get_config("llada_8b")
+  abstract = nnx.eval_shape(lambda: llada.LLaDA(cfg8, rngs=nnx.Rngs(0)))
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  assert n == cfg8.num_params() == 8_015_581_184
+  assert abstract.blocks[0].q_proj.kernel.value.shape == (4096, 4096)
+  assert abstract.blocks[0].ff_proj.kernel.value.shape == (4096, 12288)
+
+
+def test_presets_and_hf_config_round_trip():
+  for name in llada.PRESETS:
+    cfg = llada.get_config(name)
+    back = llada.ModelConfig.from_hf_config(cfg.to_hf_config())
+    for f in llada.ModelConfig.HF_KEYS + ("pad_token_id",):
+      assert getattr(back, f) == getattr(cfg, f), (name, f)
+  assert llada.get_config("tiny", n_layers=3).n_layers == 3
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(d_model=30), "d_model"),  # not divisible by n_heads=4
+    (dict(n_kv_heads=3), "n_kv_heads"),
+    (dict(n_heads=8, n_kv_heads=8, d_model=24), "n_heads"),  # odd head_dim 3
+    (dict(embedding_size=10), "embedding_size"),
+    (dict(mask_token_id=50), "mask_token_id"),
+    (dict(n_layers=0), "n_layers"),
+    (dict(dtype="float64"), "dtype"),
+    (dict(param_dtype="int8"), "param_dtype"),
+    (dict(remat_policy="some"), "remat_policy"),
+    (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+])
+def test_config_validation(kw, field):
+  with pytest.raises(ValueError, match=f"ModelConfig.{field}="):
+    small_config(**kw)
+
+
+def test_bad_preset_and_inputs():
+  with pytest.raises(ValueError, match="unknown model preset 'huge'.*tiny"):
+    llada.get_config("huge")
+  with pytest.raises(TypeError):
+    llada.get_config("tiny", no_such_field=1)
+  with pytest.raises(ValueError, match="missing LLaDA keys"):
+    llada.ModelConfig.from_hf_config({"d_model": 8})
+  model = llada.init_model(small_config(max_sequence_length=8))
+  with pytest.raises(ValueError, match="sequence length 9 exceeds the model's max_sequence_length=8"):
+    model(jnp.ones((1, 9), jnp.int32))
+  with pytest.raises(ValueError, match=r"\[batch, length\]"):
+    model(jnp.ones((9,), jnp.int32))
+  with pytest.raises(ValueError, match="integer token ids"):
+    model(jnp.ones((1, 4), jnp.float32))
+  with pytest.raises(ValueError, match="attention_mask shape"):
+    model(jnp.ones((1, 4), jnp.int32), jnp.ones((1, 5), jnp.int32))
+  assert model(jnp.ones((1, 8), jnp.int32)).shape == (1, 8, 50)
+
+
+def test_eager_equals_jit_and_config_is_hashable():
+  cfg = small_config()
+  model = llada.init_model(cfg, seed=3)
+  ids = random_ids(6, 2, 9, cfg.vocab_size)
+  np.testing.assert_allclose(model(ids), jit_forward(model)(ids), atol=1e-5, rtol=0)
+  # Same seed → same weights; another seed → different weights.
+  same = llada.init_model(cfg, seed=3)
+  np.testing.assert_array_equal(same.wte.embedding.value, model.wte.embedding.value)
+  assert not np.allclose(llada.init_model(cfg, seed=4).wte.embedding.value,
+                         model.wte.embedding.value)
+  hash(cfg)  # static jit arguments need a hashable config
+  assert dataclasses.replace(cfg, n_layers=3) == cfg.replace(n_layers=3)
