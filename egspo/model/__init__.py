@@ -1,0 +1,7 @@
+"""The LLaDA policy: Flax NNX model, presets, and HF ⇄ orbax checkpoint conversion."""
+
+from egspo.model.convert import export_hf, from_pretrained, save_pretrained_orbax
+from egspo.model.llada import LLaDA, ModelConfig, get_config, init_model
+
+__all__ = ["LLaDA", "ModelConfig", "get_config", "init_model", "from_pretrained",
+           "save_pretrained_orbax", "export_hf"]

@@ -1,0 +1,701 @@
+"""LLaDA checkpoints: Hugging Face safetensors ⇄ egspo orbax directories, streamed tensor by tensor.
+
+REFERENCE §1 fixes the checkpoint: tensor names `model.transformer.*`, PyTorch `[out, in]` weights
+(Flax kernels are `[in, out]`, so every projection is transposed), `config.json` with LLaDA's keys.
+
+Two on-disk layouts, both readable by `from_pretrained`:
+
+* **HF directory** — `config.json` and either `model.safetensors` or sharded
+  `model-0000X-of-0000N.safetensors` with `model.safetensors.index.json`. Read with a small
+  safetensors reader of our own (the format is an 8-byte little-endian header length, a JSON header
+  `{name: {dtype, shape, data_offsets}}`, then raw little-endian bytes). Each tensor is read alone
+  with one `readinto` into a buffer of exactly its size, so nothing else of the shard is resident;
+  bf16 is viewed as `ml_dtypes.bfloat16` (numpy has no native bf16 and safetensors' numpy
+  front-end refuses it), which also makes export bit-exact.
+
+* **egspo orbax directory** (what `python -m egspo.convert` and `save_pretrained_orbax` write)::
+
+      OUT/config.json            LLaDA config.json (plus `param_dtype`)
+      OUT/egspo_checkpoint.json  manifest: format, version, group names; written LAST
+      OUT/params/embed/          orbax item {wte: {embedding}}
+      OUT/params/layer_00000/    orbax item {attn_norm, q_proj, …, ff_out} of block 0 (Flax names)
+      ...
+      OUT/params/final/          orbax item {ln_f: {weight}, ff_out: {kernel}}
+
+  Why one orbax item per group instead of one item for the whole tree: an orbax PyTree save needs
+  every leaf of the tree in memory at the moment of the call, so a single item would hold the whole
+  model (16 GB for LLaDA-8B in bf16) in host memory. One item per layer bounds the converter's peak
+  host memory by the largest group (one transformer block, ≈ 0.44 GB for 8B in bf16, or the
+  1 GB embedding/head) plus a constant, with only public orbax APIs (no hand-written
+  tensorstore/OCDBT metadata that could drift from orbax's format). Groups are also
+  layout-neutral: the same directory restores into the list layout or the `scan_layers` layout
+  (stacked `[n_layers, …]` params, filled layer by layer in place on device), and each item is
+  restored straight into its target `NamedSharding` so every device reads only its own shard.
+  The manifest is written after all groups, so a directory without it is an unfinished
+  conversion and is rejected with a clear error.
+
+`from_pretrained` builds the model abstractly (`nnx.eval_shape`, no random init), then fills its
+parameters group by group into the requested shardings; `export_hf` writes a model back to the HF
+layout (size-bounded shards + index + config.json), also tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import shutil
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from egspo.model.llada import LLaDA, ModelConfig
+
+FORMAT_NAME = "egspo-llada-orbax"
+FORMAT_VERSION = 1
+MANIFEST = "egspo_checkpoint.json"
+CONFIG = "config.json"
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+_ST_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+              "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64)}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+              "float16": np.dtype(np.float16)}
+
+_PREFIX = "model.transformer."
+_BLOCK_NORMS = ("attn_norm", "ff_norm")
+_BLOCK_PROJS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory or file that cannot be read as a LLaDA checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Name mapping (REFERENCE §1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+  """One checkpoint tensor: HF name, its place in a group's Flax tree, shapes on both sides."""
+
+  hf_name: str
+  group: str
+  flax_path: tuple[str, ...]  # path inside the group item, e.g. ("q_proj", "kernel")
+  hf_shape: tuple[int, ...]
+  transpose: bool  # PyTorch [out, in] ⇄ Flax kernel [in, out]
+
+  @property
+  def flax_shape(self) -> tuple[int, ...]:
+    return tuple(reversed(self.hf_shape)) if self.transpose else self.hf_shape
+
+
+def layer_group(i: int) -> str:
+  return f"layer_{i:05d}"
+
+
+def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
+  """Every tensor of a LLaDA checkpoint with `cfg`, in checkpoint (group) order."""
+  d, f, v = cfg.d_model, cfg.mlp_hidden_size, cfg.embedding_size
+  kv = cfg.n_kv_heads * cfg.head_dim
+  proj_shapes = {"q_proj": (d, d), "k_proj": (kv, d), "v_proj": (kv, d), "attn_out": (d, d),
+                 "ff_proj": (f, d), "up_proj": (f, d), "ff_out": (d, f)}
+  specs = [TensorSpec(_PREFIX + "wte.weight", "embed", ("wte", "embedding"), (v, d), False)]
+  for i in range(cfg.n_layers):
+    p, g = f"{_PREFIX}blocks.{i}.", layer_group(i)
+    for n in _BLOCK_NORMS:
+      specs.append(TensorSpec(p + n + ".weight", g, (n, "weight"), (d,), False))
+    for n in _BLOCK_PROJS:
+      specs.append(TensorSpec(p + n + ".weight", g, (n, "kernel"), proj_shapes[n], True))
+  specs.append(TensorSpec(_PREFIX + "ln_f.weight", "final", ("ln_f", "weight"), (d,), False))
+  specs.append(TensorSpec(_PREFIX + "ff_out.weight", "final", ("ff_out", "kernel"), (v, d), True))
+  return specs
+
+
+def group_names(cfg: ModelConfig) -> list[str]:
+  return ["embed"] + [layer_group(i) for i in range(cfg.n_layers)] + ["final"]
+
+
+def _group_specs(cfg: ModelConfig) -> dict[str, list[TensorSpec]]:
+  out: dict[str, list[TensorSpec]] = {g: [] for g in group_names(cfg)}
+  for s in tensor_specs(cfg):
+    out[s.group].append(s)
+  return out
+
+
+def _model_path(cfg: ModelConfig, group: str, flax_path: tuple[str, ...]) -> tuple[tuple, int | None]:
+  """(path in the model's pure state dict, layer index to write along axis 0 or None)."""
+  if group.startswith("layer_"):
+    i = int(group[len("layer_"):])
+    if cfg.scan_layers:
+      return ("blocks",) + flax_path, i
+    return ("blocks", i) + flax_path, None
+  return flax_path, None
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json
+
+
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+  path = pathlib.Path(path) / CONFIG
+  if not path.is_file():
+    raise CheckpointError(f"{path} not found: a LLaDA checkpoint directory needs config.json")
+  try:
+    cfg = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+  if not isinstance(cfg, dict):
+    raise CheckpointError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+  return cfg
+
+
+def config_from_json(cfg_json: dict[str, Any], where: str, **overrides) -> ModelConfig:
+  """ModelConfig from a LLaDA config.json dict; `param_dtype` defaults to the stored one."""
+  if cfg_json.get("weight_tying"):
+    raise CheckpointError(f"{where}: weight_tying=true is not a LLaDA-8B layout (untied head "
+                          "expected, REFERENCE §1)")
+  stored = cfg_json.get("param_dtype", cfg_json.get("torch_dtype"))
+  if "param_dtype" not in overrides and stored in _NP_DTYPES:
+    overrides["param_dtype"] = stored
+  try:
+    return ModelConfig.from_hf_config(cfg_json, **overrides)
+  except (ValueError, TypeError, KeyError) as e:
+    raise CheckpointError(f"{where}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors (read + write), streaming
+
+
+@dataclasses.dataclass(frozen=True)
+class _StEntry:
+  file: pathlib.Path
+  dtype: np.dtype
+  shape: tuple[int, ...]
+  offset: int  # absolute byte offset in the file
+  nbytes: int
+
+
+def read_safetensors_header(path: pathlib.Path) -> dict[str, _StEntry]:
+  """Name → entry of one safetensors file, validated against the file size."""
+  try:
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+      raw = fh.read(8)
+      if len(raw) < 8:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+      n = int.from_bytes(raw, "little")
+      if n <= 0 or 8 + n > size:
+        raise CheckpointError(f"{path}: corrupt safetensors header length {n} (file size {size})")
+      header = json.loads(fh.read(n))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from e
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot read safetensors file: {e}") from e
+  entries = {}
+  for name, meta in header.items():
+    if name == "__metadata__":
+      continue
+    dt = _ST_DTYPES.get(meta.get("dtype"))
+    if dt is None:
+      raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')!r}; "
+                            f"supported: {sorted(_ST_DTYPES)}")
+    shape = tuple(int(s) for s in meta["shape"])
+    begin, end = (int(o) for o in meta["data_offsets"])
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    if end - begin != nbytes or 8 + n + end > size:
+      raise CheckpointError(f"{path}: tensor {name} of shape {shape} {meta['dtype']} has data "
+                            f"offsets {begin}..{end} inconsistent with the file ({size} bytes)")
+    entries[name] = _StEntry(path, dt, shape, 8 + n + begin, nbytes)
+  return entries
+
+
+def read_tensor(entry: _StEntry) -> np.ndarray:
+  """The tensor's bytes read into a fresh array of exactly its size (nothing else resident)."""
+  out = np.empty(entry.shape, entry.dtype)
+  with open(entry.file, "rb") as fh:
+    fh.seek(entry.offset)
+    got = fh.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+  if got != entry.nbytes:
+    raise CheckpointError(f"{entry.file}: short read of a tensor ({got} of {entry.nbytes} bytes)")
+  return out
+
+
+def index_hf_checkpoint(path: str | os.PathLike) -> dict[str, _StEntry]:
+  """Name → entry over all shards of an HF checkpoint dir (headers only; no tensor data read)."""
+  path = pathlib.Path(path)
+  index_file, single = path / INDEX, path / SINGLE
+  if index_file.is_file():
+    try:
+      weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+      raise CheckpointError(f"{index_file}: corrupt index (need a 'weight_map' object): {e}") from e
+    shards: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+      shards.setdefault(shard, []).append(name)
+    entries: dict[str, _StEntry] = {}
+    for shard, names in sorted(shards.items()):
+      file = path / shard
+      if not file.is_file():
+        raise CheckpointError(f"{index_file} maps tensor {names[0]} (and {len(names) - 1} more) "
+                              f"to shard {shard}, which does not exist in {path}")
+      header = read_safetensors_header(file)
+      for name in names:
+        if name not in header:
+          raise CheckpointError(f"{index_file} maps tensor {name} to {shard}, but that shard has "
+                                "no such tensor")
+        entries[name] = header[name]
+    return entries
+  if single.is_file():
+    return read_safetensors_header(single)
+  raise CheckpointError(f"{path}: no {INDEX} and no {SINGLE}; not a Hugging Face checkpoint")
+
+
+def check_tensors(entries: dict[str, Any], cfg: ModelConfig, where: str) -> None:
+  """Every expected name present with the expected shape, and nothing unexpected."""
+  specs = tensor_specs(cfg)
+  expected = {s.hf_name for s in specs}
+  missing = [s.hf_name for s in specs if s.hf_name not in entries]
+  if missing:
+    raise CheckpointError(f"{where}: missing tensor {missing[0]}"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  unexpected = sorted(set(entries) - expected)
+  if unexpected:
+    raise CheckpointError(f"{where}: unexpected tensor {unexpected[0]}"
+                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+                          + " not in a LLaDA checkpoint with this config")
+  for s in specs:
+    got = tuple(entries[s.hf_name].shape)
+    if got != s.hf_shape:
+      raise CheckpointError(f"{where}: shape mismatch for tensor {s.hf_name}: checkpoint has "
+                            f"{got}, config expects {s.hf_shape}")
+
+
+def _write_safetensors(file: pathlib.Path, items: list[tuple[str, Callable[[], np.ndarray],
+                                                              np.dtype, tuple[int, ...]]],
+                       write: bool = True) -> None:
+  """Write one safetensors file, fetching and writing one tensor at a time.
+
+  items: (name, fetch() → array, dtype, shape); the header is computed up front from shapes.
+  write=False only runs the fetches (other processes of a multi-host job take part in the
+  gathers but write nothing).
+  """
+  if not write:
+    for _, fetch, _, _ in items:
+      fetch()
+    return
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
+  for name, _, dt, shape in items:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    header[name] = {"dtype": _ST_NAMES[dt], "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the reference writer does
+  tmp = file.with_suffix(".tmp")
+  with open(tmp, "wb") as fh:
+    fh.write(len(raw).to_bytes(8, "little"))
+    fh.write(raw)
+    for name, fetch, dt, shape in items:
+      arr = np.ascontiguousarray(fetch())
+      if arr.dtype != dt or arr.shape != tuple(shape):
+        raise AssertionError(f"{name}: fetched {arr.shape} {arr.dtype}, header says {shape} {dt}")
+      fh.write(memoryview(arr.reshape(-1).view(np.uint8)))
+      del arr
+  tmp.replace(file)
+
+
+# ----------------------------------------------------------------------------------------------
+# orbax groups
+
+
+def _orbax():
+  import orbax.checkpoint as ocp  # local: importing orbax is slow and not needed by the model
+
+  return ocp
+
+
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    d = out
+    for k in path[:-1]:
+      d = d.setdefault(k, {})
+    d[path[-1]] = v
+  return out
+
+
+def _save_group(out_dir: pathlib.Path, group: str, tree: dict) -> None:
+  ocp = _orbax()
+  ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  ckptr.save(out_dir / "params" / group, args=ocp.args.StandardSave(tree))
+  ckptr.close()
+
+
+def _write_manifest(out_dir: pathlib.Path, cfg: ModelConfig, source: str) -> None:
+  cfg_json = cfg.to_hf_config()
+  cfg_json["param_dtype"] = cfg.param_dtype
+  (out_dir / CONFIG).write_text(json.dumps(cfg_json, indent=2) + "\n")
+  manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "source": source,
+              "param_dtype": cfg.param_dtype, "groups": group_names(cfg)}
+  (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> pathlib.Path:
+  out_dir = pathlib.Path(out_dir)
+  if out_dir.exists() and any(out_dir.iterdir()):
+    if not overwrite:
+      raise FileExistsError(f"output directory {out_dir} exists and is not empty "
+                            "(pass overwrite=True / --overwrite)")
+    shutil.rmtree(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  return out_dir
+
+
+def convert_hf_to_orbax(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
+                        param_dtype: str | None = None, overwrite: bool = False,
+                        log: Callable[[str], None] | None = None) -> ModelConfig:
+  """Convert an HF LLaDA checkpoint dir into an egspo orbax dir, one layer group at a time.
+
+  All names and shapes are checked from the safetensors headers before anything is written.
+  Peak host memory ≈ one layer group (+ one tensor being transposed) + a constant.
+  Returns the ModelConfig written to `output/config.json`.
+  """
+  checkpoint = pathlib.Path(checkpoint)
+  if not checkpoint.is_dir():
+    raise CheckpointError(f"checkpoint directory {checkpoint} does not exist")
+  overrides = {} if param_dtype is None else {"param_dtype": param_dtype}
+  cfg = config_from_json(read_config_json(checkpoint), str(checkpoint / CONFIG), **overrides)
+  entries = index_hf_checkpoint(checkpoint)
+  check_tensors(entries, cfg, str(checkpoint))
+  out_dir = _prepare_out_dir(output, overwrite)
+  target = _NP_DTYPES[cfg.param_dtype]
+  for group, specs in _group_specs(cfg).items():
+    flat = {}
+    for s in specs:
+      arr = read_tensor(entries[s.hf_name])
+      if s.transpose:
+        arr = np.ascontiguousarray(arr.T)  # the untransposed buffer is freed on reassignment
+      flat[s.flax_path] = arr.astype(target, copy=False)
+      del arr
+    _save_group(out_dir, group, _nest(flat))
+    del flat
+    if log is not None:
+      log(f"wrote {group}")
+  _write_manifest(out_dir, cfg, source=str(checkpoint))
+  return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def checkpoint_layout(path: str | os.PathLike) -> str:
+  """'orbax' (an egspo orbax dir) or 'hf' (a Hugging Face dir); a clear error otherwise."""
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise CheckpointError(f"checkpoint directory {path} does not exist")
+  if (path / MANIFEST).is_file():
+    return "orbax"
+  if (path / INDEX).is_file() or (path / SINGLE).is_file():
+    return "hf"
+  if (path / "params").is_dir():
+    raise CheckpointError(f"{path}: orbax params/ without {MANIFEST}: an unfinished or corrupt "
+                          "conversion; convert again")
+  raise CheckpointError(f"{path} is neither an egspo orbax checkpoint ({MANIFEST}) nor a Hugging "
+                        f"Face checkpoint ({INDEX} or {SINGLE})")
+
+
+def _read_manifest(path: pathlib.Path) -> dict[str, Any]:
+  try:
+    manifest = json.loads((path / MANIFEST).read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path / MANIFEST}: corrupt manifest: {e}") from e
+  if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
+    raise CheckpointError(f"{path / MANIFEST}: format {manifest.get('format')!r} version "
+                          f"{manifest.get('version')!r}; expected {FORMAT_NAME!r} v{FORMAT_VERSION}")
+  return manifest
+
+
+def load_config(path: str | os.PathLike, **overrides) -> ModelConfig:
+  """The ModelConfig of a checkpoint dir (either layout) with field overrides."""
+  path = pathlib.Path(path)
+  checkpoint_layout(path)
+  return config_from_json(read_config_json(path), str(path / CONFIG), **overrides)
+
+
+def _drop_leading_axis(sharding):
+  """Sharding of one layer of a stacked [n_layers, ...] array sharded by `sharding`."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = tuple(sharding.spec)[1:]
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec),
+                                      memory_kind=sharding.memory_kind)
+  return sharding
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros_fn(shape, dtype, sharding):
+  return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _set_layer_fn(sharding):
+  # Donating the stack makes the update in place: peak device memory = the stack + one layer.
+  return jax.jit(lambda stack, layer, i: jax.lax.dynamic_update_index_in_dim(stack, layer, i, 0),
+                 out_shardings=sharding, donate_argnums=0)
+
+
+def _flatten_pure(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten_pure(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def _resolve_shardings(abs_pure: dict, mesh, shardings) -> dict[tuple, Any]:
+  """path → target sharding of every parameter of the (abstract) model."""
+  flat = _flatten_pure(abs_pure)
+  if shardings is None and mesh is None:
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return {p: dev for p in flat}
+  if shardings is None:
+    # No per-parameter rules given: replicate over the mesh (egspo.sharding provides FSDP/tensor
+    # rules from the parameters' logical axes; pass its result as `shardings`).
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return {p: rep for p in flat}
+  if isinstance(shardings, jax.sharding.Sharding):
+    return {p: shardings for p in flat}
+  if isinstance(shardings, nnx.State):
+    shardings = shardings.to_pure_dict()
+  if not isinstance(shardings, dict):
+    raise TypeError("shardings must be a Sharding, an nnx.State or a nested dict of shardings "
+                    f"matching the model's parameters, got {type(shardings).__name__}")
+  given = _flatten_pure(shardings)
+  out = {}
+  for p in flat:
+    s = given.get(p)
+    if isinstance(s, nnx.Variable):
+      s = s.get_value() if hasattr(s, "get_value") else s.value
+    if not isinstance(s, jax.sharding.Sharding):
+      raise ValueError(f"shardings has no Sharding for parameter {'/'.join(map(str, p))}")
+    out[p] = s
+  return out
+
+
+def _iter_group_arrays(path: pathlib.Path, layout: str, cfg: ModelConfig,
+                       group: str, specs: list[TensorSpec], targets: dict[tuple, Any],
+                       entries: dict[str, _StEntry] | None) -> Iterator[tuple[TensorSpec, jax.Array]]:
+  """(spec, device array in its target sharding) for every tensor of one group."""
+  dtype = _NP_DTYPES[cfg.param_dtype]
+  if layout == "hf":
+    for s in specs:
+      arr = read_tensor(entries[s.hf_name])
+      if s.transpose:
+        arr = arr.T  # a view; each device copies only its own slice below
+      arr = arr.astype(dtype, copy=False)
+      sharding = targets[s.flax_path]
+      yield s, jax.make_array_from_callback(s.flax_shape, sharding,
+                                            lambda idx, a=arr: np.ascontiguousarray(a[idx]))
+      del arr
+    return
+  ocp = _orbax()
+  item = path / "params" / group
+  target = _nest({s.flax_path: jax.ShapeDtypeStruct(s.flax_shape, dtype, sharding=targets[s.flax_path])
+                  for s in specs})
+  if not item.is_dir():
+    raise CheckpointError(f"{path}: orbax group {group} is missing ({item})")
+  ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  try:
+    stored = ckptr.metadata(item).item_metadata.tree
+    for s in specs:
+      meta = stored
+      for k in s.flax_path:
+        meta = meta.get(k) if isinstance(meta, dict) else None
+      if meta is None:
+        raise CheckpointError(f"{item}: missing tensor {'/'.join(s.flax_path)} "
+                              f"({s.hf_name})")
+      if tuple(meta.shape) != s.flax_shape:
+        raise CheckpointError(f"{item}: shape mismatch for tensor {'/'.join(s.flax_path)} "
+                              f"({s.hf_name}): checkpoint has {tuple(meta.shape)}, config "
+                              f"expects {s.flax_shape}")
+    restored = ckptr.restore(item, args=ocp.args.StandardRestore(target))
+  except CheckpointError:
+    raise
+  except Exception as e:  # orbax/tensorstore raise many types for damaged directories
+    raise CheckpointError(f"{path}: cannot restore orbax group {group}: "
+                          f"{type(e).__name__}: {e}") from e
+  finally:
+    ckptr.close()
+  flat = _flatten_pure(restored)
+  for s in specs:
+    yield s, flat[s.flax_path]
+
+
+def from_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
+                    shardings=None, **config_overrides) -> LLaDA:
+  """Load a LLaDA model from an HF dir or an egspo orbax dir, straight into its shardings.
+
+  Args:
+    path: checkpoint directory (either layout; detected from its files).
+    mesh: optional mesh; without `shardings` every parameter is replicated over it.
+    shardings: optional target shardings: a single `Sharding`, or an `nnx.State`/nested dict of
+      `NamedSharding`s matching `nnx.state(model, nnx.Param)` for the requested layout (stacked
+      `[n_layers, …]` leaves when `scan_layers=True`), e.g. from `egspo.sharding`.
+    **config_overrides: ModelConfig fields (`param_dtype`, `dtype`, `scan_layers`, `remat`, ...).
+      `param_dtype` defaults to the checkpoint's stored dtype.
+
+  The model is built with `nnx.eval_shape` (no random init); each tensor is read once and
+  placed directly into its target sharding.
+  """
+  path = pathlib.Path(path)
+  layout = checkpoint_layout(path)
+  if layout == "orbax":
+    manifest = _read_manifest(path)
+    config_overrides.setdefault("param_dtype", manifest.get("param_dtype", "float32"))
+  cfg = load_config(path, **config_overrides)
+  entries = None
+  if layout == "hf":
+    entries = index_hf_checkpoint(path)
+    check_tensors(entries, cfg, str(path))
+  elif manifest.get("groups") != group_names(cfg):
+    raise CheckpointError(f"{path / MANIFEST}: groups {manifest.get('groups')} do not match the "
+                          f"config ({cfg.n_layers} layers)")
+  abstract = nnx.eval_shape(lambda: LLaDA(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abs_state = nnx.split(abstract)
+  abs_pure = abs_state.to_pure_dict()
+  targets = _resolve_shardings(abs_pure, mesh, shardings)
+  flat_abs = _flatten_pure(abs_pure)
+  values: dict[tuple, jax.Array] = {}
+  for group, specs in _group_specs(cfg).items():
+    group_targets = {}
+    for s in specs:
+      mpath, layer = _model_path(cfg, group, s.flax_path)
+      if mpath not in flat_abs:
+        raise AssertionError(f"model has no parameter {mpath} for {s.hf_name}")
+      t = targets[mpath]
+      group_targets[s.flax_path] = t if layer is None else _drop_leading_axis(t)
+    for s, arr in _iter_group_arrays(path, layout, cfg, group, specs, group_targets, entries):
+      mpath, layer = _model_path(cfg, group, s.flax_path)
+      if layer is None:
+        values[mpath] = arr
+        continue
+      if mpath not in values:
+        a = flat_abs[mpath]
+        values[mpath] = _zeros_fn(tuple(a.shape), a.dtype, targets[mpath])()
+      values[mpath] = _set_layer_fn(targets[mpath])(values[mpath], arr, jnp.int32(layer))
+      del arr
+  missing = set(flat_abs) - set(values)
+  if missing:
+    raise AssertionError(f"parameters not loaded: {sorted(map(str, missing))[:3]}")
+  nnx.replace_by_pure_dict(abs_state, _nest(values))
+  return nnx.merge(graphdef, abs_state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and export
+
+
+def _model_param(model: LLaDA) -> Callable[[str, TensorSpec], jax.Array]:
+  """get(group, spec) → the model's parameter for that tensor in Flax layout (one layer sliced)."""
+  flat = _flatten_pure(nnx.state(model, nnx.Param).to_pure_dict())
+  cfg = model.cfg
+
+  def get(group: str, spec: TensorSpec) -> jax.Array:
+    mpath, layer = _model_path(cfg, group, spec.flax_path)
+    arr = flat[mpath]
+    return arr if layer is None else arr[layer]
+
+  return get
+
+
+def _to_host(arr: jax.Array) -> np.ndarray:
+  if isinstance(arr, jax.Array) and not arr.is_fully_addressable:
+    from jax.experimental import multihost_utils  # gathers a multi-process array on every host
+
+    return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
+  return np.asarray(jax.device_get(arr))
+
+
+def save_pretrained_orbax(model: LLaDA, out_dir: str | os.PathLike, *,
+                          overwrite: bool = False) -> None:
+  """Write `model` as an egspo orbax dir (the layout `python -m egspo.convert` writes).
+
+  Sharded arrays are saved by orbax shard by shard; a scanned model is written layer by layer.
+  """
+  out_dir = _prepare_out_dir(out_dir, overwrite)
+  get = _model_param(model)
+  for group, specs in _group_specs(model.cfg).items():
+    _save_group(out_dir, group, _nest({s.flax_path: get(group, s) for s in specs}))
+  _write_manifest(out_dir, model.cfg, source="save_pretrained_orbax")
+
+
+def _shard_plan(sizes: list[int], max_shard_bytes: int) -> list[list[int]]:
+  """Consecutive tensor indices grouped into shards of ≤ max_shard_bytes (a larger tensor alone)."""
+  shards: list[list[int]] = [[]]
+  used = 0
+  for i, n in enumerate(sizes):
+    if shards[-1] and used + n > max_shard_bytes:
+      shards.append([])
+      used = 0
+    shards[-1].append(i)
+    used += n
+  return shards
+
+
+def export_hf(model: LLaDA, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
+              dtype: str | None = None, overwrite: bool = False) -> list[pathlib.Path]:
+  """Write `model` in LLaDA's Hugging Face layout (REFERENCE §1) for PyTorch users.
+
+  Files: `config.json`; `model.safetensors` if everything fits in one shard, else
+  `model-0000X-of-0000N.safetensors` (each ≤ max_shard_bytes unless one tensor is larger) and
+  `model.safetensors.index.json`. Kernels are transposed back to `[out, in]`; tensors are fetched
+  from the devices and written one at a time. `dtype` (default: the param dtype) sets the stored
+  dtype. Returns the shard paths.
+  """
+  if max_shard_bytes <= 0:
+    raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+  cfg = model.cfg
+  if (dtype or cfg.param_dtype) not in _NP_DTYPES:
+    raise ValueError(f"dtype must be one of {sorted(_NP_DTYPES)}, got {dtype!r}")
+  dt = _NP_DTYPES[dtype or cfg.param_dtype]
+  out_dir = _prepare_out_dir(out_dir, overwrite)
+  get = _model_param(model)
+  specs = tensor_specs(cfg)
+  sizes = [int(np.prod(s.hf_shape)) * dt.itemsize for s in specs]
+  plan = _shard_plan(sizes, max_shard_bytes)
+  names = ([SINGLE] if len(plan) == 1 else
+           [f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))])
+
+  def fetch(s: TensorSpec) -> Callable[[], np.ndarray]:
+    def f():
+      arr = _to_host(get(s.group, s)).astype(dt, copy=False)
+      return arr.T if s.transpose else arr
+    return f
+
+  files, weight_map = [], {}
+  for fname, idx in zip(names, plan):
+    items = [(specs[i].hf_name, fetch(specs[i]), dt, specs[i].hf_shape) for i in idx]
+    _write_safetensors(out_dir / fname, items, write=jax.process_index() == 0)
+    files.append(out_dir / fname)
+    weight_map.update({specs[i].hf_name: fname for i in idx})
+  if jax.process_index() == 0:
+    if len(plan) > 1:
+      index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+      (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    cfg_json = cfg.to_hf_config()
+    cfg_json.update({"architectures": ["LLaDAModelLM"], "torch_dtype": str(dtype or cfg.param_dtype),
+                     "weight_tying": False})
+    (out_dir / CONFIG).write_text(json.dumps(cfg_json, indent=2) + "\n")
+  return files
