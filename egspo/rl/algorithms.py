@@ -132,11 +132,12 @@ class EGSPO:
     rewards = np.asarray(it.rewards, np.float32)
     if self.lam > 0:
       guesses = np.asarray(value_lib.one_step_guesses(ro.x0_hat, steps))
-      values, n_unique = value_lib.one_step_values(guesses, self.ctx.reward_fn, self.ctx.decode_fn,
-                                                   it.examples, valid=np.asarray(valid))
+      values, _, value_metrics = value_lib.one_step_values(
+          guesses, self.ctx.reward_fn, self.ctx.decode_fn, it.examples, valid=np.asarray(valid))
       adv = adv_lib.stepwise_advantages(jnp.asarray(rewards), jnp.asarray(values),
                                         self.group_size, self.lam, valid=valid)
-      metrics.update(value_mean=float(np.mean(values)), value_reward_calls=float(n_unique))
+      metrics.update(value_metrics)
+      metrics["value/mean"] = float(np.mean(values))
     else:
       a = adv_lib.group_baseline_advantages(jnp.asarray(rewards), self.group_size)
       adv = jnp.broadcast_to(a[:, None], steps.shape)

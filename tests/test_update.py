@@ -1,0 +1,120 @@
+"""The batched per-step log-probs and the jitted update step (issue 4)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from egspo.model import llada
+from egspo.rl import update as U
+
+B, P, G, T = 3, 5, 8, 4
+
+
+@pytest.fixture(scope="module")
+def model():
+  return llada.init_model(llada.get_config("tiny"), seed=3)
+
+
+def _record(seed=0):
+  rng = np.random.default_rng(seed)
+  prompt = jnp.asarray(rng.integers(10, 90, (B, P)), jnp.int32)
+  pmask = jnp.ones((B, P), bool).at[0, :2].set(False)  # a left-padded row
+  tokens = jnp.asarray(rng.integers(10, 90, (B, G)), jnp.int32)
+  # Two tokens per step, in a random order of positions.
+  commit = jnp.asarray(np.stack([rng.permutation(np.repeat(np.arange(T), 2)) for _ in range(B)]),
+                       jnp.int32)
+  return prompt, pmask, tokens, commit
+
+
+def test_step_logprobs_equal_one_state_at_a_time(model):
+  prompt, pmask, tokens, commit = _record()
+  steps = jnp.array([[0, 3], [1, 2], [3, 0]])
+  mask_id = model.cfg.mask_token_id
+  got = np.asarray(U.step_logprobs(model, prompt, pmask, tokens, commit, steps,
+                                   mask_token_id=mask_id, max_commit=2))
+  want = np.zeros(steps.shape)
+  for b in range(B):
+    for k in range(steps.shape[1]):
+      t = int(steps[b, k])
+      comp = jnp.where(commit[b] < t, tokens[b], mask_id)  # the state x_t
+      ids = jnp.concatenate([prompt[b], comp])[None]
+      am = jnp.concatenate([pmask[b], jnp.ones(G, bool)])[None]
+      if b == 0:  # alone, without its padding: must give the same numbers
+        ids, am = ids[:, 2:], am[:, 2:]
+      logp = jax.nn.log_softmax(model(ids, am)[0, -G:])
+      want[b, k] = sum(float(logp[i, tokens[b, i]]) for i in range(G) if int(commit[b, i]) == t)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_committed_positions_pads_short_steps():
+  commit = jnp.array([[0, 1, 1, 2]])
+  idx, valid = U.committed_positions(commit, jnp.array([[1, 0, 3]]), max_commit=2)
+  np.testing.assert_array_equal(np.asarray(idx)[0, 0], [1, 2])
+  np.testing.assert_array_equal(np.asarray(valid), [[[True, True], [True, False],
+                                                     [False, False]]])
+
+
+def _toy_loss(model, mb, key):
+  del key
+  logits = model(mb["ids"])
+  logp = jax.nn.log_softmax(logits)
+  nll = -jnp.take_along_axis(logp, mb["ids"][..., None], -1)[..., 0]
+  return jnp.sum(nll), jnp.float32(nll.size), {"nll": jnp.mean(nll)}
+
+
+def test_update_accumulation_matches_full_batch(model):
+  """Two micro-batches of 2 give the same step as one batch of 4."""
+  policy, params, frozen = U.split_policy(model)
+  tx = optax.sgd(0.1)
+  ids = jnp.asarray(np.random.default_rng(0).integers(10, 90, (4, 6)), jnp.int32)
+  outs = []
+  for a in (1, 2):
+    state = U.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.copy, params),
+                         opt_state=tx.init(params))
+    step = U.make_update_step(policy, tx, _toy_loss)
+    new, m = step(state, frozen, {"ids": ids.reshape(a, 4 // a, 6)}, jax.random.key(0))
+    outs.append((new, m))
+  for x, y in zip(jax.tree.leaves(outs[0][0].params), jax.tree.leaves(outs[1][0].params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+  assert float(outs[0][1]["loss"]) == pytest.approx(float(outs[1][1]["loss"]), rel=1e-6)
+  assert int(outs[0][0].step) == 1
+
+
+def test_non_finite_loss_keeps_the_old_state(model):
+  policy, params, frozen = U.split_policy(model)
+  tx = optax.adam(1e-2)
+  state = U.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  before = jax.tree.map(np.asarray, state)
+
+  def nan_loss(model, mb, key):
+    s, d, m = _toy_loss(model, mb, key)
+    return s * jnp.nan, d, m
+
+  step = U.make_update_step(policy, tx, nan_loss)
+  new, m = step(state, frozen, {"ids": jnp.ones((1, 2, 6), jnp.int32) * 20}, jax.random.key(0))
+  assert float(m["update_ok"]) == 0.0
+  assert int(new.step) == 0
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(new)):
+    np.testing.assert_array_equal(np.asarray(x), y)
+
+
+def test_reference_params_for_lora_are_zeros():
+  p = {"a": jnp.ones((2, 2))}
+  assert float(jnp.sum(U.reference_params(p, "lora")["a"])) == 0.0
+  full = U.reference_params(p, "full")
+  assert full["a"] is not p["a"] and float(jnp.sum(full["a"])) == 4.0
+
+
+def test_optimizer_clips_and_skips_decay_on_norms():
+  tx = U.make_optimizer(1.0, weight_decay=0.5, max_grad_norm=1.0)
+  params = {"w": jnp.ones((2, 2)), "norm": jnp.ones((2,))}
+  st = tx.init(params)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  upd, _ = tx.update(zero, st, params)
+  # Zero gradient: only decoupled weight decay moves w (by lr·wd·w); the 1-D norm weight is not decayed.
+  np.testing.assert_allclose(np.asarray(upd["w"]), -0.5 * np.ones((2, 2)), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(upd["norm"]), 0.0, atol=1e-7)
+  with pytest.raises(ValueError, match="optim.schedule"):
+    U.make_optimizer(1.0, schedule="bogus")
