@@ -318,7 +318,11 @@ watch_loop() {
     if ((!need_provision)); then
       log "training on ${TPU_NAME} (restart ${restarts}/${MAX_RESTARTS})"
       if train_once; then
-        log "training finished"
+        if is_dry_run; then
+          log "dry run: a real run checks the TPU after a failure, recreates it if it was preempted, and trains again, at most ${MAX_RESTARTS} times"
+        else
+          log "training finished"
+        fi
         return 0
       fi
       log "training on ${TPU_NAME} failed"
