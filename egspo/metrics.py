@@ -1,0 +1,324 @@
+"""Training metrics: TensorBoard event files, JSON lines, a progress bar and phase timers.
+
+Files a run leaves in its workdir (main process only; other processes write nothing):
+
+    metrics.jsonl          one JSON object per `write_scalars` call:
+                           {"step": 12, "time": 1763781234.5, "train/loss": 0.31, ...}
+                           (non-finite values are written as null, so the file is strict JSON)
+    hparams.json           the flattened config given to `write_hparams`
+    tensorboard/           TensorBoard event files (scalars under their names, and the hparams)
+
+Resume without duplicates: a run that restarts from checkpoint step s passes `resume_step=s`;
+records with step > s (written after that checkpoint by the run that crashed) are dropped from
+metrics.jsonl before appending, and the TensorBoard writer is opened with `purge_step=s + 1`, so
+TensorBoard hides the crashed run's later points. A start without `resume_step` over an existing
+metrics.jsonl moves it aside to `metrics.jsonl.bak-<unix time>`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import math
+import numbers
+import os
+import pathlib
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+JSONL_NAME = "metrics.jsonl"
+HPARAMS_NAME = "hparams.json"
+TB_DIR = "tensorboard"
+
+
+def _to_scalar(name: str, value) -> float | int | None:
+  """A Python number from an int/float/bool/0-d array; non-finite → None. Else ValueError."""
+  if isinstance(value, bool) or isinstance(value, np.bool_):
+    return int(value)
+  if isinstance(value, numbers.Integral):
+    return int(value)
+  if isinstance(value, numbers.Real):
+    value = float(value)
+  else:
+    arr = np.asarray(value)  # jax arrays and numpy scalars (copies to host)
+    if arr.shape != () or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+      raise ValueError(f"metric {name!r} must be a real scalar, got {arr.dtype}{list(arr.shape)}")
+    if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+      return int(arr)
+    if np.iscomplexobj(arr):
+      raise ValueError(f"metric {name!r} must be a real scalar, got {arr.dtype}")
+    value = float(arr)
+  return value if math.isfinite(value) else None
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+  """Nested mapping (dict, ConfigDict via `.to_dict()`) → {"a.b": value}; non-scalars as str."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  flat = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if hasattr(value, "to_dict"):
+      value = value.to_dict()
+    if isinstance(value, Mapping):
+      flat.update(flatten_config(value, prefix=name + "."))
+    elif isinstance(value, (bool, int, float, str)):
+      flat[name] = value
+    else:
+      flat[name] = str(value)  # tuples, None, dtypes: readable, and TensorBoard accepts str
+  return flat
+
+
+def read_jsonl(path) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl file (a torn last line from a crash is skipped)."""
+  records = []
+  path = pathlib.Path(path)
+  if not path.exists():
+    return records
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue  # a line cut by a kill mid-write
+  return records
+
+
+class MetricsWriter:
+  """Writes scalars to TensorBoard and metrics.jsonl in `workdir`; a no-op off the main process.
+
+      writer = MetricsWriter(workdir, is_main_process=jax.process_index() == 0,
+                             resume_step=restored_step)
+      writer.write_hparams(config)
+      writer.write_scalars(step, {"train/reward": r, "train/loss": l, "train/kl": kl})
+      writer.close()
+  """
+
+  def __init__(self, workdir, *, is_main_process: bool = True, resume_step: int | None = None,
+               tensorboard: bool = True):
+    self.workdir = pathlib.Path(workdir)
+    self.enabled = bool(is_main_process)
+    self._jsonl = None
+    self._tb = None
+    if not self.enabled:
+      return
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    jsonl_path = self.workdir / JSONL_NAME
+    if resume_step is not None:
+      self._truncate_jsonl(jsonl_path, resume_step)
+    elif jsonl_path.exists() and jsonl_path.stat().st_size > 0:
+      # A fresh start over an old log (e.g. a run that crashed before its first checkpoint):
+      # keep the old records aside rather than interleave two runs' steps.
+      backup = jsonl_path.with_name(f"{JSONL_NAME}.bak-{int(time.time())}")
+      log.warning("%s has records but no resume step was given: moved to %s", jsonl_path, backup)
+      os.replace(jsonl_path, backup)
+    self._jsonl = open(jsonl_path, "a", buffering=1)  # line-buffered: one record per line
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      # tensorboardX names event files by whole seconds and host: a unique suffix keeps a quick
+      # restart from overwriting the previous run's file.
+      self._tb = SummaryWriter(logdir=str(self.workdir / TB_DIR), flush_secs=30,
+                               filename_suffix=f".{os.getpid()}.{time.time_ns()}",
+                               # Hide the events a crashed run wrote after its checkpoint.
+                               purge_step=0 if resume_step is None else resume_step + 1)
+
+  @staticmethod
+  def _truncate_jsonl(path: pathlib.Path, resume_step: int) -> None:
+    """Keeps the records with step <= resume_step (atomically: write a copy, then rename)."""
+    if not path.exists():
+      return
+    kept = [r for r in read_jsonl(path) if r.get("step", -1) <= resume_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as f:
+      for record in kept:
+        f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Writes one record: {"step", "time", **scalars}. Values: numbers or 0-d arrays."""
+    if not self.enabled:
+      return
+    step = int(step)
+    values = {}
+    for name, value in scalars.items():
+      if not isinstance(name, str) or name in ("step", "time"):
+        raise ValueError(f"bad metric name {name!r} (must be a str other than 'step'/'time')")
+      values[name] = _to_scalar(name, value)
+    now = time.time()
+    self._jsonl.write(json.dumps({"step": step, "time": now, **values}, allow_nan=False) + "\n")
+    if self._tb is not None:
+      for name, value in values.items():
+        self._tb.add_scalar(name, float("nan") if value is None else value, step, walltime=now)
+
+  def write_hparams(self, config: Mapping[str, Any]) -> None:
+    """Writes the flattened config to hparams.json and TensorBoard's hparams plugin."""
+    if not self.enabled:
+      return
+    flat = flatten_config(config)
+    with open(self.workdir / HPARAMS_NAME, "w") as f:
+      json.dump(flat, f, indent=1, sort_keys=True)
+    if self._tb is not None:
+      from tensorboardX.summary import hparams  # pylint: disable=import-outside-toplevel
+      # Into this run's own event file (tensorboardX's add_hparams opens a sub-run instead).
+      file_writer = self._tb._get_file_writer()  # pylint: disable=protected-access
+      for summary in hparams(flat, {}):
+        file_writer.add_summary(summary)
+
+  def flush(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.flush()
+      os.fsync(self._jsonl.fileno())
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self.flush()
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self) -> "MetricsWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase timings.
+
+
+class Timer:
+  """Accumulates wall seconds per named phase (rollout / value+reward / update) per iteration.
+
+      timer = Timer()
+      with timer("rollout"):
+        rollout = jax.block_until_ready(generate(...))   # block: JAX dispatch is asynchronous
+      ...
+      writer.write_scalars(step, timer.seconds(prefix="time/"))   # then
+      timer.reset()
+
+  Entering the same phase twice in an iteration adds up. `clock` is injectable for tests.
+  """
+
+  def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    self._clock = clock
+    self._seconds: dict[str, float] = collections.OrderedDict()
+
+  @contextlib.contextmanager
+  def __call__(self, name: str) -> Iterator[None]:
+    start = self._clock()
+    try:
+      yield
+    finally:
+      self._seconds[name] = self._seconds.get(name, 0.0) + (self._clock() - start)
+
+  def seconds(self, prefix: str = "") -> dict[str, float]:
+    """{prefix + phase: seconds} accumulated since the last reset, in first-use order."""
+    return {prefix + name: s for name, s in self._seconds.items()}
+
+  def total(self) -> float:
+    return sum(self._seconds.values())
+
+  def reset(self) -> None:
+    self._seconds.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress bar.
+
+DEFAULT_FIELDS = (("R", "reward"), ("L", "loss"), ("KL", "kl"))
+
+
+def _lookup(metrics: Mapping[str, Any], key: str):
+  """metrics[key], or the single entry whose name ends with '/key' (e.g. 'train/reward')."""
+  if key in metrics:
+    return metrics[key]
+  hits = [v for k, v in metrics.items() if k.endswith("/" + key)]
+  return hits[0] if len(hits) == 1 else None
+
+
+def _fmt_number(x: float) -> str:
+  if x is None or not math.isfinite(x):
+    return "nan"
+  if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4):
+    return f"{x:.2e}"
+  return f"{x:.3f}"
+
+
+def _fmt_rate(x: float) -> str:
+  for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    if x >= scale:
+      return f"{x / scale:.2f}{unit}"
+  return f"{x:.1f}"
+
+
+def format_postfix(metrics: Mapping[str, Any], tokens_per_sec: float | None = None,
+                   fields=DEFAULT_FIELDS) -> str:
+  """Compact status line, e.g. 'R 0.512 | L 1.23e-03 | KL 4.00e-03 | 1.23k tok/s'.
+
+  `fields` is a sequence of (label, metric key); a key matches itself or a single '*/key'.
+  Fields missing from `metrics` are left out.
+  """
+  parts = []
+  for label, key in fields:
+    value = _lookup(metrics, key)
+    if value is not None:
+      parts.append(f"{label} {_fmt_number(float(np.asarray(value)))}")
+  if tokens_per_sec is not None:
+    parts.append(f"{_fmt_rate(tokens_per_sec)} tok/s")
+  return " | ".join(parts)
+
+
+class ProgressBar:
+  """A tqdm bar over training steps showing reward, loss, KL and tokens/s; no-op off main.
+
+      bar = ProgressBar(total=num_steps, initial=start_step)
+      bar.update(step + 1, metrics, num_tokens=tokens_this_iteration)
+      bar.close()
+  """
+
+  def __init__(self, total: int, *, initial: int = 0, is_main_process: bool = True,
+               desc: str = "train", fields=DEFAULT_FIELDS,
+               clock: Callable[[], float] = time.perf_counter, **tqdm_kwargs):
+    self.fields = fields
+    self._clock = clock
+    self._last_time = clock()
+    self._bar = None
+    self.postfix = ""
+    if is_main_process:
+      from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+      self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                       **tqdm_kwargs)
+
+  def update(self, step: int, metrics: Mapping[str, Any] | None = None,
+             num_tokens: int | None = None) -> str:
+    """Moves the bar to `step` and shows the metrics; tokens/s = num_tokens / time since the
+    previous update. Returns the postfix string shown."""
+    now = self._clock()
+    rate = None
+    if num_tokens is not None and now > self._last_time:
+      rate = num_tokens / (now - self._last_time)
+    self._last_time = now
+    self.postfix = format_postfix(metrics or {}, rate, self.fields)
+    if self._bar is not None:
+      self._bar.set_postfix_str(self.postfix, refresh=False)
+      self._bar.update(int(step) - self._bar.n)
+    return self.postfix
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None

@@ -1,0 +1,188 @@
+"""Tests for egspo.metrics: JSON lines (content, resume dedupe), TensorBoard event files read
+back record by record, hparams, the phase timer and the progress-bar line."""
+
+import io
+import json
+import math
+import struct
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+from egspo import metrics as metrics_lib
+from egspo.metrics import MetricsWriter, ProgressBar, Timer, format_postfix, read_jsonl
+
+
+def _read_events(logdir):
+  """All Event protos of every event file under `logdir`, parsed from the TFRecord framing
+  (uint64 length, uint32 crc, data, uint32 crc) with tensorboardX's own protobuf."""
+  events = []
+  files = sorted(logdir.rglob("events.out.tfevents.*"))
+  for path in files:
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
+      pos += 12 + length + 4
+    assert pos == len(data), f"{path}: trailing bytes"
+  return files, events
+
+
+def _scalars(events):
+  """{tag: [(step, value), ...]} of the scalar summaries."""
+  out = {}
+  for e in events:
+    for v in e.summary.value:
+      if v.HasField("simple_value"):
+        out.setdefault(v.tag, []).append((e.step, v.simple_value))
+  return out
+
+
+def test_jsonl_records_and_types(tmp_path):
+  with MetricsWriter(tmp_path, tensorboard=False) as w:
+    w.write_scalars(1, {"train/loss": jnp.float32(0.25), "train/reward": 0.5, "n": np.int64(3),
+                        "ok": True, "bad": float("nan")})
+    w.write_scalars(2, {"train/loss": 0.125})
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 2
+  first = json.loads(lines[0])  # strict JSON: NaN is written as null
+  assert set(first) == {"step", "time", "train/loss", "train/reward", "n", "ok", "bad"}
+  assert first["step"] == 1 and first["train/loss"] == 0.25 and first["train/reward"] == 0.5
+  assert first["n"] == 3 and isinstance(first["n"], int) and first["ok"] == 1
+  assert first["bad"] is None
+  assert abs(first["time"] - __import__("time").time()) < 60
+  assert json.loads(lines[1])["train/loss"] == 0.125
+
+
+def test_bad_metric_values_rejected(tmp_path):
+  with MetricsWriter(tmp_path, tensorboard=False) as w:
+    with pytest.raises(ValueError, match="'vec'"):
+      w.write_scalars(0, {"vec": jnp.ones(3)})
+    with pytest.raises(ValueError, match="'step'"):
+      w.write_scalars(0, {"step": 1})
+    with pytest.raises(ValueError, match="'s'"):
+      w.write_scalars(0, {"s": "text"})
+
+
+def test_resume_drops_records_after_the_checkpoint(tmp_path):
+  with MetricsWriter(tmp_path, tensorboard=False) as w:
+    for step in range(1, 8):  # crashed after step 7; last checkpoint was step 4
+      w.write_scalars(step, {"loss": float(step)})
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 8, "lo')  # torn line from the kill
+  with MetricsWriter(tmp_path, resume_step=4, tensorboard=False) as w:
+    for step in range(5, 9):
+      w.write_scalars(step, {"loss": 10.0 * step})
+  records = read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in records] == list(range(1, 9))
+  assert [r["loss"] for r in records] == [1, 2, 3, 4, 50, 60, 70, 80]
+
+
+def test_fresh_start_moves_old_log_aside(tmp_path):
+  with MetricsWriter(tmp_path, tensorboard=False) as w:
+    w.write_scalars(0, {"loss": 1.0})
+  with MetricsWriter(tmp_path, tensorboard=False) as w:
+    w.write_scalars(0, {"loss": 2.0})
+  assert [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [2.0]
+  backups = list(tmp_path.glob("metrics.jsonl.bak-*"))
+  assert len(backups) == 1 and read_jsonl(backups[0])[0]["loss"] == 1.0
+
+
+def test_tensorboard_events_scalars_and_hparams(tmp_path):
+  with MetricsWriter(tmp_path) as w:
+    w.write_hparams({"optim": {"lr": 1e-3, "betas": (0.9, 0.99)}, "algo": "egspo_sa", "k": 4})
+    for step in range(3):
+      w.write_scalars(step, {"train/reward": 0.5 * step, "train/kl": 0.01})
+  files, events = _read_events(tmp_path / "tensorboard")
+  assert len(files) == 1 and files[0].stat().st_size > 0
+  assert events[0].file_version.startswith("brain.Event")
+  scalars = _scalars(events)
+  assert scalars["train/reward"] == [(0, 0.0), (1, 0.5), (2, 1.0)]
+  assert [s for s, _ in scalars["train/kl"]] == [0, 1, 2]
+  np.testing.assert_allclose([v for _, v in scalars["train/kl"]], 0.01, rtol=1e-6)
+  hparam_tags = [v.tag for e in events for v in e.summary.value if v.tag.startswith("_hparams_")]
+  assert "_hparams_/experiment" in hparam_tags and "_hparams_/session_start_info" in hparam_tags
+  hp = json.loads((tmp_path / "hparams.json").read_text())
+  assert hp == {"optim.lr": 1e-3, "optim.betas": "(0.9, 0.99)", "algo": "egspo_sa", "k": 4}
+
+
+def test_tensorboard_purge_step_on_resume(tmp_path):
+  with MetricsWriter(tmp_path) as w:
+    w.write_scalars(1, {"loss": 1.0})
+  with MetricsWriter(tmp_path, resume_step=5) as w:
+    w.write_scalars(6, {"loss": 6.0})
+  files, events = _read_events(tmp_path / "tensorboard")
+  assert len(files) == 2  # the restart's file does not overwrite the first run's
+  starts = [e.step for e in events if e.HasField("session_log") and e.session_log.status == 1]
+  assert 6 in starts  # TensorBoard drops earlier-run events with step >= 6
+  assert _scalars(events)["loss"] == [(1, 1.0), (6, 6.0)]
+
+
+def test_non_main_process_writes_nothing(tmp_path):
+  w = MetricsWriter(tmp_path / "run", is_main_process=False)
+  w.write_hparams({"a": 1})
+  w.write_scalars(0, {"loss": 1.0})
+  w.flush()
+  w.close()
+  assert not (tmp_path / "run").exists()
+  bar = ProgressBar(10, is_main_process=False)
+  assert bar.update(1, {"loss": 0.5}) == "L 0.500"
+  bar.close()
+
+
+def test_timer_accumulates_phases():
+  ticks = iter([0.0, 1.5, 2.0, 2.25, 3.0, 3.5, 10.0, 10.125])
+  timer = Timer(clock=lambda: next(ticks))
+  with timer("rollout"):
+    pass
+  with timer("value+reward"):
+    pass
+  with timer("rollout"):  # a second rollout in the same iteration adds up
+    pass
+  assert timer.seconds(prefix="time/") == {"time/rollout": 2.0, "time/value+reward": 0.25}
+  assert timer.total() == 2.25
+  timer.reset()
+  with timer("update"):
+    pass
+  assert timer.seconds() == {"update": 0.125}
+
+
+def test_timer_records_on_exception():
+  ticks = iter([0.0, 4.0])
+  timer = Timer(clock=lambda: next(ticks))
+  with pytest.raises(RuntimeError):
+    with timer("update"):
+      raise RuntimeError("boom")
+  assert timer.seconds() == {"update": 4.0}
+
+
+def test_format_postfix():
+  line = format_postfix({"train/reward": 0.5123, "train/loss": 0.00123, "train/kl": 4e-3,
+                         "eval/reward": 0.1}, tokens_per_sec=1234.0)
+  # 'reward' matches two '*/reward' keys → ambiguous, so it is left out; exact keys win.
+  assert line == "L 1.23e-03 | KL 4.00e-03 | 1.23k tok/s"
+  assert format_postfix({"reward": 0.5123, "loss": 2.0, "kl": 0.0}) == "R 0.512 | L 2.000 | KL 0.000"
+  assert format_postfix({"loss": float("nan")}, 2.5e6) == "L nan | 2.50M tok/s"
+
+
+def test_progress_bar_throughput_and_position():
+  ticks = iter([0.0, 2.0, 3.0])
+  out = io.StringIO()
+  bar = ProgressBar(10, initial=2, clock=lambda: next(ticks), file=out)
+  assert bar.update(3, {"reward": 1.0}, num_tokens=4000) == "R 1.000 | 2.00k tok/s"
+  assert bar._bar.n == 3
+  assert bar.update(5, {"reward": 0.0}, num_tokens=500) == "R 0.000 | 500.0 tok/s"
+  assert bar._bar.n == 5
+  bar.close()
+  assert "5/10" in out.getvalue() and "R 0.000 | 500.0 tok/s" in out.getvalue()
+
+
+def test_flatten_config_handles_configdict():
+  ml_collections = pytest.importorskip("ml_collections")
+  cfg = ml_collections.ConfigDict({"model": {"d": 64, "dtype": "float32"}, "seeds": [0, 1]})
+  assert metrics_lib.flatten_config(cfg) == {"model.d": 64, "model.dtype": "float32",
+                                             "seeds": "[0, 1]"}
+  assert math.isclose(metrics_lib._to_scalar("x", np.float16(0.5)), 0.5)
