@@ -1,0 +1,192 @@
+"""Trusted harness of the code sandbox (run by `egspo.tasks.sandbox`; stdlib only).
+
+Started as `python -I -S _sandbox_harness.py RESULT_FD` — normally as pid 1 of fresh pid, network
+and mount namespaces — it reads one job as JSON from stdin, then for each test forks a child that
+drops to an unprivileged uid under rlimits and runs program + setup + test. The child proves a
+pass by echoing a per-test token that it reads from a pipe only after its test has passed; the
+harness reports the results, tagged with the caller's job nonce, on RESULT_FD, a pipe the
+children never hold. Program output goes to /dev/null and is never read.
+"""
+
+import ctypes
+import json
+import os
+import resource
+import secrets
+import signal
+import sys
+import time
+
+_LIBC = None
+
+
+def _libc():
+  global _LIBC
+  if _LIBC is None:
+    _LIBC = ctypes.CDLL(None, use_errno=True)
+  return _LIBC
+
+
+def _mount_tmpfs(path, size_mb):
+  # MS_NOSUID | MS_NODEV = 2 | 4; mount propagation is already private (unshare --mount).
+  opts = f"size={int(size_mb)}m,mode=1777".encode()
+  rc = _libc().mount(b"tmpfs", path.encode(), b"tmpfs", 2 | 4, opts)
+  if rc != 0:
+    raise OSError(ctypes.get_errno(), f"mount tmpfs on {path}")
+
+
+def _reap_all():
+  while True:
+    try:
+      pid, _ = os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+      return
+    if pid == 0:
+      return
+
+
+def _kill_everything_else():
+  """As pid 1 of a pid namespace, SIGKILL every other process in it (setsid daemons too)."""
+  if os.getpid() != 1:  # never outside a private pid namespace
+    return
+  try:
+    os.kill(-1, signal.SIGKILL)
+  except ProcessLookupError:
+    pass
+  deadline = time.monotonic() + 2.0
+  while time.monotonic() < deadline:
+    try:
+      pid, _ = os.waitpid(-1, 0)
+    except ChildProcessError:
+      return
+
+
+def _child(job, i, token_r, pass_w, result_fd):
+  """Runs in the forked child: isolate, drop privileges, run the program and test i."""
+  try:
+    os.setsid()
+    os.close(result_fd)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+      os.dup2(devnull, fd)
+    cpu = int(job["timeout_s"]) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    mem = int(job["memory_mb"]) * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    fsize = int(job["fsize_mb"]) * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    resource.setrlimit(resource.RLIMIT_NPROC, (int(job["max_procs"]),) * 2)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+    if job.get("drop"):
+      os.setgroups([])
+      os.setgid(int(job["gid"]))
+      os.setuid(int(job["uid"]))
+    try:  # PR_SET_NO_NEW_PRIVS: no setuid binaries can regain privileges
+      _libc().prctl(38, 1, 0, 0, 0)
+    except Exception:
+      pass
+    os.environ.clear()
+    os.environ.update({"PATH": "/usr/bin:/bin", "HOME": os.getcwd(), "LANG": "C.UTF-8"})
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 3000))
+    import types
+    module = types.ModuleType("solution")
+    ns = module.__dict__
+    sys.modules["solution"] = module
+    exec(job["_program_code"], ns)
+    if job.get("setup"):
+      exec(compile(job["setup"], "<setup>", "exec"), ns)
+    exec(compile(job["tests"][i], f"<test {i}>", "exec"), ns)
+  except BaseException:  # failures, SystemExit, KeyboardInterrupt: not a pass
+    os._exit(1)
+  # The test passed: fetch the token (not in memory while the program ran) and echo it.
+  try:
+    token = os.read(token_r, 64)
+    os.write(pass_w, token)
+  finally:
+    os._exit(0)
+
+
+def _run_test(job, i, result_fd):
+  token = secrets.token_hex(16).encode()
+  token_r, token_w = os.pipe()
+  pass_r, pass_w = os.pipe()
+  os.write(token_w, token)
+  os.close(token_w)
+  pid = os.fork()
+  if pid == 0:
+    os.close(pass_r)
+    _child(job, i, token_r, pass_w, result_fd)
+  os.close(token_r)
+  os.close(pass_w)
+  deadline = time.monotonic() + float(job["timeout_s"])
+  status = None
+  while True:
+    got, st = os.waitpid(pid, os.WNOHANG)
+    if got == pid:
+      status = st
+      break
+    if time.monotonic() > deadline:
+      break
+    time.sleep(0.002)
+  # Kill whatever the test left behind: its process group, and in a pid namespace everything.
+  try:
+    os.killpg(pid, signal.SIGKILL)
+  except (ProcessLookupError, PermissionError):
+    pass
+  if status is None:
+    try:
+      os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+    try:
+      os.waitpid(pid, 0)
+    except ChildProcessError:
+      pass
+  _kill_everything_else()
+  _reap_all()
+  os.set_blocking(pass_r, False)
+  try:
+    echoed = os.read(pass_r, 64)
+  except BlockingIOError:
+    echoed = b""
+  os.close(pass_r)
+  return (status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+          and secrets.compare_digest(echoed, token))
+
+
+def main():
+  result_fd = int(sys.argv[1])
+  job = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+  nonce = job.pop("nonce")  # the children (forks of this process) never see the job nonce
+  devnull = os.open(os.devnull, os.O_RDONLY)
+  os.dup2(devnull, 0)
+  notes = []
+  for p in job.get("sys_path", []):
+    if p not in sys.path:
+      sys.path.append(p)
+  if job.get("mount"):
+    try:
+      for path in ("/tmp", "/dev/shm"):
+        if os.path.isdir(path):
+          _mount_tmpfs(path, job["tmpfs_mb"])
+      os.makedirs("/tmp/work", exist_ok=True)
+      if job.get("drop"):
+        os.chown("/tmp/work", int(job["uid"]), int(job["gid"]))
+      os.chmod("/tmp/work", 0o700)
+      os.chdir("/tmp/work")
+    except OSError as e:
+      notes.append(f"tmpfs mount failed: {e}")
+  try:
+    job["_program_code"] = compile(job["program"], "<program>", "exec")
+    results = [_run_test(job, i, result_fd) for i in range(len(job["tests"]))]
+  except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as e:
+    notes.append(f"program does not compile: {type(e).__name__}")
+    results = [False] * len(job["tests"])
+  msg = json.dumps({"nonce": nonce, "results": results, "notes": notes}).encode()
+  os.write(result_fd, msg)
+  os.close(result_fd)
+
+
+if __name__ == "__main__":
+  main()

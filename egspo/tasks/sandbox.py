@@ -1,0 +1,309 @@
+"""Isolated execution of generated Python code (REFERENCE §5: 1 s, 1 GB per program).
+
+`run_tests(program, tests)` → one bool per test; `run_batch(jobs, workers)` runs jobs in parallel
+across cores. Each job is one harness process (`_sandbox_harness.py`) and each test one forked
+child of it, so a test's crash, hang or exit cannot touch another test's verdict.
+
+Layers, strongest available first (the mode is detected once and logged):
+  * "root" (euid 0, `unshare` works): the harness is pid 1 of new pid + network + mount
+    namespaces (`unshare --fork --pid --net --mount-proc --kill-child`). No network; /tmp and
+    /dev/shm are fresh size-limited tmpfs mounts, the work directory lies in that tmpfs, and all of
+    it disappears with the namespace; the caller's processes are invisible; after each test the
+    harness SIGKILLs every other process of the namespace (this catches `setsid` daemons that
+    `killpg` misses). Each test child drops to a dedicated unprivileged uid/gid per worker slot
+    (so RLIMIT_NPROC binds, per job) with no supplementary groups and no_new_privs, so it can
+    write nowhere outside the tmpfs and cannot signal the root harness.
+  * "userns" (not root, unprivileged user namespaces work): the same namespaces inside a user
+    namespace; no uid drop (only one uid is mapped).
+  * "plain": a separate session per test child, rlimits and a throw-away directory only; a loud
+    warning says that network, file system and escaped daemons are not contained.
+  * cgroups (v1 memory + pids, or v2), when writable, additionally cap each job's total memory and
+    process count; skipped with a warning otherwise.
+Every mode: per-test rlimits (CPU time, address space = memory_mb, file size, process count, open
+files, no core), wall-clock deadline per test, whole-job deadline enforced by the caller (SIGKILL
+of the harness's process group, and with it the namespace), minimal environment (the caller's is
+never passed), stdout/stderr to /dev/null.
+
+Result channel: a pipe that only the harness holds; the verdict counts only if tagged with a
+per-job random nonce. A child proves a pass by echoing a per-test token it reads only after its
+test passed; exit status, printed text and files mean nothing. Limitation (documented, not
+fixable in-process): a program that deliberately reads the token pipe of its *own* process could
+mark its *own* tests passed; it cannot affect other tests, other jobs or the caller.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import pathlib
+import queue
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+HARNESS = str(pathlib.Path(__file__).with_name("_sandbox_harness.py"))
+MAX_PROGRAM_CHARS = 1_000_000
+UID_BASE = 61000  # dedicated uids/gids UID_BASE + slot (no passwd entry needed)
+_NS_FLAGS = ["--fork", "--pid", "--net", "--mount-proc", "--kill-child"]
+
+_mode_lock = threading.Lock()
+_mode: str | None = None
+_cgroup_root: dict | None = None
+_warned: set = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+  if key not in _warned:
+    _warned.add(key)
+    log.warning(msg)
+    print(f"WARNING (egspo sandbox): {msg}", file=sys.stderr)
+
+
+def _probe(cmd: list[str]) -> bool:
+  try:
+    return subprocess.run(cmd + ["true"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          timeout=10).returncode == 0
+  except (OSError, subprocess.SubprocessError):
+    return False
+
+
+def isolation_mode() -> str:
+  """'root', 'userns' or 'plain' (see module docstring); detected once per process.
+  $EGSPO_SANDBOX_MODE forces a weaker mode (for tests)."""
+  global _mode
+  with _mode_lock:
+    if _mode is None:
+      forced = os.environ.get("EGSPO_SANDBOX_MODE")
+      unshare = shutil.which("unshare")
+      if forced in ("root", "userns", "plain"):
+        _mode = forced
+      elif unshare and os.geteuid() == 0 and _probe([unshare] + _NS_FLAGS):
+        _mode = "root"
+      elif unshare and _probe([unshare, "--user", "--map-root-user"] + _NS_FLAGS):
+        _mode = "userns"
+      else:
+        _mode = "plain"
+      if _mode == "userns":
+        _warn_once("userns", "not root: sandbox uses user+pid+net+mount namespaces without a uid "
+                   "drop")
+      elif _mode == "plain":
+        _warn_once("plain", "no usable `unshare`: sandboxed programs run with rlimits only; "
+                   "network, files outside the work directory and setsid daemons are NOT contained")
+    return _mode
+
+
+def _cgroup_support() -> dict:
+  """Writable cgroup controllers for per-job limits: {'memory': dir, 'pids': dir} (v1) or
+  {'v2': dir}; empty if none (warned once)."""
+  global _cgroup_root
+  if _cgroup_root is not None:
+    return _cgroup_root
+  found: dict = {}
+  base = pathlib.Path("/sys/fs/cgroup")
+  if os.environ.get("EGSPO_SANDBOX_CGROUPS", "1") != "0" and os.geteuid() == 0:
+    for ctrl in ("memory", "pids"):
+      d = base / ctrl
+      if (d / "cgroup.procs").exists():
+        probe = d / f"egspo_probe_{os.getpid()}"
+        try:
+          probe.mkdir(exist_ok=True)
+          probe.rmdir()
+          found[ctrl] = d
+        except OSError:
+          pass
+    if not found and (base / "cgroup.controllers").exists():
+      probe = base / f"egspo_probe_{os.getpid()}"
+      try:
+        probe.mkdir(exist_ok=True)
+        probe.rmdir()
+        found["v2"] = base
+      except OSError:
+        pass
+  if not found:
+    _warn_once("cgroup", "no writable cgroups: per-job total memory/process caps rely on rlimits")
+  _cgroup_root = found
+  return found
+
+
+def _cgroup_create(name: str, memory_bytes: int, max_procs: int) -> list[pathlib.Path]:
+  made = []
+  try:
+    for ctrl, root in _cgroup_support().items():
+      d = root / name
+      d.mkdir()
+      made.append(d)
+      if ctrl == "memory":
+        (d / "memory.limit_in_bytes").write_text(str(memory_bytes))
+        try:
+          (d / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))
+        except OSError:
+          pass
+      elif ctrl == "pids":
+        (d / "pids.max").write_text(str(max_procs))
+      else:
+        (d / "memory.max").write_text(str(memory_bytes))
+        (d / "pids.max").write_text(str(max_procs))
+  except OSError as e:
+    _warn_once("cgroup-create", f"cgroup setup failed ({e}); continuing without")
+  return made
+
+
+def _cgroup_remove(dirs: list[pathlib.Path]) -> None:
+  for d in dirs:
+    for _ in range(50):
+      try:
+        d.rmdir()
+        break
+      except OSError:
+        time.sleep(0.02)
+
+
+class _Slots:
+  """Worker slot ids, so concurrent jobs get distinct uids (RLIMIT_NPROC is per uid)."""
+
+  def __init__(self, n: int):
+    self.q: queue.Queue = queue.Queue()
+    for i in range(n):
+      self.q.put(i)
+
+
+_default_slots = _Slots(64)
+
+
+def run_tests(program: str, tests: Sequence[str], setup: str = "", timeout_s: float = 1.0,
+              memory_mb: int = 1024, max_procs: int = 8, fsize_mb: int = 16,
+              tmpfs_mb: int = 64, slot: int | None = None) -> list[bool]:
+  """Run `program`, then `setup`, then test i, in an isolated child per test.
+
+  Returns one bool per test: True iff that test ran to completion without an exception within
+  `timeout_s` wall-clock seconds (and the CPU-time limit). The program is importable from the
+  test as module `solution` (`from solution import f`). Never raises on program text.
+  """
+  tests = [str(t) for t in tests]
+  if not tests:
+    return []
+  if not isinstance(program, str) or len(program) > MAX_PROGRAM_CHARS:
+    return [False] * len(tests)
+  if slot is None:
+    slot = _default_slots.q.get()
+    try:
+      return run_tests(program, tests, setup, timeout_s, memory_mb, max_procs, fsize_mb,
+                       tmpfs_mb, slot)
+    finally:
+      _default_slots.q.put(slot)
+
+  mode = isolation_mode()
+  nonce = secrets.token_hex(16)
+  uid = UID_BASE + int(slot)
+  job = {"program": program, "setup": setup or "", "tests": tests, "timeout_s": float(timeout_s),
+         "memory_mb": int(memory_mb), "max_procs": int(max_procs), "fsize_mb": int(fsize_mb),
+         "tmpfs_mb": int(tmpfs_mb), "nonce": nonce, "uid": uid, "gid": uid,
+         "drop": mode == "root", "mount": mode in ("root", "userns"),
+         "sys_path": [p for p in sys.path if p.endswith("site-packages")]}
+  py = [sys.executable, "-I", "-S", HARNESS]
+  if mode == "root":
+    cmd = ["unshare"] + _NS_FLAGS
+  elif mode == "userns":
+    cmd = ["unshare", "--user", "--map-root-user"] + _NS_FLAGS
+  else:
+    cmd = []
+  # The work directory in plain mode; in namespace modes the harness moves into its tmpfs and
+  # this is only the starting cwd.
+  workdir = tempfile.mkdtemp(prefix="egspo_sbx_")
+  if mode == "root":
+    os.chown(workdir, uid, uid)
+  os.chmod(workdir, 0o700)
+  cgroups = _cgroup_create(f"egspo_sbx_{os.getpid()}_{slot}_{nonce[:8]}",
+                           (int(memory_mb) + 256) * 1024 * 1024, int(max_procs) + 8)
+  r, w = os.pipe()
+  proc = None
+  try:
+    proc = subprocess.Popen(cmd + py + [str(w)], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(w,),
+                            cwd=workdir, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                            start_new_session=True)
+    os.close(w)
+    w = -1
+    for d in cgroups:  # before the job is sent nothing but the harness runs
+      try:
+        (d / "cgroup.procs").write_text(str(proc.pid))
+      except OSError:
+        pass
+    try:
+      proc.stdin.write(json.dumps(job).encode())
+      proc.stdin.close()
+    except OSError:
+      pass
+    deadline = time.monotonic() + len(tests) * (float(timeout_s) + 2.5) + 10.0
+    chunks, size = [], 0
+    while True:
+      left = deadline - time.monotonic()
+      if left <= 0:
+        break
+      ready, _, _ = select.select([r], [], [], min(left, 1.0))
+      if ready:
+        data = os.read(r, 65536)
+        if not data:
+          break
+        chunks.append(data)
+        size += len(data)
+        if size > 1 << 20:
+          break
+    raw = b"".join(chunks)
+  finally:
+    if w >= 0:
+      os.close(w)
+    os.close(r)
+    if proc is not None:
+      try:
+        os.killpg(proc.pid, signal.SIGKILL)  # unshare + harness; the namespace dies with them
+      except (ProcessLookupError, PermissionError):
+        pass
+      try:
+        proc.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        pass
+    _cgroup_remove(cgroups)
+    shutil.rmtree(workdir, ignore_errors=True)
+  try:
+    msg = json.loads(raw.decode("utf-8"))
+    if not secrets.compare_digest(str(msg.get("nonce")), nonce):
+      return [False] * len(tests)
+    results = msg["results"]
+    if len(results) != len(tests):
+      return [False] * len(tests)
+    for note in msg.get("notes", []):
+      if "mount" in note:
+        _warn_once("mount", f"sandbox: {note}")
+    return [r is True for r in results]
+  except (ValueError, KeyError, TypeError, AttributeError):
+    return [False] * len(tests)
+
+
+def default_workers() -> int:
+  return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def run_batch(jobs: Sequence[dict], workers: int | None = None, **limits) -> list[list[bool]]:
+  """Run many jobs in parallel. Each job: {"program": str, "tests": [str], "setup": str?}.
+  `limits` go to `run_tests` (timeout_s, memory_mb, max_procs, …). Order is preserved."""
+  workers = min(workers or default_workers(), 64)
+
+  def one(job):  # each call takes a free uid slot from the process-wide pool
+    return run_tests(job["program"], job["tests"], job.get("setup", ""), **limits)
+
+  if workers == 1 or len(jobs) <= 1:
+    return [one(j) for j in jobs]
+  with concurrent.futures.ThreadPoolExecutor(workers) as ex:
+    return list(ex.map(one, jobs))
