@@ -35,6 +35,40 @@ def _mount_tmpfs(path, size_mb):
     raise OSError(ctypes.get_errno(), f"mount tmpfs on {path}")
 
 
+def _bind(src, dst):
+  # MS_BIND | MS_REC
+  if _libc().mount(src.encode(), dst.encode(), None, 4096 | 16384, None) != 0:
+    raise OSError(ctypes.get_errno(), f"bind {src} -> {dst}")
+
+
+def _expose_python():
+  """Make the interpreter's files readable to the unprivileged uid when they sit under a
+  directory others cannot traverse (e.g. /root/.pyenv): inside the private mount namespace, cover
+  that directory with an empty tmpfs (hiding the rest of it) and bind the prefix back in."""
+  prefix = os.path.realpath(sys.base_prefix)
+  parts = prefix.strip("/").split("/")
+  blocked = None
+  for k in range(1, len(parts)):
+    d = "/" + "/".join(parts[:k])
+    if not os.stat(d).st_mode & 0o001:
+      blocked = d
+      break
+  if blocked is None:
+    return
+  stash = "/tmp/.egspo_prefix"
+  os.makedirs(stash, exist_ok=True)
+  _bind(prefix, stash)
+  opts = b"size=1m,mode=0755"
+  if _libc().mount(b"tmpfs", blocked.encode(), b"tmpfs", 2 | 4, opts) != 0:
+    raise OSError(ctypes.get_errno(), f"mount tmpfs on {blocked}")
+  os.makedirs(prefix, mode=0o755, exist_ok=True)
+  d = prefix
+  while d != blocked:
+    os.chmod(d, 0o755)
+    d = os.path.dirname(d)
+  _bind(stash, prefix)
+
+
 def _reap_all():
   while True:
     try:
@@ -170,6 +204,8 @@ def main():
       for path in ("/tmp", "/dev/shm"):
         if os.path.isdir(path):
           _mount_tmpfs(path, job["tmpfs_mb"])
+      if job.get("drop"):
+        _expose_python()
       os.makedirs("/tmp/work", exist_ok=True)
       if job.get("drop"):
         os.chown("/tmp/work", int(job["uid"]), int(job["gid"]))

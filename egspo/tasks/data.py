@@ -147,3 +147,93 @@ def prompt_stream(task, batch_size: int, group_size: int = 1, seed: int = 0,
   else:
     source = examples
   return PromptStream(source, batch_size, group_size, seed=seed, state=state)
+
+
+# --- Hugging Face datasets from local files or (when online) the hub ---------------------------
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+  """Records of a local .jsonl, .json (a list, or {"data"/"rows": [...]}) or .parquet file."""
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise FileNotFoundError(f"{p} is not a file")
+  name = p.name.lower()
+  if name.endswith(".parquet"):
+    import pyarrow.parquet as pq
+    return pq.read_table(p).to_pylist()
+  if name.endswith((".jsonl", ".jsonl.gz")):
+    import gzip
+    import json
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(p, "rt", encoding="utf-8") as f:
+      return [json.loads(line) for line in f if line.strip()]
+  if name.endswith(".json"):
+    import json
+    with open(p, encoding="utf-8") as f:
+      data = json.load(f)
+    if isinstance(data, dict):
+      data = data.get("data") or data.get("rows") or data.get("examples")
+    if not isinstance(data, list):
+      raise ValueError(f"{p}: expected a list of records")
+    return data
+  raise ValueError(f"{p}: unsupported data file type (use .jsonl, .json or .parquet)")
+
+
+def _online(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
+  if os.environ.get("EGSPO_OFFLINE", "") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+    return False
+  import socket
+  try:
+    socket.create_connection((host, 443), timeout=timeout).close()
+    return True
+  except OSError:
+    return False
+
+
+def load_hf_records(name: str, split: str, path: str | None = None, *, hf_id: str | None = None,
+                    hf_config: str | None = None, tfds_name: str | None = None,
+                    env_var: str | None = None) -> list[dict]:
+  """Records of dataset `name`/`split` in the Hugging Face column layout, from (in order):
+  `path`; $env_var; $EGSPO_DATA_DIR/{name}_{split}.{jsonl,parquet,json}; when online, the
+  `datasets` library (`hf_id`, `hf_config`) or tensorflow-datasets (`tfds_name`).
+  Offline with no file: FileNotFoundError saying how to provide one."""
+  if path:
+    return read_records(path)
+  if env_var and os.environ.get(env_var):
+    return read_records(os.environ[env_var])
+  tried = []
+  if os.environ.get("EGSPO_DATA_DIR"):
+    for ext in ("jsonl", "parquet", "json"):
+      p = pathlib.Path(os.environ["EGSPO_DATA_DIR"]) / f"{name}_{split}.{ext}"
+      tried.append(str(p))
+      if p.is_file():
+        return read_records(p)
+  errors = []
+  if (hf_id or tfds_name) and _online():
+    if hf_id:
+      try:
+        import datasets  # type: ignore
+        ds = datasets.load_dataset(hf_id, hf_config, split=split)
+        return [dict(r) for r in ds]
+      except Exception as e:  # noqa: BLE001 - report every source that failed
+        errors.append(f"datasets.load_dataset({hf_id!r}, {hf_config!r}): {e}")
+    if tfds_name:
+      try:
+        import tensorflow_datasets as tfds  # type: ignore
+        ds = tfds.load(tfds_name, split=split)
+
+        def _py(v):
+          v = v.tolist() if hasattr(v, "tolist") else v
+          if isinstance(v, bytes):
+            return v.decode("utf-8")
+          if isinstance(v, list):
+            return [_py(x) for x in v]
+          return v
+
+        return [{k: _py(v) for k, v in r.items()} for r in tfds.as_numpy(ds)]
+      except Exception as e:  # noqa: BLE001
+        errors.append(f"tfds.load({tfds_name!r}): {e}")
+  how = (f"pass data_path=FILE (.jsonl/.parquet/.json in the Hugging Face {hf_id or name} "
+         f"format)" + (f", set ${env_var}=FILE" if env_var else "")
+         + f", or put {name}_{split}.jsonl in $EGSPO_DATA_DIR")
+  detail = ("; " + "; ".join(errors)) if errors else " (offline: no download attempted)"
+  raise FileNotFoundError(f"no local data for {name!r} split {split!r}: {how}{detail}")

