@@ -41,19 +41,19 @@ def load_torch_state_dict(model: llada.LLaDA, sd: dict[str, torch.Tensor]) -> ll
     return jnp.asarray(t.T if transpose else t, dtype=dt)
 
   pre = "model.transformer."
-  model.wte.embedding.value = arr(pre + "wte.weight")
-  model.ln_f.weight.value = arr(pre + "ln_f.weight")
-  model.ff_out.kernel.value = arr(pre + "ff_out.weight", transpose=True)
+  model.wte.embedding.set_value(arr(pre + "wte.weight"))
+  model.ln_f.weight.set_value(arr(pre + "ln_f.weight"))
+  model.ff_out.kernel.set_value(arr(pre + "ff_out.weight", transpose=True))
   names = {"attn_norm": ("weight", False), "ff_norm": ("weight", False)}
   names.update({p: ("kernel", True) for p in
                 ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")})
   for mod, (attr, tr) in names.items():
     per_layer = [arr(f"{pre}blocks.{i}.{mod}.weight", tr) for i in range(cfg.n_layers)]
     if cfg.scan_layers:
-      getattr(getattr(model.blocks, mod), attr).value = jnp.stack(per_layer)
+      getattr(getattr(model.blocks, mod), attr).set_value(jnp.stack(per_layer))
     else:
       for i, w in enumerate(per_layer):
-        getattr(getattr(model.blocks[i], mod), attr).value = w
+        getattr(getattr(model.blocks[i], mod), attr).set_value(w)
   return model
 
 
@@ -150,9 +150,9 @@ def _stack_grads(grads, cfg):
   out = {}
   for path, v in flat:
     if path[0] == "blocks":
-      out.setdefault(("blocks",) + path[2:], [None] * cfg.n_layers)[path[1]] = v.value
+      out.setdefault(("blocks",) + path[2:], [None] * cfg.n_layers)[path[1]] = v[...]
     else:
-      out[path] = v.value
+      out[path] = v[...]
   return {k: (jnp.stack(v) if isinstance(v, list) else v) for k, v in out.items()}
 
 
@@ -173,7 +173,7 @@ def test_scan_and_remat_give_identical_logits_and_grads(torch_sd):
                                           ids, mask, targets)
     np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
     np.testing.assert_allclose(loss, ref_loss, atol=1e-6, rtol=0)
-    got = ({p: v.value for p, v in nnx.to_flat_state(grads)} if scan
+    got = ({p: v[...] for p, v in nnx.to_flat_state(grads)} if scan
            else _stack_grads(grads, cfg))
     assert set(got) == set(ref_flat), (scan, remat)
     for k in ref_flat:
@@ -185,11 +185,11 @@ def test_scanned_init_has_stacked_params():
   cfg = small_config(scan_layers=True)
   model = llada.init_model(cfg)
   params = nnx.state(model, nnx.Param)
-  assert params["blocks"]["q_proj"]["kernel"].value.shape == (2, 32, 32)
-  assert params["blocks"]["k_proj"]["kernel"].value.shape == (2, 32, 16)
+  assert params["blocks"]["q_proj"]["kernel"][...].shape == (2, 32, 32)
+  assert params["blocks"]["k_proj"]["kernel"][...].shape == (2, 32, 16)
   assert params["blocks"]["q_proj"]["kernel"].get_metadata()["logical_axes"] == ("embed", "heads")
   # The layers are initialised independently (split RNG streams), not copies of one block.
-  k = params["blocks"]["q_proj"]["kernel"].value
+  k = params["blocks"]["q_proj"]["kernel"][...]
   assert float(jnp.abs(k[0] - k[1]).max()) > 1e-3
 
 
@@ -200,7 +200,7 @@ def test_bf16_runs_and_stays_close(torch_sd):
   for param_dtype, dtype in [("float32", "bfloat16"), ("bfloat16", "bfloat16")]:
     cfg = small_config(param_dtype=param_dtype, dtype=dtype)
     model = load_torch_state_dict(llada.init_model(cfg), sd)
-    assert model.blocks[0].q_proj.kernel.value.dtype == cfg.jnp_param_dtype
+    assert model.blocks[0].q_proj.kernel[...].dtype == cfg.jnp_param_dtype
     logits = np.asarray(jit_forward(model)(ids))
     assert logits.dtype == np.float32 and np.isfinite(logits).all()
     err = np.abs(logits - ref).max() / np.abs(ref).max()
@@ -220,8 +220,8 @@ def test_num_params_matches_model():
   abstract = nnx.eval_shape(lambda: llada.LLaDA(cfg8, rngs=nnx.Rngs(0)))
   n = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
   assert n == cfg8.num_params() == 8_015_581_184
-  assert abstract.blocks[0].q_proj.kernel.value.shape == (4096, 4096)
-  assert abstract.blocks[0].ff_proj.kernel.value.shape == (4096, 12288)
+  assert abstract.blocks[0].q_proj.kernel.get_value().shape == (4096, 4096)
+  assert abstract.blocks[0].ff_proj.kernel.get_value().shape == (4096, 12288)
 
 
 def test_presets_and_hf_config_round_trip():
@@ -276,8 +276,8 @@ def test_eager_equals_jit_and_config_is_hashable():
   np.testing.assert_allclose(model(ids), jit_forward(model)(ids), atol=1e-5, rtol=0)
   # Same seed → same weights; another seed → different weights.
   same = llada.init_model(cfg, seed=3)
-  np.testing.assert_array_equal(same.wte.embedding.value, model.wte.embedding.value)
-  assert not np.allclose(llada.init_model(cfg, seed=4).wte.embedding.value,
-                         model.wte.embedding.value)
+  np.testing.assert_array_equal(same.wte.embedding[...], model.wte.embedding[...])
+  assert not np.allclose(llada.init_model(cfg, seed=4).wte.embedding[...],
+                         model.wte.embedding[...])
   hash(cfg)  # static jit arguments need a hashable config
   assert dataclasses.replace(cfg, n_layers=3) == cfg.replace(n_layers=3)

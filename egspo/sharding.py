@@ -1,0 +1,339 @@
+"""Device meshes, logical-axis sharding rules and multi-host helpers.
+
+The mesh has three axes (MaxText / big_vision style):
+  data   — pure data parallelism (parameters replicated across it);
+  fsdp   — data parallelism whose members also split the parameters (ZeRO-3 / FSDP);
+  tensor — tensor (model) parallelism inside attention heads, MLP and vocabulary.
+
+Parameters name their dimensions with logical axes (`logical_axes` variable metadata, see
+`egspo.model.llada`); `RULES` maps each logical name to mesh axes. Rules are plain data, a tuple
+of `(logical_name, mesh_axes)` pairs, so a config can override them (`merge_rules`). A dimension
+whose size is not divisible by its mesh axes, or whose mesh axis is already used by an earlier
+dimension of the same array, is replicated instead (logged at debug level) — correct, only less
+sharded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # mesh axes a [B, ...] batch is split over
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, MeshAxes], ...]
+
+# Default logical → mesh axis rules. `layers` is the leading axis of scanned block stacks;
+# `lora_rank` the inner dimension of LoRA factors; `batch`/`length` name activation dimensions.
+RULES: Rules = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("layers", None),
+    ("lora_rank", None),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mesh
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+  """A ("data", "fsdp", "tensor") mesh with Auto axis types over `devices` (default: all).
+
+  One axis may be -1: it takes all devices left over by the others. The product of the axis
+  sizes must equal the number of devices.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  shape = [data, fsdp, tensor]
+  for name, s in zip(MESH_AXES, shape):
+    if not isinstance(s, (int, np.integer)) or (s < 1 and s != -1):
+      raise ValueError(f"mesh axis {name}={s!r} must be a positive integer or -1")
+  if shape.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, "
+                     f"tensor={tensor}")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if n % known:
+      raise ValueError(f"mesh data={data}, fsdp={fsdp}, tensor={tensor}: {n} devices are not "
+                       f"divisible by the fixed axes' product {known}")
+    shape[shape.index(-1)] = n // known
+  if math.prod(shape) != n:
+    raise ValueError(f"mesh data={shape[0]} × fsdp={shape[1]} × tensor={shape[2]} = "
+                     f"{math.prod(shape)} devices, but {n} devices are available")
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=auto, devices=devices)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rules
+
+
+def _normalise_axes(value, name: str) -> MeshAxes:
+  if value is None or value == () or value == []:
+    return None
+  if isinstance(value, str):
+    return value
+  if isinstance(value, Iterable) and all(isinstance(a, str) for a in value):
+    value = tuple(value)
+    return value[0] if len(value) == 1 else value
+  raise ValueError(f"sharding rule for {name!r}: mesh axes must be None, a mesh axis name or a "
+                   f"sequence of names, got {value!r}")
+
+
+def merge_rules(rules: Rules | Mapping | Sequence = RULES,
+                overrides: Mapping | Sequence | None = None) -> Rules:
+  """`rules` with the entries of `overrides` replaced or added (both: pairs or a mapping).
+
+  Accepts what a config holds (lists of [name, axes] pairs, or a dict), returns a tuple of
+  (logical_name, mesh_axes) pairs with mesh_axes None, a str or a tuple of str.
+  """
+  def pairs(r):
+    items = r.items() if isinstance(r, Mapping) else r
+    out = []
+    for item in items:
+      if not (isinstance(item, Sequence) and len(item) == 2 and isinstance(item[0], str)):
+        raise ValueError(f"a sharding rule must be a (logical_name, mesh_axes) pair, got {item!r}")
+      out.append((item[0], _normalise_axes(item[1], item[0])))
+    return out
+
+  merged = dict(pairs(rules))
+  if overrides:
+    merged.update(pairs(overrides))
+  return tuple(merged.items())
+
+
+def _rules_dict(rules) -> dict[str, MeshAxes]:
+  return dict(merge_rules(rules))
+
+
+def logical_to_mesh_axes(logical_axes: Sequence[str | None], rules=RULES, mesh: Mesh | None = None,
+                         shape: Sequence[int] | None = None, name: str = "") -> P:
+  """PartitionSpec for an array with the given logical axis names.
+
+  With `mesh` and `shape`, dimensions not divisible by their mesh axes' total size, and mesh
+  axes already used by an earlier dimension, are replicated (debug log) so the spec is always
+  valid for that array.
+  """
+  table = _rules_dict(rules)
+  spec, used = [], set()
+  for dim, logical in enumerate(logical_axes):
+    if logical is None:
+      spec.append(None)
+      continue
+    if logical not in table:
+      raise ValueError(f"no sharding rule for logical axis {logical!r}{' of ' + name if name else ''}"
+                       f"; known: {sorted(table)}")
+    axes = table[logical]
+    axes_t = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    if mesh is not None:
+      unknown = [a for a in axes_t if a not in mesh.shape]
+      if unknown:
+        raise ValueError(f"sharding rule {logical!r} → {axes!r} names mesh axes {unknown} not in "
+                         f"the mesh {dict(mesh.shape)}")
+      # Size-1 mesh axes shard nothing; dropping them keeps specs minimal and comparable.
+      axes_t = tuple(a for a in axes_t if mesh.shape[a] > 1)
+    if used.intersection(axes_t):
+      log.debug("%s dim %d (%s): mesh axes %s already used by another dim; replicated",
+                name, dim, logical, axes_t)
+      axes_t = ()
+    if mesh is not None and shape is not None and axes_t:
+      size = math.prod(mesh.shape[a] for a in axes_t)
+      if shape[dim] % size:
+        log.debug("%s dim %d (%s) of size %d is not divisible by mesh axes %s (size %d); "
+                  "replicated", name, dim, logical, shape[dim], axes_t, size)
+        axes_t = ()
+    used.update(axes_t)
+    spec.append(None if not axes_t else axes_t[0] if len(axes_t) == 1 else axes_t)
+  while spec and spec[-1] is None:
+    spec.pop()
+  return P(*spec)
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _variable_logical_axes(path, var: nnx.Variable) -> tuple[str | None, ...]:
+  """The variable's logical axes, with "layers" prepended for a scanned stack (ndim one larger)."""
+  value = var.get_value() if hasattr(var, "get_value") else var.value
+  ndim = len(np.shape(value))
+  axes = var.get_metadata().get("logical_axes")
+  if axes is None:
+    return (None,) * ndim
+  axes = tuple(axes)
+  if len(axes) + 1 == ndim:
+    axes = ("layers",) + axes
+  if len(axes) != ndim:
+    raise ValueError(f"parameter {jax.tree_util.keystr(path)} has shape {np.shape(value)} but "
+                     f"logical axes {axes}")
+  return axes
+
+
+def logical_to_mesh_sharding(state, mesh: Mesh, rules=RULES):
+  """Pytree of NamedSharding matching `state` (an nnx.State/graph node, concrete or abstract).
+
+  Every nnx.Variable is mapped through its `logical_axes` metadata and `rules` (variables without
+  logical axes, e.g. RNG state, are replicated). The result has the structure of `state` with
+  each variable's value replaced by its NamedSharding, so it can be passed as `in_shardings` /
+  `out_shardings` of a jit over that state, or to `jax.device_put`.
+  """
+  rules = merge_rules(rules)
+
+  def one(path, var):
+    if not _is_variable(var):  # a bare array leaf: replicate
+      return NamedSharding(mesh, P())
+    value = var.get_value() if hasattr(var, "get_value") else var.value
+    spec = logical_to_mesh_axes(_variable_logical_axes(path, var), rules, mesh, np.shape(value),
+                                name=jax.tree_util.keystr(path))
+    return var.replace(NamedSharding(mesh, spec))
+
+  return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_variable)
+
+
+def create_sharded_model(cfg, mesh: Mesh, rules=RULES, seed: int = 0):
+  """A freshly initialised LLaDA whose parameters are created directly in their shardings.
+
+  The model is traced abstractly (`nnx.eval_shape`) and initialised inside a jit with
+  `out_shardings`, so no device or host ever holds the full unsharded model. The values equal
+  `init_model(cfg, seed)` (JAX's partitionable threefry makes random draws sharding-invariant).
+  """
+  from egspo.model.llada import LLaDA  # local: sharding does not otherwise depend on the model
+
+  return create_sharded(lambda: LLaDA(cfg, rngs=nnx.Rngs(seed)), mesh, rules)
+
+
+def create_sharded(make_module, mesh: Mesh, rules=RULES):
+  """Builds `make_module()` (an nnx.Module factory) directly into its logical-axis shardings."""
+  abstract = nnx.eval_shape(make_module)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = logical_to_mesh_sharding(abstract_state, mesh, rules)
+
+  def init():
+    return nnx.state(make_module())
+
+  state = jax.jit(init, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def shard_model(model, mesh: Mesh, rules=RULES):
+  """Moves an existing model's variables onto their logical-axis shardings (in place)."""
+  state = nnx.state(model)
+  nnx.update(model, jax.device_put(state, logical_to_mesh_sharding(state, mesh, rules)))
+  return model
+
+
+def model_shardings(model, mesh: Mesh, rules=RULES, filter_=nnx.Param):
+  """Shardings of the `filter_` variables of `model` (e.g. for `in_shardings` of a train step)."""
+  return logical_to_mesh_sharding(nnx.state(model, filter_), mesh, rules)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def data_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Sharding of a [B, ...] array split along its batch dimension over (data, fsdp)."""
+  del ndim  # trailing dims are replicated whatever their number
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_size_multiple(mesh: Mesh) -> int:
+  """The global batch size must be a multiple of this (the data × fsdp device count)."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def shard_batch(batch, mesh: Mesh):
+  """Places a pytree of host/global [B, ...] arrays split along B over (data, fsdp).
+
+  Single-process only (each process passes the whole batch); use `host_local_to_global` when
+  every process holds its own slice.
+  """
+  n = batch_size_multiple(mesh)
+
+  def put(x):
+    x = np.asarray(x) if not isinstance(x, jax.Array) else x
+    if x.ndim == 0 or x.shape[0] % n:
+      raise ValueError(f"batch dimension {x.shape[:1]} of an array with shape {x.shape} is not "
+                       f"divisible by the data×fsdp device count {n}")
+    return jax.device_put(x, data_sharding(mesh))
+
+  return jax.tree.map(put, batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-host
+
+
+def is_main_process() -> bool:
+  """True on process 0 (the one that writes logs, metrics and checkpoints metadata)."""
+  return jax.process_index() == 0
+
+
+def host_local_to_global(batch, mesh: Mesh, spec: P = P(BATCH_AXES)):
+  """Assembles per-process [B_local, ...] arrays into global [B_local × processes, ...] arrays.
+
+  Each process passes its own rows; `jax.make_array_from_process_local_data` stitches them
+  into one array sharded by `spec` over `mesh` without any host gathering the whole batch.
+  """
+  sharding = NamedSharding(mesh, spec)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      batch)
+
+
+def process_allgather(x, tiled: bool = True):
+  """The full value of a (possibly multi-host sharded) pytree on every host, as numpy arrays.
+
+  tiled=True concatenates per-process pieces along the first axis (global arrays come back
+  whole); tiled=False stacks them under a new leading process axis.
+  """
+  from jax.experimental import multihost_utils
+
+  return multihost_utils.process_allgather(x, tiled=tiled)
+
+
+def sync_global_devices(name: str) -> None:
+  """Barrier across all processes (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def describe(state, max_rows: int = 50) -> str:
+  """A short table 'path shape spec' of a sharded state, for logs."""
+  rows = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    spec = getattr(getattr(leaf, "sharding", None), "spec", None)
+    rows.append(f"{jax.tree_util.keystr(path)} {tuple(np.shape(leaf))} {spec}")
+  return "\n".join(rows[:max_rows] + ([f"... {len(rows) - max_rows} more"] if len(rows) > max_rows
+                                       else []))
+
+
+__all__ = [
+    "MESH_AXES", "BATCH_AXES", "RULES", "make_mesh", "merge_rules", "logical_to_mesh_axes",
+    "logical_to_mesh_sharding", "create_sharded_model", "create_sharded", "shard_model",
+    "model_shardings", "data_sharding", "replicated", "batch_size_multiple", "shard_batch",
+    "is_main_process", "host_local_to_global", "process_allgather", "sync_global_devices",
+    "describe",
+]

@@ -1,0 +1,236 @@
+"""egspo.sharding on the 8 fake CPU devices of conftest.py.
+
+For several mesh shapes: parameters are created directly in the shardings the logical-axis
+rules ask for, the sharded forward equals the unsharded one, and a jitted gradient step with
+in/out shardings equals the single-device step.
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from egspo import sharding
+from egspo.model import llada
+
+
+def small_config(**kw):
+  base = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=64, vocab_size=50,
+              embedding_size=52, mask_token_id=49, eos_token_id=1, pad_token_id=0,
+              rope_theta=10000.0, max_sequence_length=64)
+  base.update(kw)
+  return llada.ModelConfig(**base)
+
+
+def test_eight_devices():
+  assert jax.device_count() == 8
+
+
+def test_make_mesh_shapes_and_errors():
+  mesh = sharding.make_mesh()
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert mesh.axis_names == ("data", "fsdp", "tensor")
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  assert dict(sharding.make_mesh(2, -1, 2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(sharding.make_mesh(1, 2, 4).shape) == {"data": 1, "fsdp": 2, "tensor": 4}
+  with pytest.raises(ValueError, match=r"= 12 devices, but 8 devices are available"):
+    sharding.make_mesh(2, 3, 2)
+  with pytest.raises(ValueError, match="not divisible by the fixed axes' product 3"):
+    sharding.make_mesh(-1, 3, 1)
+  with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
+    sharding.make_mesh(-1, -1, 2)
+  with pytest.raises(ValueError, match="mesh axis tensor=0"):
+    sharding.make_mesh(8, 1, 0)
+  assert dict(sharding.make_mesh(devices=jax.devices()[:2], tensor=2).shape)["tensor"] == 2
+
+
+def test_rules_override_and_errors(caplog):
+  rules = sharding.merge_rules(sharding.RULES, [["mlp", ["fsdp", "tensor"]], ("embed", None)])
+  table = dict(rules)
+  assert table["mlp"] == ("fsdp", "tensor") and table["embed"] is None
+  assert table["vocab"] == "tensor"  # untouched
+  assert sharding.merge_rules(sharding.RULES, {"heads": ["tensor"]}) == sharding.RULES
+  mesh = sharding.make_mesh(2, 2, 2)
+  assert sharding.logical_to_mesh_axes(("embed", "mlp"), rules, mesh, (32, 64)) == \
+      P(None, ("fsdp", "tensor"))
+  assert sharding.logical_to_mesh_axes(("batch", "length"), sharding.RULES, mesh, (8, 3)) == \
+      P(("data", "fsdp"))
+  # The same mesh axis twice in one array: the later dimension is replicated.
+  assert sharding.logical_to_mesh_axes(("mlp", "heads"), sharding.RULES, mesh, (8, 8)) == \
+      P("tensor")
+  # Not divisible: replicated, and the debug log says so.
+  with caplog.at_level(logging.DEBUG, logger="egspo.sharding"):
+    spec = sharding.logical_to_mesh_axes(("vocab", "embed"), sharding.RULES, mesh, (51, 32),
+                                         name="wte")
+  assert spec == P(None, "fsdp")
+  assert "wte dim 0 (vocab) of size 51 is not divisible" in caplog.text
+  with pytest.raises(ValueError, match="no sharding rule for logical axis 'experts'"):
+    sharding.logical_to_mesh_axes(("experts",), sharding.RULES, mesh, (4,))
+  with pytest.raises(ValueError, match="names mesh axes \\['model'\\] not in the mesh"):
+    sharding.logical_to_mesh_axes(("mlp",), [("mlp", "model")], mesh, (4,))
+  with pytest.raises(ValueError, match="must be a \\(logical_name, mesh_axes\\) pair"):
+    sharding.merge_rules([("mlp", "tensor", "x")])
+  with pytest.raises(ValueError, match="mesh axes must be None"):
+    sharding.merge_rules([("mlp", 3)])
+
+
+def expected_spec(name: str, mesh, scanned: bool) -> P:
+  """Hand-written table of the default rules for the small config (all dims divisible)."""
+  f = "fsdp" if mesh.shape["fsdp"] > 1 else None
+  t = "tensor" if mesh.shape["tensor"] > 1 else None
+  leaf = name.split(".")[-2]
+  table = {"embedding": (t, f), "weight": (), "q_proj": (f, t), "k_proj": (f, t), "v_proj": (f, t),
+           "ff_proj": (f, t), "up_proj": (f, t), "attn_out": (t, f), "ff_out": (t, f)}
+  if name == "wte.embedding":
+    axes = table["embedding"]
+  elif name.endswith("weight"):
+    axes = ()
+  elif name == "ff_out.kernel":  # LM head [embed, vocab]
+    axes = (f, t)
+  else:
+    axes = table[leaf]
+  if scanned and name.startswith("blocks"):
+    axes = (None,) + axes
+  axes = list(axes)
+  while axes and axes[-1] is None:
+    axes.pop()
+  return P(*axes)
+
+
+def _loss(model, ids, mask, targets):
+  logits = model(ids, mask)
+  logp = jax.nn.log_softmax(logits)
+  return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1)), logits
+
+
+def _grad_step(graphdef, params_shardings=None, batch_sharding=None):
+  """jit(params, ids, mask, targets) → ((loss, logits), grads); sharded when shardings are given."""
+  def step(params, ids, mask, targets):
+    return jax.value_and_grad(lambda p: _loss(nnx.merge(graphdef, p), ids, mask, targets),
+                              has_aux=True)(params)
+
+  if params_shardings is None:
+    return jax.jit(step)
+  rep = NamedSharding(batch_sharding.mesh, P())
+  return jax.jit(step, in_shardings=(params_shardings,) + (batch_sharding,) * 3,
+                 out_shardings=((rep, batch_sharding), params_shardings))
+
+
+@pytest.fixture(scope="module")
+def batch():
+  k1, k2 = jax.random.split(jax.random.key(0))
+  ids = np.asarray(jax.random.randint(k1, (8, 12), 2, 50))
+  mask = np.ones((8, 12), np.int32)
+  mask[1, :5] = 0  # some left padding
+  mask[6, :9] = 0
+  targets = np.asarray(jax.random.randint(k2, (8, 12), 0, 50))
+  return ids, mask, targets
+
+
+@pytest.fixture(scope="module")
+def reference(batch):
+  """Per scan_layers: (config, unsharded model, single-device (loss, logits), grads)."""
+  out = {}
+  for scan in (False, True):
+    cfg = small_config(scan_layers=scan, remat=scan)
+    ref = llada.init_model(cfg, seed=1)
+    params = jax.device_put(nnx.state(ref, nnx.Param), jax.devices()[0])
+    (loss, logits), grads = _grad_step(nnx.graphdef(ref))(params, *batch)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-3
+    out[scan] = cfg, ref, (loss, logits), grads
+  return out
+
+
+# create_sharded_model (init straight into shardings) on one mesh per layout; the others move
+# the reference model with shard_model (same shardings; cheaper to compile on 2 CPU cores).
+@pytest.mark.parametrize("shape, scan, create", [((8, 1, 1), False, False),
+                                                 ((2, 4, 1), True, False),
+                                                 ((2, 2, 2), False, True),
+                                                 ((1, 2, 4), True, True)])
+def test_sharded_model_equals_unsharded(shape, scan, create, batch, reference):
+  cfg, ref, (ref_loss, ref_logits), ref_grads = reference[scan]
+  mesh = sharding.make_mesh(*shape)
+  if create:
+    model = sharding.create_sharded_model(cfg, mesh, seed=1)
+  else:
+    model = sharding.shard_model(nnx.clone(ref), mesh)
+
+  # Parameters: same values as the unsharded init, placed as the rules say.
+  params = nnx.state(model, nnx.Param)
+  n_sharded = 0
+  for (path, var), (_, ref_var) in zip(nnx.to_flat_state(params),
+                                       nnx.to_flat_state(nnx.state(ref, nnx.Param))):
+    name = ".".join(map(str, path if scan or path[0] != "blocks" else (path[0],) + path[2:]))
+    x = var.get_value()
+    want = expected_spec(name, mesh, scan)
+    assert x.sharding.spec == want, (name, x.sharding.spec, want)
+    shard_shape = x.sharding.shard_shape(x.shape)
+    divisor = [1] * x.ndim
+    for d, axes in enumerate(want):
+      for a in (axes,) if isinstance(axes, str) else axes or ():
+        divisor[d] *= mesh.shape[a]
+    assert shard_shape == tuple(s // k for s, k in zip(x.shape, divisor)), name
+    n_sharded += int(shard_shape != x.shape)
+    np.testing.assert_allclose(x, ref_var.get_value(), atol=1e-7, rtol=0, err_msg=name)
+  if shape != (8, 1, 1):  # pure data parallelism replicates everything
+    assert n_sharded >= 8
+
+  # A jitted gradient step with in/out shardings, on a batch split over (data, fsdp), equals the
+  # single-device step: loss, logits and every gradient (placed like its parameter).
+  ids_s, mask_s, targets_s = sharding.shard_batch(batch, mesh)
+  assert ids_s.sharding.spec == P(("data", "fsdp"))
+  p_shardings = sharding.model_shardings(model, mesh)
+  (loss, logits), grads = _grad_step(nnx.graphdef(model), p_shardings,
+                                     sharding.data_sharding(mesh))(params, ids_s, mask_s,
+                                                                   targets_s)
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(loss, ref_loss, atol=0, rtol=2e-6)
+  for (path, g), (_, rg), (_, s) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(ref_grads),
+                                        nnx.to_flat_state(p_shardings)):
+    assert g.get_value().sharding.is_equivalent_to(s.get_value(), g.get_value().ndim), path
+    np.testing.assert_allclose(g.get_value(), rg.get_value(), atol=2e-6, rtol=1e-4,
+                               err_msg=str(path))
+
+
+def test_indivisible_dims_fall_back_to_replication(caplog):
+  cfg = small_config(embedding_size=50, n_kv_heads=1)  # 50 % 4 != 0; kv width 8 % 4 == 0
+  mesh = sharding.make_mesh(1, 2, 4)
+  model = llada.init_model(cfg)
+  ref_logits = model(jnp.ones((2, 5), jnp.int32))
+  with caplog.at_level(logging.DEBUG, logger="egspo.sharding"):
+    sharding.shard_model(model, mesh)
+  assert model.wte.embedding.get_value().sharding.spec == P(None, "fsdp")
+  assert model.ff_out.kernel.get_value().sharding.spec == P("fsdp")
+  assert model.blocks[0].k_proj.kernel.get_value().sharding.spec == P("fsdp", "tensor")
+  assert "(vocab) of size 50 is not divisible by mesh axes ('tensor',)" in caplog.text
+  np.testing.assert_allclose(model(jnp.ones((2, 5), jnp.int32)), ref_logits, atol=1e-5, rtol=0)
+
+
+def test_shard_model_moves_existing_model():
+  cfg = small_config()
+  model = llada.init_model(cfg, seed=2)
+  before = np.asarray(model.blocks[1].ff_proj.kernel.get_value())
+  mesh = sharding.make_mesh(2, 2, 2)
+  sharding.shard_model(model, mesh)
+  k = model.blocks[1].ff_proj.kernel.get_value()
+  assert k.sharding.spec == P("fsdp", "tensor")
+  np.testing.assert_array_equal(k, before)
+
+
+def test_batch_helpers_and_single_process_multihost():
+  mesh = sharding.make_mesh(2, 2, 2)
+  assert sharding.batch_size_multiple(mesh) == 4
+  with pytest.raises(ValueError, match="not divisible by the data×fsdp device count 4"):
+    sharding.shard_batch(np.zeros((6, 3)), mesh)
+  x = np.arange(24, dtype=np.float32).reshape(8, 3)
+  g = sharding.host_local_to_global({"x": x}, mesh)["x"]  # one process holds all rows
+  assert g.shape == (8, 3) and g.sharding.spec == P(("data", "fsdp"))
+  assert g.addressable_shards[0].data.shape == (2, 3)
+  np.testing.assert_array_equal(sharding.process_allgather(g), x)
+  assert sharding.is_main_process()
+  sharding.sync_global_devices("test")  # no-op with one process
+  assert "P(('data', 'fsdp'),)" in sharding.describe({"x": g})
