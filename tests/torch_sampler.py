@@ -33,7 +33,7 @@ def state_dict_from_jax(model) -> dict[str, torch.Tensor]:
   """HF-named float32 tensors ([out, in] linears) from a non-scanned JAX `LLaDA`."""
   def t(x, transpose=False):
     a = np.asarray(x[...], dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(a.T if transpose else a))
+    return torch.from_numpy(np.array(a.T if transpose else a, copy=True))
 
   sd = {"model.transformer.wte.weight": t(model.wte.embedding),
         "model.transformer.ln_f.weight": t(model.ln_f.weight),
