@@ -253,7 +253,7 @@ ssh_all() {
 
 setup_tpu() {
   if [[ -n "${REPO_URL}" ]]; then
-    ssh_all "set -e; rm -rf ${REMOTE_DIR}; git clone --quiet $(shquote "${REPO_URL}") ${REMOTE_DIR}; git -C ${REMOTE_DIR} checkout --quiet $(shquote "${REPO_REF}")" || return 1
+    ssh_all "set -e; cd \"\$HOME\"; rm -rf ${REMOTE_DIR}; git clone --quiet $(shquote "${REPO_URL}") ${REMOTE_DIR}; git -C ${REMOTE_DIR} checkout --quiet $(shquote "${REPO_REF}")" || return 1
   else
     if ! is_dry_run && [[ -n "$(git -C "${REPO_ROOT}" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
       log "note: uncommitted changes are not shipped; the workers get ${REPO_REF} as committed"
@@ -261,13 +261,13 @@ setup_tpu() {
     run git -C "${REPO_ROOT}" archive --format=tar.gz "--output=${TARBALL}" "${REPO_REF}" || return 1
     run gcloud compute tpus tpu-vm scp "${TARBALL}" "${TPU_NAME}:${REMOTE_DIR}.tar.gz" \
       "${GCLOUD_SCOPE[@]}" --worker=all || return 1
-    ssh_all "set -e; rm -rf ${REMOTE_DIR}; mkdir -p ${REMOTE_DIR}; tar -xzf ${REMOTE_DIR}.tar.gz -C ${REMOTE_DIR}; rm -f ${REMOTE_DIR}.tar.gz" || return 1
+    ssh_all "set -e; cd \"\$HOME\"; rm -rf ${REMOTE_DIR}; mkdir -p ${REMOTE_DIR}; tar -xzf ${REMOTE_DIR}.tar.gz -C ${REMOTE_DIR}; rm -f ${REMOTE_DIR}.tar.gz" || return 1
   fi
   # The TPU images ship Python 3.10 and egspo needs >= 3.11: uv provides the interpreter.
   # jax is pinned to the tested version (constraints.txt) with the TPU build (libtpu) on top.
   # shellcheck disable=SC2016  # $HOME is expanded on the worker, not here
   local uv='"$HOME/.local/bin/uv"' py="\"\$HOME/${REMOTE_VENV}/bin/python\""
-  ssh_all "set -e; cd ${REMOTE_DIR}; python3 -m pip install --user --quiet --upgrade uv || python3 -m pip install --user --quiet --upgrade --break-system-packages uv; [ -x ${py} ] || ${uv} venv --python ${PYTHON_VERSION} \"\$HOME/${REMOTE_VENV}\"; ${uv} pip install --python ${py} -c requirements/constraints.txt -e \".[tpu]\" \"jax[tpu]==${JAX_VERSION}\"; ${py} -c \"import jax, egspo; print(jax.__version__)\"" || return 1
+  ssh_all "set -e; cd \"\$HOME/${REMOTE_DIR}\"; python3 -m pip install --user --quiet --upgrade uv || python3 -m pip install --user --quiet --upgrade --break-system-packages uv; [ -x ${py} ] || ${uv} venv --python ${PYTHON_VERSION} \"\$HOME/${REMOTE_VENV}\"; ${uv} pip install --python ${py} -c requirements/constraints.txt -e \".[tpu]\" \"jax[tpu]==${JAX_VERSION}\"; ${py} -c \"import jax, egspo; print(jax.__version__)\"" || return 1
 }
 
 # ---- training --------------------------------------------------------------------------------
@@ -293,15 +293,16 @@ train_command() {
 train_once() {
   # shellcheck disable=SC2016  # $HOME is expanded on the worker, not here
   local pidfile='"$HOME/egspo-train.pid"' logfile='"$HOME/egspo-train.log"'
-  ssh_all "set -o pipefail; cd ${REMOTE_DIR}; . \"\$HOME/${REMOTE_VENV}/bin/activate\"; $(stop_script); (echo \"\$BASHPID\" > ${pidfile}; exec $(train_command)) 2>&1 | tee -a ${logfile}" \
+  ssh_all "set -o pipefail; cd \"\$HOME/${REMOTE_DIR}\"; . \"\$HOME/${REMOTE_VENV}/bin/activate\"; $(stop_script); (echo \"\$BASHPID\" > ${pidfile}; exec $(train_command)) 2>&1 | tee -a ${logfile}" \
     --ssh-flag=-oServerAliveInterval=60
 }
 
-# Shell text that stops the egspo.main process recorded in the pid file, if it still runs.
+# Shell text that stops the egspo.main process recorded in the pid file if it still runs
+# (SIGTERM, then SIGKILL after 30 s). The cmdline check keeps a recycled pid safe.
 stop_script() {
-  # shellcheck disable=SC2016  # $HOME is expanded on the worker, not here
-  local pidfile='"$HOME/egspo-train.pid"'
-  printf '%s' "if [ -f ${pidfile} ] && grep -qs egspo.main \"/proc/\$(cat ${pidfile})/cmdline\"; then kill \"\$(cat ${pidfile})\"; sleep 15; fi; rm -f ${pidfile}"
+  # shellcheck disable=SC2016  # $HOME and $p are expanded on the worker, not here
+  local pidfile='"$HOME/egspo-train.pid"' p='"$p"'
+  printf '%s' "p=\$(cat ${pidfile} 2>/dev/null); if [ -n ${p} ] && grep -qs egspo.main /proc/${p}/cmdline; then kill ${p}; for _ in \$(seq 30); do kill -0 ${p} 2>/dev/null || break; sleep 1; done; kill -9 ${p} 2>/dev/null; fi; rm -f ${pidfile}"
 }
 
 watch_loop() {

@@ -11,8 +11,10 @@ import pathlib
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -76,7 +78,8 @@ n = int(open(path).read()) + 1 if os.path.exists(path) else 1
 open(path, "w").write(str(n))
 with open(os.path.join(d, "python.jsonl"), "a") as f:
   f.write(json.dumps({{"argv": sys.argv[1:], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                      "process": int(pid), "call": n, "cwd": os.getcwd()}}) + "\\n")
+                      "process": int(pid), "call": n, "cwd": os.getcwd(),
+                      "pid": os.getpid()}}) + "\\n")
 print("fake egspo.main process", pid, "call", n, flush=True)
 if n == 1:
   time.sleep(float(os.environ.get("FAKE_SLEEP_" + pid, "0")))
@@ -242,6 +245,63 @@ def test_tpu_remote_scripts_are_valid_bash(fake):
   for script in scripts:
     result = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, (script, result.stderr)
+
+
+def _fake_worker_home(tmp_path, fake_dir):
+  """A worker's home directory: the code checkout and a venv whose `python` is the fake."""
+  home = tmp_path / "home"
+  (home / "egspo").mkdir(parents=True)
+  (home / "egspo-venv" / "bin").mkdir(parents=True)
+  (home / "egspo-venv" / "bin" / "activate").write_text(f'PATH="{fake_dir / "bin"}:$PATH"\n')
+  return home
+
+
+def test_tpu_remote_train_script_runs_on_a_worker(fake, tmp_path):
+  """Runs the worker-side train script locally: the exit status of egspo.main comes back
+  through the tee (pipefail), the output lands in the worker log, the pid file names the
+  process, and a stale run left by a dropped ssh session is stopped first."""
+  fake_dir, env = fake
+  home = _fake_worker_home(tmp_path, fake_dir)
+  commands, _ = dry_run(TPU, "train", env, **TPU_ENV)
+  script = remote_script(commands[0])
+  worker_env = {**env, "HOME": str(home), "PATH": os.environ["PATH"]}
+  result = subprocess.run(["bash", "-c", script], env={**worker_env, "FAKE_FAILS_0": "1"},
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 3, "the failure of egspo.main must be the exit status of the script"
+  call, = python_calls(fake_dir)
+  assert call["argv"] == TRAIN_ARGV[1:] and call["cwd"] == str(home / "egspo")
+  assert (home / "egspo-train.pid").read_text().strip() == str(call["pid"])
+  assert "fake egspo.main process 0 call 1" in (home / "egspo-train.log").read_text()
+  assert "fake egspo.main process 0 call 1" in result.stdout
+
+  # A stale egspo.main (process id 9, sleeping 60 s) recorded in the pid file is stopped.
+  stale = subprocess.Popen([str(fake_dir / "bin" / "python"), "-m", "egspo.main", "--process_id=9"],
+                           env={**worker_env, "FAKE_SLEEP_9": "60"}, stdout=subprocess.DEVNULL)
+  reaper = threading.Thread(target=stale.wait)  # reap it at once, so kill -0 sees it gone
+  reaper.start()
+  for _ in range(100):  # wait until it is running (it records itself)
+    if any(c["process"] == 9 for c in python_calls(fake_dir)):
+      break
+    time.sleep(0.05)
+  (home / "egspo-train.pid").write_text(f"{stale.pid}\n")
+  start = time.monotonic()
+  result = subprocess.run(["bash", "-c", script], env=worker_env, capture_output=True, text=True,
+                          timeout=60)
+  reaper.join(timeout=30)
+  assert result.returncode == 0, result.stderr
+  assert stale.returncode == -signal.SIGTERM
+  assert time.monotonic() - start < 20
+  assert [c["process"] for c in python_calls(fake_dir)] == [0, 9, 0]
+
+  # `stop` alone leaves an unrelated process alone even if the pid file names it.
+  other = subprocess.Popen(["sleep", "30"])
+  (home / "egspo-train.pid").write_text(f"{other.pid}\n")
+  commands, _ = dry_run(TPU, "stop", env, **TPU_ENV)
+  result = subprocess.run(["bash", "-c", remote_script(commands[0])], env=worker_env, timeout=60)
+  assert result.returncode == 0 and other.poll() is None
+  assert not (home / "egspo-train.pid").exists()
+  other.kill()
+  other.wait()
 
 
 def test_tpu_git_clone_and_remote_env(fake):
@@ -516,6 +576,34 @@ def test_every_environment_variable_is_documented(fake, script):
   for name in names:
     assert re.search(rf"^\s*{name}\b", help_text, flags=re.M), f"{name} missing from --help"
     assert f"`{name}`" in readme, f"{name} missing from launch/README.md"
+
+
+@pytest.mark.parametrize("script, command, env_overrides", [
+    (TPU, "all", {"WORKDIR": "gs://my-bucket/egspo/countdown-8b", "SPOT": "1", "TMPDIR": "/tmp"}),
+    (GPU, "train", {"WORKDIR": "runs/countdown-8b", "NUM_PROCESSES": "2"}),
+])
+def test_readme_shows_the_current_dry_run_output(script, command, env_overrides):
+  """The README's example output is what the script prints today (repo path as /path/to/egspo)."""
+  env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **env_overrides}
+  result = run_script(script, ["--dry-run", command], env)
+  assert result.returncode == 0, result.stderr
+  expected = result.stdout.replace(str(REPO_ROOT), "/path/to/egspo")
+  assert expected in _code_blocks(README.read_text()), f"update launch/README.md with:\n{expected}"
+
+
+def _code_blocks(markdown):
+  """The contents of the fenced code blocks of a markdown text."""
+  blocks, current = [], None
+  for line in markdown.splitlines(keepends=True):
+    if line.startswith("```"):
+      if current is None:
+        current = []
+      else:
+        blocks.append("".join(current))
+        current = None
+    elif current is not None:
+      current.append(line)
+  return blocks
 
 
 def _shellcheck():
