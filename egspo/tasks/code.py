@@ -111,14 +111,19 @@ def kodcode_tests(test_code: str) -> tuple[list[str], str]:
 
 
 def _entry_from_tests(tests: Sequence[str], setup: str = "") -> str | None:
+  """The function the tests call: `from solution import f`, else the first non-builtin call in
+  an assert."""
+  import builtins
   m = re.search(r"from solution import (\w+)", setup + "\n" + "\n".join(tests))
   if m:
     return m.group(1)
+  skip = set(dir(builtins)) | {"math", "isclose", "candidate"}
   for t in tests:
-    m = re.search(r"assert\s+(?:not\s+)?\(?\s*(\w+)\s*\(", t)
-    if m and m.group(1) not in ("set", "len", "abs", "math", "sorted", "isclose", "round", "all",
-                                 "any", "list", "tuple", "str", "int", "float"):
-      return m.group(1)
+    for line in t.splitlines():
+      if line.strip().startswith("assert"):
+        for name in re.findall(r"(?<![\w.])(\w+)\s*\(", line):
+          if name not in skip:
+            return name
   return None
 
 
