@@ -169,8 +169,11 @@ class Checkpointer:
         create=not read_only,
         read_only=read_only,
     )
-    self._manager = ocp.CheckpointManager(self.directory, item_names=(STATE_ITEM, META_ITEM),
-                                          options=options)
+    # Handlers named up front, so a fresh manager can read an existing step's metadata.
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                       META_ITEM: ocp.JsonCheckpointHandler()})
 
   # -- queries -------------------------------------------------------------------------------
 
@@ -230,8 +233,9 @@ class Checkpointer:
       target: abstract state to restore into: a pytree of `jax.ShapeDtypeStruct` (with
         `sharding=NamedSharding(...)` for a sharded restore; e.g. `jax.eval_shape` of the
         initial state with shardings attached), or of concrete arrays. Restored leaves get its
-        tree structure, dtypes and shardings. None = the saved structure, as nested dicts/lists
-        of arrays on the default device.
+        tree structure, dtypes and shardings. None = the saved structure (nested dicts/lists,
+        namedtuples become lists) with every array on this process's first device: for
+        inspection and small states, whatever topology saved it.
       fallback: if the step cannot be restored, log why and try the next older committed step
         (the guard against a checkpoint corrupted after its commit, e.g. a truncated file).
 
@@ -251,24 +255,28 @@ class Checkpointer:
       raise CheckpointError(f"no committed checkpoint for step {step} in {self.directory}; "
                             f"committed steps: {steps}")
     candidates = [s for s in reversed(steps) if s <= step] if fallback else [step]
-    errors = []
+    errors, last_error = [], None
     for s in candidates:
       try:
         return self._restore_step(s, target)
       except CheckpointError as e:
         errors.append(str(e))
+        last_error = e.__cause__ or e
         if fallback:
           log.warning("checkpoint step %d is unusable, trying an older one: %s", s, e)
     raise CheckpointError("\n".join(errors) if len(errors) == 1 else
-                          "no restorable checkpoint:\n  " + "\n  ".join(errors))
+                          "no restorable checkpoint:\n  " + "\n  ".join(errors)) from last_error
 
   def _restore_step(self, step: int, target):
     step_dir = self.step_dir(step)
     problem = _check_step_dir(step_dir)
     if problem:
       raise CheckpointError(f"checkpoint {step_dir} is incomplete: {problem}")
-    abstract = None if target is None else _abstract_keys_to_data(_to_abstract(target))
     try:
+      if target is None:
+        abstract = self._abstract_from_metadata(step)
+      else:
+        abstract = _abstract_keys_to_data(_to_abstract(target))
       restored = self._manager.restore(
           step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract),
                                            META_ITEM: ocp.args.JsonRestore()}))
@@ -279,6 +287,22 @@ class Checkpointer:
     impls = meta.pop(_PRNG_META_KEY, {})
     state = _data_to_keys(restored[STATE_ITEM], impls)
     return state, meta
+
+
+  def _abstract_from_metadata(self, step: int):
+    """The saved tree as ShapeDtypeStructs on this process's first device.
+
+    Orbax refuses a target-less restore on another device topology than the one that saved (e.g.
+    a 2-process checkpoint read by one process); an explicit single-device target always works.
+    """
+    tree = self._manager.item_metadata(step)[STATE_ITEM]
+    tree = getattr(tree, "tree", tree)
+    if tree is None:
+      raise ValueError(f"no array metadata for item {STATE_ITEM!r}")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree,
+        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
 
 
 def _to_abstract(tree):

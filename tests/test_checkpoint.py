@@ -6,10 +6,12 @@ This file is also the toy training program the subprocess tests run:
 """
 
 import argparse
+import functools
 import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,6 +63,7 @@ def _batch_at(position: int):
   return x, y
 
 
+@jax.jit
 def _init_state():
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   params = {"w1": jax.random.normal(k1, (_DIN, _DH)) * 0.5, "b1": jnp.zeros(_DH),
@@ -74,7 +77,8 @@ def _loss(params, x, y, key):
   return jnp.mean((h @ params["w2"] + params["b2"] - y) ** 2)
 
 
-@jax.jit
+# The state is donated: an async save must have copied it off the device before returning.
+@functools.partial(jax.jit, donate_argnums=0)
 def _train_step(state, x, y):
   key, sub = jax.random.split(state["key"])
   loss, grads = jax.value_and_grad(_loss)(state["params"], x, y, sub)
@@ -151,8 +155,8 @@ def test_exact_resume_after_normal_stop(tmp_path):
 
 
 def test_exact_resume_after_sigkill(tmp_path):
-  total = 40
-  proc = _run_toy_subprocess(tmp_path, total, sleep=0.05)
+  total = 20
+  proc = _run_toy_subprocess(tmp_path, total, sleep=0.1)
   _wait_for_step(proc, tmp_path, 4)
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=30)
@@ -268,7 +272,7 @@ def _two_steps(directory):
 def test_interrupted_save_is_ignored_and_cleaned(tmp_path):
   _two_steps(tmp_path)
   # What a save killed mid-write leaves: a tmp dir with some, not all, of the files.
-  tmp = tmp_path / f"3{ckpt_lib._ORBAX_TMP_SUFFIX}-1700000000"
+  tmp = tmp_path / f"3{ckpt_lib._ORBAX_TMP_SUFFIX}"
   shutil.copytree(tmp_path / "2", tmp)
   shutil.rmtree(tmp / "meta")
   ckpt = Checkpointer(tmp_path)
@@ -395,11 +399,80 @@ def test_select_if_finite_refuses_a_nan_update():
     select_if_finite(jnp.array([True, False]), params, params)
 
 
+def multihost_toy(workdir, process_id: int, port: int, num_processes: int = 2):
+  """One process of a loopback multi-host run: x ← x + 1 per step on an array sharded over all
+  processes' devices, checkpoints every 5 steps; on a preemption agreed by all processes, a
+  forced save of the same step everywhere, then a sharded restore that must match."""
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
+                             num_processes=num_processes, process_id=process_id)
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = NamedSharding(mesh, P("data"))
+  n = 2 * jax.device_count()
+  x = jax.jit(lambda: jnp.arange(n, dtype=jnp.float32), out_shardings=sharding)()
+  add_one = jax.jit(lambda x: x + 1.0)
+  ckpt = Checkpointer(workdir, max_to_keep=2)
+  with PreemptionGuard() as guard:
+    for step in range(100_000):
+      x = add_one(x)
+      if guard.should_stop(step):
+        ckpt.save(step + 1, {"x": x}, {"step": step + 1}, force=True)
+        print(f"process {process_id} stopped after step {step + 1}", flush=True)
+        break
+      if (step + 1) % 5 == 0:
+        ckpt.save(step + 1, {"x": x}, {"step": step + 1})
+      time.sleep(0.02)
+  ckpt.close()
+  ckpt = Checkpointer(workdir)
+  state, meta = ckpt.restore(target={"x": jax.ShapeDtypeStruct((n,), jnp.float32,
+                                                                 sharding=sharding)})
+  ckpt.close()
+  assert meta["step"] == step + 1
+  for a, b in zip(state["x"].addressable_shards, x.addressable_shards):
+    np.testing.assert_array_equal(a.data, b.data)
+  print(f"process {process_id} restored step {meta['step']}", flush=True)
+
+
+def test_multihost_sigterm_stops_every_process_at_one_step(tmp_path):
+  """SIGTERM to one of two loopback processes: JAX's preemption service makes both stop, and
+  save, at the same step; both exit 0; the checkpoint restores there and here."""
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=str(THIS_FILE.parents[1]))
+  procs = [subprocess.Popen([sys.executable, str(THIS_FILE), str(tmp_path), "0",
+                             "--multihost-process", str(i), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for i in range(2)]
+  try:
+    _wait_for_step(procs[0], tmp_path, 10, timeout=120)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  stops = [int(out.split("stopped after step")[1].split()[0]) for out, _ in outs]
+  assert stops[0] == stops[1] > 10
+  assert all(f"restored step {stops[0]}" in out for out, _ in outs)
+  with Checkpointer(tmp_path) as ckpt:
+    state, meta = ckpt.restore()
+  assert meta == {"step": stops[0]}
+  np.testing.assert_array_equal(state["x"], np.arange(state["x"].shape[0]) + stops[0])
+
+
 if __name__ == "__main__":
   parser = argparse.ArgumentParser()
   parser.add_argument("workdir")
   parser.add_argument("total_steps", type=int)
   parser.add_argument("--sleep", type=float, default=0.0)
   parser.add_argument("--guard", action="store_true")
+  parser.add_argument("--multihost-process", type=int, default=None)
+  parser.add_argument("--port", type=int, default=None)
   a = parser.parse_args()
-  toy_train(a.workdir, a.total_steps, sleep=a.sleep, guard=a.guard)
+  if a.multihost_process is not None:
+    multihost_toy(a.workdir, a.multihost_process, a.port)
+  else:
+    toy_train(a.workdir, a.total_steps, sleep=a.sleep, guard=a.guard)
