@@ -250,15 +250,22 @@ ssh_all() {
 }
 
 # ---- code and environment --------------------------------------------------------------------
+TARBALL_BUILT=0
+
 
 setup_tpu() {
   if [[ -n "${REPO_URL}" ]]; then
     ssh_all "set -e; cd \"\$HOME\"; rm -rf ${REMOTE_DIR}; git clone --quiet $(shquote "${REPO_URL}") ${REMOTE_DIR}; git -C ${REMOTE_DIR} checkout --quiet $(shquote "${REPO_REF}")" || return 1
   else
-    if ! is_dry_run && [[ -n "$(git -C "${REPO_ROOT}" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
-      log "note: uncommitted changes are not shipped; the workers get ${REPO_REF} as committed"
+    # Archived once per invocation: a TPU recreated after a preemption gets the same code even
+    # if the local checkout has moved on since.
+    if ((!TARBALL_BUILT)); then
+      if ! is_dry_run && [[ -n "$(git -C "${REPO_ROOT}" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
+        log "note: uncommitted changes are not shipped; the workers get ${REPO_REF} as committed"
+      fi
+      run git -C "${REPO_ROOT}" archive --format=tar.gz "--output=${TARBALL}" "${REPO_REF}" || return 1
+      TARBALL_BUILT=1
     fi
-    run git -C "${REPO_ROOT}" archive --format=tar.gz "--output=${TARBALL}" "${REPO_REF}" || return 1
     run gcloud compute tpus tpu-vm scp "${TARBALL}" "${TPU_NAME}:${REMOTE_DIR}.tar.gz" \
       "${GCLOUD_SCOPE[@]}" --worker=all || return 1
     ssh_all "set -e; cd \"\$HOME\"; rm -rf ${REMOTE_DIR}; mkdir -p ${REMOTE_DIR}; tar -xzf ${REMOTE_DIR}.tar.gz -C ${REMOTE_DIR}; rm -f ${REMOTE_DIR}.tar.gz" || return 1

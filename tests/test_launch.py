@@ -415,6 +415,27 @@ def test_tpu_watch_recreates_a_preempted_tpu_and_resumes(fake):
   assert "PREEMPTED" in result.stderr
 
 
+def test_tpu_all_ships_the_same_tarball_to_a_recreated_tpu(fake, tmp_path):
+  if not (REPO_ROOT / ".git").exists() or shutil.which("git") is None:
+    pytest.skip("needs the git checkout of the repository to archive")
+  fake_dir, env = fake
+  # A git wrapper that records its calls, so the archive count can be checked.
+  real_git = shutil.which("git")
+  wrapper = fake_dir / "bin" / "git"
+  wrapper.write_text(f'#!/bin/sh\necho "$*" >> "{fake_dir}/git.log"\nexec "{real_git}" "$@"\n')
+  wrapper.chmod(0o755)
+  # create: READY (kept); after the failed run: PREEMPTED, PREEMPTED (create_tpu), then READY.
+  (fake_dir / "tpu_states").write_text("READY\nPREEMPTED\nPREEMPTED\nREADY")
+  result = run_script(TPU, ["all"], {**env, **TPU_ENV, "MAX_RESTARTS": "2", "FAKE_TRAIN_FAILS": "1"})
+  assert result.returncode == 0, result.stderr
+  assert [kind(c) for c in gcloud_calls(fake_dir)] == [
+      "tpu-vm describe", "tpu-vm scp", "ssh code", "ssh install", "ssh train",
+      "tpu-vm describe", "tpu-vm describe", "tpu-vm delete", "tpu-vm create",
+      "tpu-vm scp", "ssh code", "ssh install", "ssh train"]
+  archives = [line for line in (fake_dir / "git.log").read_text().splitlines() if "archive" in line]
+  assert len(archives) == 1
+
+
 def test_tpu_watch_requeues_a_suspended_queued_resource(fake):
   fake_dir, env = fake
   # Failed run -> queued resource SUSPENDED -> delete + create, waits through
