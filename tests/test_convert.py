@@ -215,9 +215,17 @@ def test_sharded_load_on_8_devices(f32_ckpt):
       assert len(kernel[...].sharding.device_set) == 8
       got = jax_logits(model, ids, mask)
       np.testing.assert_allclose(got[mask], want[mask], atol=1e-4, rtol=0)
-  replicated = from_pretrained(out, mesh=mesh)  # no rules: replicated over the mesh
+  replicated = from_pretrained(out, shardings=NamedSharding(mesh, P()))
   assert replicated.wte.embedding[...].sharding.spec == P()
   np.testing.assert_allclose(jax_logits(replicated, ids, mask)[mask], want[mask], atol=1e-4, rtol=0)
+  # A mesh alone: the logical-axis rules of egspo.sharding (embed → fsdp, mlp → tensor, …).
+  from egspo import sharding
+
+  mesh3 = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+  ruled = from_pretrained(out, mesh=mesh3, scan_layers=True)
+  assert ruled.blocks.up_proj.kernel[...].sharding.spec == P(None, "fsdp", "tensor")
+  assert ruled.ff_out.kernel[...].sharding.spec == P("fsdp", "tensor")
+  np.testing.assert_allclose(jax_logits(ruled, ids, mask)[mask], want[mask], atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -504,17 +504,18 @@ def _flatten_pure(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
   return out
 
 
-def _resolve_shardings(abs_pure: dict, mesh, shardings) -> dict[tuple, Any]:
+def _resolve_shardings(abs_state: nnx.State, mesh, shardings, rules) -> dict[tuple, Any]:
   """path → target sharding of every parameter of the (abstract) model."""
-  flat = _flatten_pure(abs_pure)
+  flat = _flatten_pure(abs_state.to_pure_dict())
   if shardings is None and mesh is None:
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return {p: dev for p in flat}
   if shardings is None:
-    # No per-parameter rules given: replicate over the mesh (egspo.sharding provides FSDP/tensor
-    # rules from the parameters' logical axes; pass its result as `shardings`).
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return {p: rep for p in flat}
+    # The parameters' logical axes through the logical → mesh axis rules of egspo.sharding.
+    from egspo import sharding as sharding_lib
+
+    shardings = sharding_lib.logical_to_mesh_sharding(
+        abs_state, mesh, sharding_lib.RULES if rules is None else rules)
   if isinstance(shardings, jax.sharding.Sharding):
     return {p: shardings for p in flat}
   if isinstance(shardings, nnx.State):
@@ -581,15 +582,18 @@ def _iter_group_arrays(path: pathlib.Path, layout: str, cfg: ModelConfig,
 
 
 def from_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
-                    shardings=None, **config_overrides) -> LLaDA:
+                    shardings=None, rules=None, **config_overrides) -> LLaDA:
   """Load a LLaDA model from an HF dir or an egspo orbax dir, straight into its shardings.
 
   Args:
     path: checkpoint directory (either layout; detected from its files).
-    mesh: optional mesh; without `shardings` every parameter is replicated over it.
-    shardings: optional target shardings: a single `Sharding`, or an `nnx.State`/nested dict of
-      `NamedSharding`s matching `nnx.state(model, nnx.Param)` for the requested layout (stacked
-      `[n_layers, …]` leaves when `scan_layers=True`), e.g. from `egspo.sharding`.
+    mesh: optional mesh; without `shardings` each parameter gets the sharding its
+      `logical_axes` map to under `rules` (`egspo.sharding.logical_to_mesh_sharding`).
+    shardings: optional target shardings: a single `Sharding` for all, or an `nnx.State`/nested
+      dict of `NamedSharding`s matching `nnx.state(model, nnx.Param)` for the requested layout
+      (stacked `[n_layers, …]` leaves when `scan_layers=True`).
+    rules: logical → mesh axis rules used with `mesh` (default `egspo.sharding.RULES`).
+    Neither mesh nor shardings: everything on the first device.
     **config_overrides: ModelConfig fields (`param_dtype`, `dtype`, `scan_layers`, `remat`, ...).
       `param_dtype` defaults to the checkpoint's stored dtype.
 
@@ -611,9 +615,8 @@ def from_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
                           f"config ({cfg.n_layers} layers)")
   abstract = nnx.eval_shape(lambda: LLaDA(cfg, rngs=nnx.Rngs(0)))
   graphdef, abs_state = nnx.split(abstract)
-  abs_pure = abs_state.to_pure_dict()
-  targets = _resolve_shardings(abs_pure, mesh, shardings)
-  flat_abs = _flatten_pure(abs_pure)
+  targets = _resolve_shardings(abs_state, mesh, shardings, rules)
+  flat_abs = _flatten_pure(abs_state.to_pure_dict())
   values: dict[tuple, jax.Array] = {}
   for group, specs in _group_specs(cfg).items():
     group_targets = {}
