@@ -26,7 +26,7 @@
 #   CONFIG              config file[:variant], relative to the repo      [configs/countdown.py]
 #   WORKDIR             run directory: checkpoints, metrics; local or gs:// (required for train)
 #   EXTRA_ARGS          extra flags for egspo.main, split on whitespace, e.g.
-#                       '--config.rl.num_iterations=500 --config.seed=1'  []
+#                       '--config.train.num_iterations=500 --config.seed=1'  []
 #   NUM_PROCESSES       processes to start (see above)                    [1]
 #   GPU_IDS             comma-separated GPU indices; with NUM_PROCESSES>1 one per process
 #                       [0,1,...,NUM_PROCESSES-1; with 1 process: unset = all visible GPUs]

@@ -38,7 +38,7 @@
 #                    same checkpoints (required for train/watch/all)
 #   ALLOW_LOCAL_WORKDIR  1: accept a non-gs:// WORKDIR (single-host slices only)   [0]
 #   EXTRA_ARGS       extra flags for egspo.main, split on whitespace, e.g.
-#                    '--config.rl.num_iterations=500 --config.seed=1'            []
+#                    '--config.train.num_iterations=500 --config.seed=1'            []
 #   REMOTE_ENV       VAR=value pairs set for the training processes, split on whitespace,
 #                    e.g. 'LIBTPU_INIT_ARGS=--xla_tpu_enable_async_all_gather=true'  []
 #   REPO_URL         if set, workers `git clone` this URL instead of receiving a tarball  []

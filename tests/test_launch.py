@@ -163,13 +163,13 @@ TPU_ENV = {
     "ACCELERATOR_TYPE": "v5p-16",
     "WORKDIR": "gs://bucket/egspo/run1",
     "CONFIG": "configs/countdown.py:tiny",
-    "EXTRA_ARGS": "--config.seed=3 --config.rl.lam=0.5",
+    "EXTRA_ARGS": "--config.seed=3 --config.egspo.lam=0.5",
     "RETRY_DELAY": "0",
     "POLL_INTERVAL": "0",
 }
 
 TRAIN_ARGV = ["python", "-m", "egspo.main", "--config=configs/countdown.py:tiny",
-              "--workdir=gs://bucket/egspo/run1", "--config.seed=3", "--config.rl.lam=0.5"]
+              "--workdir=gs://bucket/egspo/run1", "--config.seed=3", "--config.egspo.lam=0.5"]
 
 
 def train_argv(script_text):
