@@ -79,7 +79,7 @@ pause() {
 }
 
 # Split a string of extra flags into the array EXTRA_ARGV on whitespace (no globbing, no quote
-# processing: pass values without spaces, e.g. EXTRA_ARGS='--config.rl.lam=0.5 --config.seed=1').
+# processing: pass values without spaces, e.g. EXTRA_ARGS='--config.egspo.lam=0.5 --config.seed=1').
 # shellcheck disable=SC2034  # EXTRA_ARGV is read by the sourcing script
 split_extra_args() {
   EXTRA_ARGV=()
