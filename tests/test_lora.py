@@ -1,0 +1,159 @@
+"""LoRA (egspo.model.lora): zero-init identity, merge equivalence, LoRA-only gradients, counts,
+scanned stacks and sharding metadata."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from egspo import sharding
+from egspo.model import llada, lora
+
+ALL7 = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+
+
+def small_config(**kw):
+  base = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=48, vocab_size=50,
+              embedding_size=52, mask_token_id=49, eos_token_id=1, pad_token_id=0,
+              rope_theta=10000.0, max_sequence_length=64)
+  base.update(kw)
+  return llada.ModelConfig(**base)
+
+
+def fwd(model, ids, mask=None):
+  graphdef, state = nnx.split(model)
+  return jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))(state, ids, mask)
+
+
+def perturb_b(model, seed=0, scale=0.3):
+  """Random B factors (after training B is no longer zero)."""
+  key = jax.random.key(seed)
+  for _, m in sorted(lora.lora_modules(model).items()):
+    key, sub = jax.random.split(key)
+    b = m.lora_b[...]
+    m.lora_b.set_value(scale * jax.random.normal(sub, b.shape, b.dtype))
+
+
+IDS = jnp.asarray(np.random.default_rng(0).integers(2, 50, (2, 9)), jnp.int32)
+MASK = jnp.asarray([[1] * 9, [0] * 3 + [1] * 6], jnp.int32)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_zero_init_identity_and_merge(scan):
+  cfg = small_config(scan_layers=scan)
+  model = llada.init_model(cfg, seed=1)
+  base_logits = np.asarray(fwd(model, IDS, MASK))
+  lora.apply_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(3))
+  mods = lora.lora_modules(model)
+  want = {f"blocks.{n}" if scan else f"blocks.{i}.{n}" for n in ALL7
+          for i in range(cfg.n_layers)}
+  assert set(mods) == want  # the LM head `ff_out` is not adapted by default
+  m = mods["blocks.q_proj" if scan else "blocks.1.q_proj"]
+  assert m.scale == 2.0
+  assert m.lora_a[...].shape == ((2,) if scan else ()) + (32, 4)
+  assert m.lora_b[...].shape == ((2,) if scan else ()) + (4, 32)
+  assert float(jnp.abs(m.lora_a[...]).max()) > 0.1 and float(jnp.abs(m.lora_b[...]).max()) == 0
+  # B = 0: the adapted model is exactly the base model.
+  np.testing.assert_allclose(fwd(model, IDS, MASK), base_logits, atol=1e-6, rtol=0)
+
+  perturb_b(model)
+  adapted = np.asarray(fwd(model, IDS, MASK))
+  assert np.abs(adapted - base_logits).max() > 1e-2
+  merged = lora.merge_lora(model)
+  assert type(merged) is llada.LLaDA and not lora.lora_modules(merged)
+  assert not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))
+  # Same parameter paths and shapes as a freshly built model: exportable as is.
+  fresh = nnx.state(llada.init_model(cfg), nnx.Param)
+  assert jax.tree.map(jnp.shape, nnx.state(merged, nnx.Param)) == jax.tree.map(jnp.shape, fresh)
+  np.testing.assert_allclose(fwd(merged, IDS, MASK), adapted, atol=1e-5, rtol=0)
+  # Hand check of one merged kernel: W + (alpha/r) A B.
+  mk = merged.blocks.q_proj.kernel[...] if scan else merged.blocks[1].q_proj.kernel[...]
+  want_k = m.kernel[...] + 2.0 * jnp.einsum("...ir,...ro->...io", m.lora_a[...], m.lora_b[...])
+  np.testing.assert_allclose(mk, want_k, atol=1e-6, rtol=0)
+  # merge_lora leaves the LoRA model as it was.
+  np.testing.assert_allclose(fwd(model, IDS, MASK), adapted, atol=0, rtol=0)
+
+
+def test_only_lora_params_get_gradients_and_train():
+  model = llada.init_model(small_config(), seed=2)
+  lora.apply_lora(model, rank=2, alpha=2.0, rngs=nnx.Rngs(0))
+  targets = jnp.asarray(np.random.default_rng(1).integers(0, 50, IDS.shape), jnp.int32)
+
+  def loss_fn(model):
+    logp = jax.nn.log_softmax(model(IDS, MASK))
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+  # At B = 0 the gradient w.r.t. A is exactly zero (dL/dA = xᵀ (dL/dy) Bᵀ) and w.r.t. B is not.
+  grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+  g = lora.lora_modules(model)["blocks.0.v_proj"]
+  flat = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(grads)}
+  assert set(flat) == {f"{k}.{n}" for k in lora.lora_modules(model) for n in ("lora_a", "lora_b")}
+  assert float(jnp.abs(flat["blocks.0.v_proj.lora_a"]).max()) == 0.0
+  assert float(jnp.abs(flat["blocks.0.v_proj.lora_b"]).max()) > 1e-6
+  del g
+
+  base_before = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+  base_before = jax.tree.map(np.asarray, base_before)
+  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(train_step(model, optimizer)) for _ in range(5)]
+  assert losses[-1] < losses[0]
+  base_after = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+  for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(base_after)):
+    np.testing.assert_array_equal(a, b)  # the base weights are frozen
+  assert float(jnp.abs(lora.lora_modules(model)["blocks.1.ff_out"].lora_b[...]).max()) > 1e-3
+
+
+def test_parameter_counts_and_target_selection():
+  cfg = small_config()
+  model = llada.init_model(cfg)
+  n_base = cfg.num_params()
+  lora.apply_lora(model, rank=3, alpha=6.0)
+  # Σ over the 7 projections of r·(in + out), per layer: q 32+32, k 32+16, v 32+16, attn_out
+  # 32+32, ff_proj 32+48, up_proj 32+48, ff_out 48+32 = 464.
+  assert lora.num_lora_params(model) == 3 * 464 * cfg.n_layers == 2784
+  n_all = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert n_all == n_base + 2784  # LoRAParam is a Param subclass; the base count is unchanged
+
+  only_qv = lora.apply_lora(llada.init_model(cfg), rank=2, alpha=2.0, targets=r"(q|v)_proj$")
+  assert sorted(lora.lora_modules(only_qv)) == ["blocks.0.q_proj", "blocks.0.v_proj",
+                                                 "blocks.1.q_proj", "blocks.1.v_proj"]
+  assert lora.num_lora_params(only_qv) == 2 * (64 + 48) * 2
+  # The LM head can be targeted explicitly; it keeps its float32 output.
+  head = lora.apply_lora(llada.init_model(cfg.replace(dtype="bfloat16")), rank=2, alpha=2.0,
+                         targets=r"^ff_out$")
+  assert list(lora.lora_modules(head)) == ["ff_out"]
+  assert head(IDS).dtype == jnp.float32
+
+  with pytest.raises(ValueError, match="match no projection"):
+    lora.apply_lora(llada.init_model(cfg), rank=2, alpha=2.0, targets="nothing_here")
+  with pytest.raises(ValueError, match="rank must be a positive integer"):
+    lora.apply_lora(llada.init_model(cfg), rank=0, alpha=2.0)
+  with pytest.raises(ValueError, match="alpha must be positive"):
+    lora.apply_lora(llada.init_model(cfg), rank=2, alpha=0.0)
+  with pytest.raises(ValueError, match="already has LoRA adapters"):
+    lora.apply_lora(model, rank=2, alpha=2.0)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_lora_params_carry_logical_axes_and_shard(scan):
+  model = llada.init_model(small_config(scan_layers=scan))
+  lora.apply_lora(model, rank=4, alpha=4.0)
+  m = lora.lora_modules(model)["blocks.ff_out" if scan else "blocks.0.ff_out"]
+  assert m.lora_a.get_metadata()["logical_axes"] == ("mlp", "lora_rank")
+  assert m.lora_b.get_metadata()["logical_axes"] == ("lora_rank", "embed")
+  mesh = sharding.make_mesh(2, 2, 2)
+  sharding.shard_model(model, mesh)
+  lead = (None,) if scan else ()
+  assert m.lora_a[...].sharding.spec == P(*lead, "tensor")
+  assert m.lora_b[...].sharding.spec == P(*lead, None, "fsdp")
+  assert m.kernel[...].sharding.spec == P(*lead, "tensor", "fsdp")
