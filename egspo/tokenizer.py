@@ -102,3 +102,103 @@ class CharTokenizer(TokenizerBase):
 
   def chat_prompt(self, user_message: str, assistant_prefill: str = "") -> str:
     return user_message + assistant_prefill
+
+
+# LLaDA's chat turn (REFERENCE §1), used when a tokenizer directory has no chat template.
+LLADA_CHAT_TEMPLATE = ("<|start_header_id|>user<|end_header_id|>\n\n{msg}<|eot_id|>"
+                       "<|start_header_id|>assistant<|end_header_id|>\n\n")
+LLADA_MASK_TOKEN = "<|mdm_mask|>"
+
+
+class HFTokenizer(TokenizerBase):
+  """A Hugging Face tokenizer from a local directory (no hub access), e.g. LLaDA-8B-Instruct's.
+
+  Ids (REFERENCE §1): `mask_id` = `mask_token_id` of the model's config.json, else the id of the
+  `<|mdm_mask|>` token; `eos_id` = the config's `eos_token_id` (126081 for LLaDA, which is also
+  its padding token), else the tokenizer's; `pad_id` = the config's `pad_token_id`, else the
+  tokenizer's, else `eos_id`. `config` is a config.json dict or a path to one or to its
+  directory; by default the tokenizer directory's own config.json is used when present.
+  """
+
+  def __init__(self, path, config=None):
+    import pathlib
+
+    path = pathlib.Path(path)
+    if not path.is_dir():
+      raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                              "tokenizer.model", "vocab.json")):
+      raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json / "
+                              "tokenizer_config.json)")
+    import transformers  # local: slow import, and only needed for HF tokenizers
+
+    try:
+      self.tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"cannot load a Hugging Face tokenizer from {path}: {e}") from e
+    cfg = self._read_config(path if config is None else config, required=config is not None)
+    self.path = path
+    self.vocab_size = len(self.tok)
+    self.mask_id = self._pick_id("mask_token_id", cfg.get("mask_token_id"),
+                                 self._token_id(LLADA_MASK_TOKEN))
+    self.eos_id = self._pick_id("eos_token_id", cfg.get("eos_token_id"), self.tok.eos_token_id)
+    pad = cfg.get("pad_token_id", self.tok.pad_token_id)
+    self.pad_id = self.eos_id if pad is None else self._pick_id("pad_token_id", pad, None)
+
+  @staticmethod
+  def _read_config(config, required: bool) -> dict:
+    import json
+    import pathlib
+
+    if isinstance(config, dict):
+      return config
+    p = pathlib.Path(config)
+    if p.is_dir():
+      p = p / "config.json"
+    if not p.is_file():
+      if required:
+        raise FileNotFoundError(f"model config {p} does not exist")
+      return {}
+    try:
+      return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{p} is not valid JSON: {e}") from e
+
+  def _token_id(self, token: str) -> int | None:
+    i = self.tok.convert_tokens_to_ids(token)
+    return None if i is None or i == self.tok.unk_token_id else int(i)
+
+  def _pick_id(self, name: str, *candidates) -> int:
+    for c in candidates:
+      if c is not None:
+        c = int(c[0] if isinstance(c, (list, tuple)) else c)  # HF configs may list several EOS
+        if c < 0:
+          raise ValueError(f"{name}={c} is not a valid token id")
+        return c
+    raise ValueError(f"cannot determine {name}: not in the model config and no matching token in "
+                     f"the tokenizer at {getattr(self, 'path', '?')}")
+
+  def encode(self, text: str) -> list[int]:
+    # Special tokens written in the text (e.g. <|eot_id|> from the chat template) are parsed as
+    # such; nothing is added around the text.
+    return list(self.tok.encode(text, add_special_tokens=False))
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def chat_prompt(self, user_message: str, assistant_prefill: str = "") -> str:
+    """One user turn through the tokenizer's chat template (generation prompt added), else
+    LLaDA's template (preceded by the BOS token when the tokenizer has one), then the prefill."""
+    if getattr(self.tok, "chat_template", None):
+      text = self.tok.apply_chat_template([{"role": "user", "content": user_message}],
+                                          tokenize=False, add_generation_prompt=True)
+    else:
+      text = (self.tok.bos_token or "") + LLADA_CHAT_TEMPLATE.format(msg=user_message)
+    return text + assistant_prefill
+
+
+def load_tokenizer(spec: str, config=None) -> TokenizerBase:
+  """`"char"` → the built-in CharTokenizer; anything else is a local HF tokenizer directory."""
+  if spec == "char":
+    return CharTokenizer()
+  return HFTokenizer(spec, config=config)
