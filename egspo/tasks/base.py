@@ -27,6 +27,8 @@ rewards and metrics. Every task implements:
   sft_target(example, style) -> str
       A correct completion (for SFT warm-starting the tiny CPU model). Raises if the example carries
       no known solution.
+  question(example) -> str
+      The bare problem text (the `question` field of d1's generations JSON).
   ground_truth(example) / example_from_ground_truth(question, ground_truth)
       The `ground_truth` field of d1's generations JSON and its inverse, for rescoring saved files.
 
@@ -143,12 +145,21 @@ class Task:
   def score(self, completion: str, example: Example) -> dict:
     raise NotImplementedError
 
+  def scores(self, completions: Sequence[str], examples: Sequence[Example]) -> list[dict]:
+    """Batched `score` (code tasks run the programs in parallel)."""
+    if len(completions) != len(examples):
+      raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
+    return [self.score(c, e) for c, e in zip(completions, examples)]
+
   def aggregate(self, scores: Sequence[dict]) -> dict:
     n = len(scores)
     correct = sum(bool(s["correct"]) for s in scores)
     return {"accuracy": correct / n if n else 0.0, "correct": correct, "total": n}
 
   # --- d1 generations JSON ------------------------------------------------------------------
+  def question(self, example: Example) -> str:
+    raise NotImplementedError
+
   def ground_truth(self, example: Example) -> Any:
     raise NotImplementedError
 

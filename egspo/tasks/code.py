@@ -304,6 +304,9 @@ class CodeTask(Task):
   def _hf_source(self, split: str) -> dict:
     return {}
 
+  def question(self, example: Example) -> str:
+    return self.question_text(example)
+
   def ground_truth(self, example: Example) -> Any:
     return {"tests": list(example["tests"]), "setup": example.get("setup", ""),
             "entry_point": example.get("entry_point")}

@@ -343,6 +343,9 @@ class CountdownTask(Task):
       pass
     return {"correct": bool(correct), "extracted": expr}
 
+  def question(self, example: Example) -> str:
+    return f"Numbers: {list(example['numbers'])}\nTarget: {int(example['target'])}"
+
   def ground_truth(self, example: Example) -> Any:
     return [list(example["numbers"]), int(example["target"])]
 

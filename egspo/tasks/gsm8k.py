@@ -181,6 +181,9 @@ class GSM8KTask(Task):
     correct = pred is not None and ref is not None and abs(pred - float(ref)) < 1e-9
     return {"correct": bool(correct), "extracted": pred}
 
+  def question(self, example: Example) -> str:
+    return example["question"]
+
   def ground_truth(self, example: Example) -> Any:
     ref = to_number(str(example["answer"]))
     return float(ref) if ref is not None else example["answer"]

@@ -159,6 +159,9 @@ class Math500Task(Task):
       pred = m.group(1).strip() if m else None
     return {"correct": is_equivalent(pred, example["answer"], self.use_cas), "extracted": pred}
 
+  def question(self, example: Example) -> str:
+    return example["problem"]
+
   def ground_truth(self, example: Example) -> Any:
     return example["answer"]
 

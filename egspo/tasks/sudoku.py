@@ -278,6 +278,9 @@ class SudokuTask(Task):
     out.update(cell_accuracy=cc / ec if ec else 0.0, correct_cells=cc, empty_cells=ec)
     return out
 
+  def question(self, example: Example) -> str:
+    return f"Solve the following Sudoku puzzle: {example['puzzle']}"
+
   def ground_truth(self, example: Example) -> Any:
     return example["solution"]
 
