@@ -218,6 +218,38 @@ def test_roundtrip_typed_keys_optax_state_and_meta(tmp_path):
     np.testing.assert_array_equal(untargeted["params"]["w"], state["params"]["w"])
 
 
+def test_nnx_model_optimizer_and_rngs_roundtrip(tmp_path):
+  """The loop's real state: nnx.split of (model, nnx.Optimizer) with an nnx.Rngs stream."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class Toy(nnx.Module):
+    def __init__(self, rngs):
+      self.linear = nnx.Linear(3, 4, rngs=rngs)
+      self.rngs = rngs
+
+  model = Toy(nnx.Rngs(0, dropout=1))
+  opt = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt):
+    noise = jax.random.normal(model.rngs.dropout(), (2, 3))  # advances the rng stream
+    opt.update(model, nnx.grad(lambda m: jnp.sum(m.linear(noise) ** 2))(model))
+
+  step(model, opt)
+  graphdef, state = nnx.split((model, opt))
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, state, {"step": 1})
+    ckpt.wait_until_finished()
+    restored, meta = ckpt.restore(target=nnx.eval_shape(lambda: state))
+  assert meta == {"step": 1}
+  _assert_trees_identical(state, restored)
+  model2, opt2 = nnx.merge(graphdef, restored)
+  # Both copies continue identically: same rng draw, same update.
+  step(model, opt)
+  step(model2, opt2)
+  _assert_trees_identical(nnx.state((model, opt)), nnx.state((model2, opt2)))
+
+
 def test_meta_reserved_key_rejected(tmp_path):
   with Checkpointer(tmp_path) as ckpt, np.testing.assert_raises(ValueError):
     ckpt.save(0, {"x": jnp.ones(2)}, {"__prng_keys__": 1})
@@ -399,6 +431,49 @@ def test_select_if_finite_refuses_a_nan_update():
     select_if_finite(jnp.array([True, False]), params, params)
 
 
+def big_saves(workdir):
+  """Saves a 32 MB state every step, forever: a SIGKILL lands mid-write sooner or later."""
+  ckpt = Checkpointer(workdir, max_to_keep=2)
+  for step in range(1_000_000):
+    ckpt.save(step, {"x": jnp.full((8 * 2**20,), step, jnp.float32)}, {"step": step})
+
+
+def test_sigkill_during_a_real_save_leaves_previous_step(tmp_path):
+  """Kill the writer while a step's tmp directory exists: that step is never seen, the previous
+  committed step restores intact, and the tmp directory is swept on the next open."""
+  for attempt in range(3):
+    workdir = tmp_path / str(attempt)
+    proc = subprocess.Popen([sys.executable, str(THIS_FILE), str(workdir), "0", "--big-saves"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(THIS_FILE.parents[1])))
+    deadline = time.time() + 60
+    caught = None
+    while time.time() < deadline and proc.poll() is None:
+      committed = [p for p in workdir.glob("[0-9]*") if p.name.isdigit()]
+      tmps = list(workdir.glob(f"*{ckpt_lib._ORBAX_TMP_SUFFIX}*"))
+      if committed and tmps:
+        proc.send_signal(signal.SIGKILL)
+        caught = tmps
+        break
+      time.sleep(0.002)
+    proc.kill()
+    proc.wait(timeout=30)
+    if caught and any(t.exists() for t in caught):
+      break
+  else:
+    raise AssertionError("never caught a save in flight")
+  left_over = [t for t in caught if t.exists()]
+  in_flight = int(left_over[0].name.split(".")[0])
+  ckpt = Checkpointer(workdir)
+  latest = ckpt.latest_step()
+  assert latest is not None and latest < in_flight
+  state, meta = ckpt.restore(target={"x": jax.ShapeDtypeStruct((8 * 2**20,), jnp.float32)})
+  ckpt.close()
+  assert meta == {"step": latest}
+  assert float(state["x"][0]) == latest and float(state["x"][-1]) == latest
+  assert not any(t.exists() for t in left_over)
+
+
 def multihost_toy(workdir, process_id: int, port: int, num_processes: int = 2):
   """One process of a loopback multi-host run: x ← x + 1 per step on an array sharded over all
   processes' devices, checkpoints every 5 steps; on a preemption agreed by all processes, a
@@ -471,8 +546,11 @@ if __name__ == "__main__":
   parser.add_argument("--guard", action="store_true")
   parser.add_argument("--multihost-process", type=int, default=None)
   parser.add_argument("--port", type=int, default=None)
+  parser.add_argument("--big-saves", action="store_true")
   a = parser.parse_args()
-  if a.multihost_process is not None:
+  if a.big_saves:
+    big_saves(a.workdir)
+  elif a.multihost_process is not None:
     multihost_toy(a.workdir, a.multihost_process, a.port)
   else:
     toy_train(a.workdir, a.total_steps, sleep=a.sleep, guard=a.guard)
