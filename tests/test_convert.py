@@ -178,6 +178,16 @@ def test_bf16_checkpoint(tmp_path):
     assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], t), name
 
 
+def test_param_dtype_defaults_to_stored_tensors(tmp_path):
+  # No torch_dtype in config.json: the safetensors dtype decides (a bf16 8B model stays bf16).
+  sd = torch_llada.random_state_dict(HF_CFG, seed=9, dtype=torch.bfloat16)
+  hf = write_hf(tmp_path / "hf", sd, n_shards=2)
+  assert "torch_dtype" not in json.loads((hf / "config.json").read_text())
+  assert from_pretrained(hf).cfg.param_dtype == "bfloat16"
+  assert convert.convert_hf_to_orbax(hf, tmp_path / "o").param_dtype == "bfloat16"
+  assert from_pretrained(tmp_path / "o").ln_f.weight[...].dtype == jnp.bfloat16
+
+
 def test_convert_to_float32(tmp_path):
   sd = torch_llada.random_state_dict(HF_CFG, seed=8, dtype=torch.bfloat16)
   hf = write_hf(tmp_path / "hf", sd, n_shards=2, torch_dtype="bfloat16")

@@ -158,12 +158,19 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
   return cfg
 
 
-def config_from_json(cfg_json: dict[str, Any], where: str, **overrides) -> ModelConfig:
-  """ModelConfig from a LLaDA config.json dict; `param_dtype` defaults to the stored one."""
+def config_from_json(cfg_json: dict[str, Any], where: str, *, tensor_dtype: np.dtype | None = None,
+                     **overrides) -> ModelConfig:
+  """ModelConfig from a LLaDA config.json dict.
+
+  `param_dtype` (unless overridden) is the config's `param_dtype`/`torch_dtype`, else the dtype
+  the tensors are stored in (`tensor_dtype`), else float32: an 8B bf16 checkpoint stays bf16.
+  """
   if cfg_json.get("weight_tying"):
     raise CheckpointError(f"{where}: weight_tying=true is not a LLaDA-8B layout (untied head "
                           "expected, REFERENCE §1)")
   stored = cfg_json.get("param_dtype", cfg_json.get("torch_dtype"))
+  if stored not in _NP_DTYPES and tensor_dtype is not None:
+    stored = next((k for k, v in _NP_DTYPES.items() if v == tensor_dtype), None)
   if "param_dtype" not in overrides and stored in _NP_DTYPES:
     overrides["param_dtype"] = stored
   try:
@@ -285,6 +292,12 @@ def index_hf_checkpoint(path: str | os.PathLike) -> dict[str, _StEntry]:
   if single.is_file():
     return read_safetensors_header(single)
   raise CheckpointError(f"{path}: no {INDEX} and no {SINGLE}; not a Hugging Face checkpoint")
+
+
+def _stored_dtype(entries: dict[str, _StEntry]) -> np.dtype | None:
+  """The dtype of the embedding (the checkpoint's storage dtype), if present."""
+  e = entries.get(_PREFIX + "wte.weight")
+  return None if e is None else e.dtype
 
 
 def check_tensors(entries: dict[str, Any], cfg: ModelConfig, where: str) -> None:
@@ -417,8 +430,10 @@ def convert_hf_to_orbax(checkpoint: str | os.PathLike, output: str | os.PathLike
   if not checkpoint.is_dir():
     raise CheckpointError(f"checkpoint directory {checkpoint} does not exist")
   overrides = {} if param_dtype is None else {"param_dtype": param_dtype}
-  cfg = config_from_json(read_config_json(checkpoint), str(checkpoint / CONFIG), **overrides)
+  cfg_json = read_config_json(checkpoint)
   entries = index_hf_checkpoint(checkpoint)
+  cfg = config_from_json(cfg_json, str(checkpoint / CONFIG),
+                         tensor_dtype=_stored_dtype(entries), **overrides)
   check_tensors(entries, cfg, str(checkpoint))
   out_dir = _prepare_out_dir(output, overwrite)
   target = _NP_DTYPES[cfg.param_dtype]
@@ -605,10 +620,11 @@ def from_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
   if layout == "orbax":
     manifest = _read_manifest(path)
     config_overrides.setdefault("param_dtype", manifest.get("param_dtype", "float32"))
-  cfg = load_config(path, **config_overrides)
-  entries = None
+  entries = index_hf_checkpoint(path) if layout == "hf" else None
+  cfg = config_from_json(read_config_json(path), str(path / CONFIG),
+                         tensor_dtype=None if entries is None else _stored_dtype(entries),
+                         **config_overrides)
   if layout == "hf":
-    entries = index_hf_checkpoint(path)
     check_tensors(entries, cfg, str(path))
   elif manifest.get("groups") != group_names(cfg):
     raise CheckpointError(f"{path / MANIFEST}: groups {manifest.get('groups')} do not match the "
