@@ -15,8 +15,11 @@ toy model N steps straight and k + (N - k) steps across a restart, and a SIGKILL
 Atomicity is orbax's: a step is written to `<step>.orbax-checkpoint-tmp-<time>` and renamed to
 `<step>` only when every item (and, multi-host, every process) has finished, with a
 `commit_success.txt` marker. An interrupted save therefore leaves a tmp directory that
-`latest_step()`/`restore()` never see (and that is deleted when the next `Checkpointer` opens the
-directory); the previous step stays loadable.
+`latest_step()`/`restore()` never see (and that a background sweep deletes when the next
+`Checkpointer` opens the directory); the previous step stays loadable. Corruption after a commit
+(a truncated or deleted file) raises `CheckpointError` naming the step directory and the fault;
+`restore(fallback=True)` then takes the newest older step that loads. Multi-host, every process
+must reach the same verdict, so use `fallback` only on a filesystem all processes share.
 
 Multi-host: every process calls `save`/`restore` with its addressable shards; orbax coordinates
 who writes what (each process writes its own array shards, the primary process writes metadata and
