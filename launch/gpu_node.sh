@@ -192,7 +192,7 @@ process_command() {
 # Start all processes and wait for them; 0 when all exit 0, 1 as soon as one fails (the others
 # are then stopped, since a multi-process JAX run cannot go on without one of its processes).
 train_once() {
-  local attempt="$1" i pid status remaining next
+  local attempt="$1" i pid status next failed
   PIDS=()
   for ((i = 0; i < NUM_PROCESSES; i++)); do
     local logfile="${LOG_DIR}/process_${i}.log"
@@ -206,26 +206,28 @@ train_once() {
     PIDS=()
     return 0
   fi
-  remaining=("${PIDS[@]}")
-  while ((${#remaining[@]} > 0)); do
+  # PIDS holds the processes not yet waited for (only those may be signalled: a reaped pid
+  # can be reused by an unrelated process).
+  while ((${#PIDS[@]} > 0)); do
     next=()
-    for pid in "${remaining[@]}"; do
-      if kill -0 "${pid}" 2>/dev/null; then
+    failed=""
+    for pid in "${PIDS[@]}"; do
+      if [[ -n "${failed}" ]] || kill -0 "${pid}" 2>/dev/null; then
         next+=("${pid}")
         continue
       fi
       status=0
       wait "${pid}" || status=$?
-      if ((status != 0)); then
-        log "process with pid ${pid} exited with status ${status}; stopping the others"
-        stop_processes
-        return 1
-      fi
+      ((status == 0)) || failed="process with pid ${pid} exited with status ${status}"
     done
-    remaining=("${next[@]}")
-    ((${#remaining[@]} == 0)) || sleep 1
+    PIDS=("${next[@]}")
+    if [[ -n "${failed}" ]]; then
+      log "${failed}; stopping the others"
+      stop_processes
+      return 1
+    fi
+    ((${#PIDS[@]} == 0)) || sleep 1
   done
-  PIDS=()
 }
 
 train_loop() {

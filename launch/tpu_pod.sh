@@ -189,6 +189,12 @@ create_tpu() {
   else
     local state
     state="$(tpu_state)"
+    # A TPU on its way somewhere is waited for rather than deleted.
+    while [[ "${state}" =~ ^(CREATING|STARTING|RESTARTING|REPAIRING|REIMAGING|STOPPING|DELETING)$ ]]; do
+      log "TPU ${TPU_NAME} is ${state}; checking again in ${POLL_INTERVAL}s"
+      pause "${POLL_INTERVAL}"
+      state="$(tpu_state)"
+    done
     case "${state}" in
       READY)
         log "TPU ${TPU_NAME} already exists and is READY"
@@ -206,7 +212,7 @@ create_tpu() {
 }
 
 wait_for_queued_resource() {
-  local state
+  local state misses=0
   while true; do
     state="$(queued_state)"
     if is_dry_run; then
@@ -217,9 +223,18 @@ wait_for_queued_resource() {
         log "queued resource ${QUEUED_RESOURCE_ID} is ACTIVE"
         return 0
         ;;
-      FAILED | SUSPENDED | "")
-        log "queued resource ${QUEUED_RESOURCE_ID} is ${state:-gone}"
+      FAILED | SUSPENDED)
+        log "queued resource ${QUEUED_RESOURCE_ID} is ${state}"
         return 1
+        ;;
+      "")
+        # Not found, or the API call failed: give a transient error two more chances.
+        misses=$((misses + 1))
+        if ((misses >= 3)); then
+          log "queued resource ${QUEUED_RESOURCE_ID} not found"
+          return 1
+        fi
+        pause "${POLL_INTERVAL}"
         ;;
       *)
         log "queued resource ${QUEUED_RESOURCE_ID} is ${state}; checking again in ${POLL_INTERVAL}s"

@@ -453,12 +453,19 @@ def test_tpu_watch_requeues_a_suspended_queued_resource(fake):
       "ssh train"]
 
 
-def test_tpu_create_skips_a_ready_tpu(fake):
+@pytest.mark.parametrize("states, expected", [
+    ("READY", ["tpu-vm describe"]),
+    ("", ["tpu-vm describe", "tpu-vm create"]),
+    ("CREATING\nREPAIRING\nREADY", ["tpu-vm describe"] * 3),
+    ("DELETING\n", ["tpu-vm describe", "tpu-vm describe", "tpu-vm create"]),
+    ("TERMINATED", ["tpu-vm describe", "tpu-vm delete", "tpu-vm create"]),
+])
+def test_tpu_create_waits_keeps_or_replaces_an_existing_tpu(fake, states, expected):
   fake_dir, env = fake
-  (fake_dir / "tpu_states").write_text("READY")
+  (fake_dir / "tpu_states").write_text(states)
   result = run_script(TPU, ["create"], {**env, **TPU_ENV})
   assert result.returncode == 0, result.stderr
-  assert [kind(c) for c in gcloud_calls(fake_dir)] == ["tpu-vm describe"]
+  assert [kind(c) for c in gcloud_calls(fake_dir)] == expected
 
 
 def test_tpu_setup_ships_a_tarball_of_the_ref(fake, tmp_path):
@@ -576,6 +583,25 @@ def test_gpu_relaunches_all_processes_when_one_fails(fake, tmp_path):
     log = (log_dir / f"process_{p}.log").read_text()
     assert log.count("=== attempt") == 2
   assert "exited with status 3" in result.stderr
+
+
+def test_gpu_stopping_the_script_stops_its_processes(fake, tmp_path):
+  fake_dir, env = fake
+  script = subprocess.Popen(
+      ["bash", str(GPU), "train"], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+      env={**env, **GPU_ENV, "LOG_DIR": str(tmp_path / "logs"), "NUM_PROCESSES": "2",
+           "FAKE_SLEEP_0": "60", "FAKE_SLEEP_1": "60"})
+  deadline = time.monotonic() + 20
+  while len(python_calls(fake_dir)) < 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+  pids = [c["pid"] for c in python_calls(fake_dir)]
+  assert len(pids) == 2
+  script.send_signal(signal.SIGTERM)
+  _, stderr = script.communicate(timeout=20)
+  assert script.returncode == 143
+  assert "stopping the training processes" in stderr
+  for pid in pids:
+    assert not pathlib.Path(f"/proc/{pid}").exists(), f"training process {pid} left running"
 
 
 def test_gpu_train_needs_an_existing_python(fake, tmp_path):
