@@ -4,7 +4,8 @@
 # Usage: launch/tpu_pod.sh [--dry-run] [-h|--help] SUBCOMMAND
 #
 # Subcommands
-#   create   create the TPU VM (or the queued resource, QUEUED=1) unless a READY one exists
+#   create   create the TPU VM (or the queued resource, QUEUED=1) unless a READY one exists;
+#            one that is being created or repaired is waited for, a broken one replaced
 #   setup    copy the code to every worker (git archive of REPO_REF + scp, or git clone of
 #            REPO_URL at REPO_REF) and install it with jax[tpu] into a venv on every worker
 #   train    run `python -m egspo.main` once on every worker (--worker=all)
@@ -266,7 +267,6 @@ ssh_all() {
 
 # ---- code and environment --------------------------------------------------------------------
 TARBALL_BUILT=0
-
 
 setup_tpu() {
   if [[ -n "${REPO_URL}" ]]; then
