@@ -22,6 +22,7 @@ Differences from the reference sampler (ML-GSAI/LLaDA `generate.py`), all delibe
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -211,13 +212,16 @@ def denoise_step(logits_fn: LogitsFn, prompt_ids, prompt_mask, completion, step,
                     step_entropy=step_entropy, x0_hat=x0_hat)
 
 
-def generate(logits_fn: LogitsFn, prompt_ids, prompt_mask, key, config: SamplerConfig,
-             return_states: bool = False):
+def generate(logits_fn, prompt_ids, prompt_mask, key, config: SamplerConfig,
+             return_states: bool = False, params=None):
   """The whole semi-autoregressive schedule in one `lax.scan` over the T steps. Pure, jittable.
 
   prompt_ids [B, P] int (left-padded), prompt_mask [B, P] bool; key: PRNG key (step t uses
-  fold_in(key, t)). Returns a `Rollout`; with `return_states` also the completions the sampler saw
-  before each step, [B, T, G] (a debugging/testing aid: `completion_at` rebuilds them).
+  fold_in(key, t)). `logits_fn(ids, attention_mask)` → completion logits [B, G, V]; or, when
+  `params` (a pytree, e.g. an NNX state) is given, `logits_fn(params, ids, attention_mask)`, with
+  `params` passed into the loop as an operand rather than closed over.
+  Returns a `Rollout`; with `return_states` also the completions the sampler saw before each step,
+  [B, T, G] (a debugging/testing aid: `completion_at` rebuilds them).
   Call it inside your own `jax.jit` (with shardings) or use `generate_with_model`.
   """
   if prompt_ids.ndim != 2:
@@ -229,18 +233,19 @@ def generate(logits_fn: LogitsFn, prompt_ids, prompt_mask, key, config: SamplerC
   completion0 = jnp.full((b, g), config.mask_token_id, jnp.int32)
 
   def body(carry, t):
-    completion, commit_step, logprob, entropy = carry
-    out = denoise_step(logits_fn, prompt_ids, prompt_mask, completion, t,
-                       jax.random.fold_in(key, t), config)
+    completion, commit_step, logprob, entropy, p = carry
+    fn = logits_fn if params is None else functools.partial(logits_fn, p)
+    out = denoise_step(fn, prompt_ids, prompt_mask, completion, t, jax.random.fold_in(key, t),
+                       config)
     carry = (out.completion, jnp.where(out.committed, t, commit_step),
              jnp.where(out.committed, out.logprob, logprob),
-             jnp.where(out.committed, out.entropy, entropy))
+             jnp.where(out.committed, out.entropy, entropy), p)
     ys = (out.step_entropy, out.x0_hat) + ((completion,) if return_states else ())
     return carry, ys
 
   init = (completion0, jnp.full((b, g), config.steps, jnp.int32), jnp.zeros((b, g), jnp.float32),
-          jnp.zeros((b, g), jnp.float32))
-  (tokens, commit_step, logprob, entropy), ys = jax.lax.scan(
+          jnp.zeros((b, g), jnp.float32), params)
+  (tokens, commit_step, logprob, entropy, _), ys = jax.lax.scan(
       body, init, jnp.arange(config.steps, dtype=jnp.int32))
   rollout = Rollout(prompt_ids=prompt_ids.astype(jnp.int32), prompt_mask=prompt_mask.astype(bool),
                     tokens=tokens, commit_step=commit_step, logprob=logprob, entropy=entropy,
@@ -250,23 +255,33 @@ def generate(logits_fn: LogitsFn, prompt_ids, prompt_mask, key, config: SamplerC
   return rollout
 
 
-def model_logits_fn(model, gen_length: int) -> LogitsFn:
-  """A `LogitsFn` for a LLaDA model: the LM head only on the last `gen_length` positions."""
+def nnx_logits_fn(graphdef, gen_length: int):
+  """fn(state, ids, attention_mask) → completion logits [B, G, V] of the NNX LLaDA (graphdef, state).
 
-  def fn(ids, attention_mask):
+  The LM head is applied to the last `gen_length` positions only. Use it with `generate(...,
+  params=state)`: the state then enters the scan as an operand, which NNX transforms inside the
+  model (the scanned layer stack) require."""
+
+  def fn(state, ids, attention_mask):
+    model = nnx.merge(graphdef, state)
     hidden = model.hidden_states(ids, attention_mask)
     return model.logits(hidden[:, -gen_length:])
 
   return fn
 
 
+def model_logits_fn(model, gen_length: int) -> LogitsFn:
+  """A closure `LogitsFn` of a LLaDA model object, for `denoise_step` outside `generate`."""
+  graphdef, state = nnx.split(model)
+  return functools.partial(nnx_logits_fn(graphdef, gen_length), state)
+
+
 def generate_from_state(graphdef, state, prompt_ids, prompt_mask, key, config: SamplerConfig,
                         return_states: bool = False):
   """`generate` for an NNX model given as (graphdef, state) = nnx.split(model). Pure, jittable:
   a training step can call it inside its own `jax.jit` with sharded `state`."""
-  model = nnx.merge(graphdef, state)
-  return generate(model_logits_fn(model, config.gen_length), prompt_ids, prompt_mask, key, config,
-                  return_states=return_states)
+  return generate(nnx_logits_fn(graphdef, config.gen_length), prompt_ids, prompt_mask, key,
+                  config, return_states=return_states, params=state)
 
 
 _generate_jit = jax.jit(generate_from_state, static_argnames=("graphdef", "config",
