@@ -311,3 +311,28 @@ def test_humaneval_canonical_solutions_pass():
   tests, setup = humaneval_tests("def check(candidate):\n    assert candidate(1) == 1\n    assert candidate(2) == 4\n", "sq")
   assert tests == ["candidate = sq\nassert candidate(1) == 1", "candidate = sq\nassert candidate(2) == 4"]
   assert score("def sq(x):\n  return x\n", tests, setup=setup) == 0.5
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_code_parsing_never_raises(text):
+  prog, inside = extract_program(text)
+  assert prog is None or isinstance(prog, str)
+  prepare_program(text, "f")
+  kodcode_tests(text)
+  humaneval_tests(text, "f")
+  task = get_task("mbpp")
+  job, bonus = task._job(text, {"tests": ["assert f(1) == 1"], "entry_point": "f"})
+  assert bonus in (0.0, 0.5)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.text(max_size=60))
+def test_code_reward_on_arbitrary_program_text(body):
+  # Arbitrary text inside a fenced block reaches the sandbox: a reward in [0, 1.5], no exception.
+  comp = f"<answer>\n```python\ndef f(x):\n  {body}\n```\n</answer>"
+  r = get_task("mbpp", timeout_s=0.5).reward(comp, {"tests": ["assert f(1) is None"], "entry_point": "f"})
+  assert 0.5 <= r <= 1.5

@@ -157,3 +157,20 @@ def test_math_tasks_never_raise(text):
 @given(st.text(alphabet="\\boxed{}frac12+-=x$() ", max_size=40))
 def test_math_verify_path_never_raises(text):
   assert isinstance(is_equivalent(text, "\\frac{1}{2}"), bool)
+
+
+def test_explosive_expressions_skip_the_cas_in_any_thread():
+  import threading
+  import time
+  from egspo.tasks.math500 import cas_safe
+  bombs = ["9^{9^{9^{9}}}", "2^{2^{100}}", "(10^{10^{10}})!", "10!!!!", "3**3**3", "2^{1000}"]
+  assert not any(cas_safe(b) for b in bombs)
+  assert cas_safe("x^2+2x+1") and cas_safe("5!") and cas_safe("2^{10}")
+  out = []
+  t0 = time.monotonic()
+  th = threading.Thread(target=lambda: out.extend(is_equivalent(b, "1") for b in bombs))
+  th.start()
+  th.join(timeout=30)
+  assert not th.is_alive() and out == [False] * len(bombs)
+  assert time.monotonic() - t0 < 5
+  assert is_equivalent("2^{10}", "1024") and is_equivalent("(x+1)^2", "x^2+2x+1")

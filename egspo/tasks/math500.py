@@ -53,6 +53,16 @@ def normalize_answer(s: str) -> str:
   return s
 
 
+_EXPLOSIVE = re.compile(r"\^\s*\{[^{}]*[\^!]|\^\s*\{?\s*\d{3,}|\d{3,}\s*\}?\s*!|!\s*!|\*\*|\d{40,}")
+
+
+def cas_safe(s: str) -> bool:
+  """False for expressions whose evaluation can explode (nested or huge exponents, big
+  factorials): those are only compared as strings, because a CAS call on them can take seconds
+  (main thread, with the alarm timeout) or forever (other threads, where no timeout exists)."""
+  return not _EXPLOSIVE.search(s)
+
+
 def _math_verify(pred: str, gold: str) -> bool:
   try:
     from math_verify import parse, verify
@@ -80,7 +90,8 @@ def is_equivalent(pred: str | None, gold: str | None, use_cas: bool = True) -> b
     a, b = normalize_answer(pred), normalize_answer(gold)
     if a == b and a != "":
       return True
-    if not use_cas or not a or not b or len(pred) > MAX_VERIFY_CHARS or len(gold) > MAX_VERIFY_CHARS:
+    if (not use_cas or not a or not b or len(pred) > MAX_VERIFY_CHARS
+        or len(gold) > MAX_VERIFY_CHARS or not cas_safe(pred) or not cas_safe(gold)):
       return False
     return _math_verify(pred, gold)
   except Exception:  # noqa: BLE001
