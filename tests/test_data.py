@@ -89,3 +89,21 @@ def test_read_records_formats(tmp_path):
   (tmp_path / "r.txt").write_text("x")
   with pytest.raises(ValueError, match="unsupported"):
     read_records(tmp_path / "r.txt")
+
+
+@pytest.mark.parametrize("name,example", [
+    ("countdown", {"numbers": [3, 5, 7], "target": 22, "solution": "(7-3)*5+2"}),
+    ("sudoku", {"puzzle": "3102200002100320", "solution": "3142243142131324"}),
+    ("gsm8k", {"question": "Ann has 3 apples — and €2. How many?", "answer": "3", "solution": "3 → 3\n#### 3"}),
+    ("math500", {"problem": "Compute $\\frac{1}{2}·2$.", "answer": "1", "solution": None}),
+    ("mbpp", {"question": "Write f — a function.", "tests": ["assert f(1) == 1"], "setup": "",
+              "entry_point": "f", "solution": "def f(x):\n  return x"}),
+])
+def test_plain_prompts_fit_the_char_tokenizer(name, example):
+  from egspo.tokenizer import CharTokenizer
+  task = get_task(name)
+  text = task.prompt(example, "plain") + task.eval_prefill("plain") + task.sft_target(example, "plain")
+  CharTokenizer().encode(text)  # raises on any character outside printable ASCII + newline
+  assert task.prompt(example, "plain").endswith("\n")
+  if name in ("countdown", "sudoku", "gsm8k", "math500"):
+    assert task.reward(task.sft_target(example, "plain"), example) > 0
