@@ -28,6 +28,9 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.task.train_file = ""  # local data file for tasks without a generator (gsm8k, math500, code)
   c.task.eval_file = ""
   c.task.num_eval_examples = 256
+  # 'file': the task's test file (REFERENCE §5); 'generated': held-out generated problems
+  # (generator tasks), excluded from the training stream.
+  c.task.eval_source = "file"
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "llada_8b"
@@ -75,10 +78,6 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.batch.group_size = 8  # G completions per prompt
   c.batch.micro_batch_size = 48  # completions per gradient-accumulation micro-batch (global)
 
-  c.update = ml_collections.ConfigDict()
-  # 'per_step': the reference schedule, one rollout reused for K optimizer steps, the k-th on
-  # the k-th selected step of every sample. 'joint': one optimizer step over all K steps.
-  c.update.schedule = "per_step"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-5
@@ -97,6 +96,9 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.num_iterations = 1000
+  # 'per_step': the reference schedule, one rollout reused for K optimizer steps, the k-th on
+  # the k-th selected step of every sample. 'joint': one optimizer step over all K steps.
+  c.train.update_schedule = "per_step"
   c.train.time_budget_s = 0.0  # >0: stop the RL stage after this many seconds
   c.train.log_every = 1
   c.train.eval_every = 100
@@ -120,6 +122,11 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
 def _tiny(c: ml_collections.ConfigDict) -> None:
   """The embedded CPU default: small model, char tokenizer, SFT then RL, ~15 min on 2 cores."""
   c.task.prompt_style = "plain"
+  if c.task.name == "countdown":  # small numbers: learnable by a ~0.1M-parameter model
+    c.task.options.num_numbers = 3
+    c.task.options.number_range = (1, 12)
+    c.task.options.target_range = (1, 150)
+  c.task.eval_source = "generated"
   c.task.num_eval_examples = 256
   c.model.preset = "tiny"
   c.model.param_dtype = "float32"
@@ -158,6 +165,8 @@ def _check(cond: bool, field: str, value: Any, why: str) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field."""
   _check(c.algorithm in ALGORITHMS, "algorithm", c.algorithm, f"must be one of {ALGORITHMS}")
+  _check(c.task.eval_source in ("file", "generated"), "task.eval_source", c.task.eval_source,
+         "must be 'file' or 'generated'")
   _check(c.task.prompt_style in ("chat", "plain"), "task.prompt_style", c.task.prompt_style,
          "must be 'chat' or 'plain'")
   _check(c.egspo.selection in SELECTIONS, "egspo.selection", c.egspo.selection,
@@ -186,7 +195,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.batch.micro_batch_size >= 1 and total % c.batch.micro_batch_size == 0,
          "batch.micro_batch_size", c.batch.micro_batch_size,
          f"must divide num_prompts*group_size={total}")
-  _check(c.update.schedule in ("per_step", "joint"), "update.schedule", c.update.schedule,
+  _check(c.train.update_schedule in ("per_step", "joint"), "train.update_schedule",
+         c.train.update_schedule,
          "must be 'per_step' or 'joint'")
   _check(c.optim.learning_rate > 0, "optim.learning_rate", c.optim.learning_rate, "must be > 0")
   _check(c.optim.schedule in ("constant", "cosine"), "optim.schedule", c.optim.schedule,

@@ -8,6 +8,7 @@ A run resumes from the latest checkpoint in `--workdir` automatically.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -34,9 +35,19 @@ def _maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drops INFO chatter of orbax/jax internals (dozens of lines per checkpoint); keeps warnings."""
+
+  def filter(self, record):
+    noisy = any(s in record.pathname for s in ("/orbax/", "/jax/_src/"))
+    return record.levelno >= std_logging.WARNING or not noisy
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  for handler in std_logging.getLogger().handlers + std_logging.getLogger("absl").handlers:
+    handler.addFilter(_QuietLibraries())
   _maybe_initialize_distributed()
   from egspo import train  # after distributed initialisation: importing may touch devices
 

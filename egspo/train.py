@@ -106,13 +106,14 @@ class Trainer:
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = shard_lib.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp,
                                tensor=config.mesh.tensor)
-    rules = shard_lib.make_rules(config.mesh.rules)
+    rules = shard_lib.merge_rules(shard_lib.RULES, tuple(config.mesh.rules))
     tokenizer = tok_lib.load_tokenizer(config.tokenizer or config.model.checkpoint)
     task = tasks_lib.get_task(config.task.name, **config.task.options)
     model = build_model(config, tokenizer, mesh, rules)
     trainable = "lora" if config.lora.enabled else "full"
     policy, params, frozen = update_lib.split_policy(model, trainable)
-    writer = metrics_lib.MetricsWriter(workdir, is_main_process=jax.process_index() == 0)
+    writer = metrics_lib.MetricsWriter(workdir, is_main_process=jax.process_index() == 0,
+                                       resume_step=_latest_logged_step(workdir, config.sft.steps))
     if jax.process_index() == 0:
       (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     return cls(config=config, workdir=workdir, mesh=mesh, rules=rules, tokenizer=tokenizer,
@@ -190,9 +191,61 @@ class Trainer:
     return gen
 
   def eval_examples(self) -> list:
+    """Held-out examples: the task's test file (first n), or for generator tasks without a file
+    n generated problems from a seed stream separate from training (excluded from training)."""
     c = self.config
-    return data_lib.eval_examples(self.task, n=c.task.num_eval_examples, path=c.task.eval_file,
-                                  seed=c.seed)
+    n = c.task.num_eval_examples
+    if n == 0:
+      return []
+    if c.task.eval_file or not hasattr(self.task, "sample_example") or c.task.eval_source == "file":
+      examples = self.task.load_examples("test", path=c.task.eval_file or None)
+      if not examples:
+        raise ValueError(f"task {self.task.name!r}: the evaluation set is empty")
+      return list(examples[:n])
+    rng = np.random.default_rng([c.seed, 7919])
+    return [self.task.sample_example(rng) for _ in range(n)]
+
+  def train_stream(self, batch_size, group_size, seed, held_out=()):
+    """Deterministic, resumable prompt stream; generated problems equal to a held-out one are
+    redrawn, so evaluation measures generalisation."""
+    c = self.config
+    if c.task.train_file:
+      examples = data_lib.read_records(c.task.train_file)
+      if not examples:
+        raise ValueError(f"task.train_file={c.task.train_file!r} holds no examples")
+      return data_lib.PromptStream(examples, batch_size, group_size, seed=seed)
+    if not hasattr(self.task, "sample_example"):
+      return data_lib.prompt_stream(self.task, batch_size, group_size, seed=seed)
+    banned = {_example_key(e) for e in held_out}
+
+    def sample(rng):
+      for _ in range(1000):
+        ex = self.task.sample_example(rng)
+        if _example_key(ex) not in banned:
+          return ex
+      raise ValueError("could not draw a training problem outside the held-out set")
+
+    return data_lib.PromptStream(sample, batch_size, group_size, seed=seed)
+
+
+def _example_key(ex) -> str:
+  return json.dumps({k: v for k, v in ex.items() if k != "solution"}, sort_keys=True, default=str)
+
+
+def _checkpointed_steps(workdir, stage: str) -> list[int]:
+  d = epath.Path(workdir) / "checkpoints" / stage
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def _latest_logged_step(workdir, sft_steps: int) -> int | None:
+  """The global metrics step of the last checkpoint, for de-duplicating metrics after a resume.
+
+  Metrics use one global step: SFT step s logs at s, RL iteration i at sft_steps + i.
+  """
+  rl, sft = _checkpointed_steps(workdir, "rl"), _checkpointed_steps(workdir, "sft")
+  if rl:
+    return sft_steps + rl[-1]
+  return sft[-1] if sft else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,12 +260,11 @@ def sft_stage(tr: Trainer):
   tx = update_lib.make_optimizer(c.sft.learning_rate, b1=0.9, b2=0.99, weight_decay=0.0,
                                  max_grad_norm=1.0, warmup_steps=c.sft.warmup_steps)
   state = tr.new_state(tr.params, tx)
-  stream = data_lib.PromptStream(tr.task, batch_size=c.sft.batch_size, seed=c.seed + 17,
-                                 path=c.task.train_file, group_size=1)
+  stream = tr.train_stream(c.sft.batch_size, 1, seed=c.seed + 17, held_out=tr.eval_examples())
   start = 0
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(target=state, fallback=True)
-    stream.restore(meta["data"])
+    stream.load_state(meta["data"])
     start = int(meta["step"])
     logging.info("SFT: resumed at step %d", start)
   if start >= c.sft.steps:
@@ -229,12 +281,11 @@ def sft_stage(tr: Trainer):
       if len(t) > gen_len:
         raise ValueError(f"SFT target of {len(t)} tokens exceeds rollout.gen_length={gen_len}")
       comp[i, :len(t)] = t
-    return {"ids": np.concatenate([ids, comp], 1),
-            "attention_mask": np.concatenate([mask, np.ones_like(comp, bool)], 1),
-            "completion_mask": np.concatenate([np.zeros_like(mask), np.ones_like(comp, bool)], 1)}
+    return {"prompt_ids": ids, "prompt_mask": mask, "completion": comp}
 
   def loss_fn(model, mb, key):
-    return masking.sft_loss(model, mb["ids"], mb["attention_mask"], mb["completion_mask"], key,
+    return masking.sft_loss(sampler_lib.model_logits_fn(model, gen_len), key, mb["prompt_ids"],
+                            mb["prompt_mask"], mb["completion"],
                             mask_token_id=tr.model_cfg.mask_token_id)
 
   update = update_lib.make_update_step(tr.policy, tx, loss_fn)
@@ -242,7 +293,7 @@ def sft_stage(tr: Trainer):
   t0 = time.time()
   with ckpt_lib.PreemptionGuard() as guard:
     for step in range(start, c.sft.steps):
-      batch = jax.tree.map(lambda x: jnp.asarray(x)[None], make_batch(stream.next()))
+      batch = jax.tree.map(lambda x: jnp.asarray(x)[None], make_batch(stream.next_batch().examples))
       state, m = update(state, tr.frozen, batch, jax.random.fold_in(base_key, step))
       done = step + 1
       if done % 50 == 0 or done == c.sft.steps:
@@ -288,20 +339,20 @@ def rl_stage(tr: Trainer, init_params) -> dict:
                                 key, scfg)
 
   ckpt = ckpt_lib.Checkpointer(tr.workdir / "checkpoints" / "rl", max_to_keep=c.train.keep_checkpoints)
-  stream = data_lib.PromptStream(tr.task, batch_size=c.batch.num_prompts, seed=c.seed,
-                                 path=c.task.train_file, group_size=c.batch.group_size)
+  eval_examples = tr.eval_examples()
+  stream = tr.train_stream(c.batch.num_prompts, c.batch.group_size, seed=c.seed,
+                           held_out=eval_examples)
   start = 0
   history = {}
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(target=state, fallback=True)
-    stream.restore(meta["data"])
+    stream.load_state(meta["data"])
     start = int(meta["step"])
     history = meta.get("history", {})
     logging.info("RL: resumed at iteration %d", start)
 
-  eval_examples = tr.eval_examples()
   if start == 0 and c.eval.before_training and eval_examples:
-    history["before"] = tr.evaluate(state.params, eval_examples, "eval", 0)
+    history["before"] = tr.evaluate(state.params, eval_examples, "eval", c.sft.steps)
 
   base_key = jax.random.fold_in(jax.random.key(c.seed), 2)
   t_start = time.time()
@@ -309,7 +360,7 @@ def rl_stage(tr: Trainer, init_params) -> dict:
   with ckpt_lib.PreemptionGuard() as guard:
     for it in range(start, c.train.num_iterations):
       key = jax.random.fold_in(base_key, it)
-      examples = stream.next()  # [B] = num_prompts × G, groups contiguous
+      examples = stream.next_batch().repeated  # [B] = num_prompts × G, groups contiguous
       ids, mask = tr.encode_prompts(examples)
       with timer("rollout"):
         ro = rollout_fn(state.params, tr.frozen, jnp.asarray(ids), jnp.asarray(mask),
@@ -332,13 +383,15 @@ def rl_stage(tr: Trainer, init_params) -> dict:
       m.update(pm)
       m.update(reward=float(rewards.mean()), reward_std=float(rewards.std()),
                completion_tokens=float(np.mean([len(t) for t in texts])))
-      m.update({f"time/{k}": v for k, v in timer.pop().items()})
-      tr.writer.write_scalars(done, {f"rl/{k}": v for k, v in m.items()})
+      m.update(timer.seconds(prefix="time/"))
+      timer.reset()
+      tr.writer.write_scalars(c.sft.steps + done, {f"rl/{k}": v for k, v in m.items()})
       if done % c.train.log_every == 0:
         logging.info("rl %d/%d reward %.3f loss %.4f kl %.4f", done, c.train.num_iterations,
                      m["reward"], m["loss"], m.get("kl", float("nan")))
       if eval_examples and (done % c.train.eval_every == 0 or done == c.train.num_iterations):
-        history[f"eval_{done}"] = tr.evaluate(state.params, eval_examples, "eval", done)
+        history[f"eval_{done}"] = tr.evaluate(state.params, eval_examples, "eval",
+                                                c.sft.steps + done)
       out_of_time = c.train.time_budget_s and time.time() - t_start > c.train.time_budget_s
       stop = guard.should_stop(done)
       if (done % c.train.checkpoint_every == 0 or done == c.train.num_iterations or stop
@@ -350,7 +403,8 @@ def rl_stage(tr: Trainer, init_params) -> dict:
         raise SystemExit(0)
       if out_of_time:
         if eval_examples:
-          history[f"eval_{done}"] = tr.evaluate(state.params, eval_examples, "eval", done)
+          history[f"eval_{done}"] = tr.evaluate(state.params, eval_examples, "eval",
+                                                c.sft.steps + done)
         break
   ckpt.close()
   tr.params = state.params

@@ -148,7 +148,7 @@ class EGSPO:
     batch["logp_ref"] = self._ref_logps(self.ctx.ref_params, frozen, batch)
     metrics["selected_step_mean"] = float(jnp.mean(steps))
     metrics["adv_abs_mean"] = float(jnp.mean(jnp.abs(batch["adv"])))
-    if c.update.schedule == "per_step":
+    if c.train.update_schedule == "per_step":
       # The reference schedule: K optimizer steps, the k-th trains each sample's k-th selected step.
       per_k = [{**batch, **{n: batch[n][:, j:j + 1] for n in
                             ("steps", "valid", "adv", "logp_old", "logp_ref")}}
@@ -163,5 +163,6 @@ class EGSPO:
                                     mb["commit_step"], mb["steps"],
                                     mask_token_id=self.ctx.mask_token_id,
                                     max_commit=self.ctx.max_commit)
-    return loss_lib.egspo_step_loss(logp, mb["logp_old"], mb["logp_ref"], mb["adv"], mb["valid"],
-                                    eps=c.loss.eps, eps_high=c.loss.eps_high, beta=c.loss.beta)
+    return loss_lib.egspo_step_loss(logp, mb["logp_old"], mb["adv"], mb["valid"], mb["logp_ref"],
+                                    epsilon=c.loss.eps, epsilon_high=c.loss.eps_high,
+                                    beta=c.loss.beta)
