@@ -336,3 +336,26 @@ def test_code_reward_on_arbitrary_program_text(body):
   comp = f"<answer>\n```python\ndef f(x):\n  {body}\n```\n</answer>"
   r = get_task("mbpp", timeout_s=0.5).reward(comp, {"tests": ["assert f(1) is None"], "entry_point": "f"})
   assert 0.5 <= r <= 1.5
+
+
+def test_jobs_sharing_a_harness_do_not_see_each_other():
+  if sandbox.isolation_mode() == "plain":
+    pytest.skip("per-job tmpfs needs a mount namespace")
+  writer = textwrap.dedent("""
+      import os, tempfile
+      open('left.txt', 'w').write('x')
+      open('/dev/shm/left', 'w').write('x')
+      open(os.path.join(tempfile.gettempdir(), 'left2.txt'), 'w').write('x')
+      try:
+        open('/tmp/left3.txt', 'w').write('x')
+      except OSError:
+        pass
+      """)
+  checker = textwrap.dedent("""
+      import os, glob
+      seen = glob.glob('/tmp/**/left*', recursive=True) + glob.glob('/dev/shm/*') + glob.glob('left*')
+      """)
+  res = sandbox.run_batch([{"program": writer, "tests": ["assert os.path.exists('left.txt')"]},
+                           {"program": checker, "tests": ["assert seen == []"]}],
+                          workers=1, jobs_per_harness=8, timeout_s=1.0)
+  assert res == [[True], [True]]

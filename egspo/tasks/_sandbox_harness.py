@@ -1,9 +1,10 @@
 """Trusted harness of the code sandbox (run by `egspo.tasks.sandbox`; stdlib only).
 
 Started as `python -I -S _sandbox_harness.py RESULT_FD` — normally as pid 1 of fresh pid, network
-and mount namespaces — it reads one job (a marshalled dict) from stdin, then for each test forks a child that
-drops to an unprivileged uid under rlimits and runs program + setup + test. The child proves a
-pass by echoing a per-test token that it reads from a pipe only after its test has passed; the
+and mount namespaces — it reads a list of jobs (a marshalled dict) from stdin; each job gets a fresh
+tmpfs work directory, and each of its tests a forked child that drops to an unprivileged uid
+under rlimits and runs program + setup + test; whatever a test leaves running is killed before
+the next test. The child proves a pass by echoing a per-test token that it reads from a pipe only after its test has passed; the
 harness reports the results, tagged with the caller's job nonce, on RESULT_FD, a pipe the
 children never hold. Program output goes to /dev/null and is never read.
 """
@@ -28,9 +29,9 @@ def _libc():
   return _LIBC
 
 
-def _mount_tmpfs(path, size_mb):
+def _mount_tmpfs(path, size_mb, mode="1777"):
   # MS_NOSUID | MS_NODEV = 2 | 4; mount propagation is already private (unshare --mount).
-  opts = f"size={int(size_mb)}m,mode=1777".encode()
+  opts = f"size={int(size_mb)}m,mode={mode}".encode()
   rc = _libc().mount(b"tmpfs", path.encode(), b"tmpfs", 2 | 4, opts)
   if rc != 0:
     raise OSError(ctypes.get_errno(), f"mount tmpfs on {path}")
@@ -122,7 +123,8 @@ def _child(job, i, token_r, pass_w, result_fd):
     except Exception:
       pass
     os.environ.clear()
-    os.environ.update({"PATH": "/usr/bin:/bin", "HOME": os.getcwd(), "LANG": "C.UTF-8"})
+    os.environ.update({"PATH": "/usr/bin:/bin", "HOME": job["workdir"], "TMPDIR": job["workdir"],
+                       "LANG": "C.UTF-8"})
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 3000))
     import types
     module = types.ModuleType("solution")
@@ -190,38 +192,92 @@ def _run_test(job, i, result_fd):
           and echoed == token)
 
 
+def _wipe(path):
+  """Delete everything under `path` (as root inside the namespace), keeping `path` itself."""
+  try:
+    entries = list(os.scandir(path))
+  except OSError:
+    return
+  for e in entries:
+    try:
+      if e.is_dir(follow_symlinks=False):
+        _wipe(e.path)
+        os.rmdir(e.path)
+      else:
+        os.unlink(e.path)
+    except OSError:
+      pass
+
+
+def _enter_workdir(common, k):
+  """A fresh work directory for job k: its own tmpfs in namespace modes, else a subdirectory."""
+  d = f"w{k}"
+  if common.get("mount"):
+    d = f"/tmp/w{k}"
+    os.mkdir(d, 0o700)
+    _mount_tmpfs(d, common["tmpfs_mb"], mode="0700")
+  else:
+    os.mkdir(d, 0o700)
+  if common.get("drop"):
+    os.chown(d, int(common["uid"]), int(common["gid"]))
+  os.chdir(d)
+  return os.getcwd()
+
+
+def _leave_workdir(common, d):
+  os.chdir(os.path.dirname(d))
+  if common.get("mount"):
+    _libc().umount2(d.encode(), 2)  # MNT_DETACH: its files vanish with the mount
+    try:
+      os.rmdir(d)
+    except OSError:
+      pass
+    _wipe("/dev/shm")
+
+
 def main():
   result_fd = int(sys.argv[1])
-  job = marshal.loads(sys.stdin.buffer.read())
-  nonce = job.pop("nonce")  # the children (forks of this process) never see the job nonce
+  common = marshal.loads(sys.stdin.buffer.read())
+  nonce = common.pop("nonce")  # the children (forks of this process) never see the nonce
+  jobs = common.pop("jobs")
   devnull = os.open(os.devnull, os.O_RDONLY)
   os.dup2(devnull, 0)
   notes = []
-  for p in job.get("sys_path", []):
+  for p in common.get("sys_path", []):
     if p not in sys.path:
       sys.path.append(p)
-  if job.get("mount"):
+  if common.get("mount"):
     try:
-      for path in ("/tmp", "/dev/shm"):
-        if os.path.isdir(path):
-          _mount_tmpfs(path, job["tmpfs_mb"])
-      if job.get("drop"):
+      # /tmp is not writable by the dropped uid (jobs cannot leave files for later jobs); each job
+      # gets its own tmpfs work directory and TMPDIR.
+      _mount_tmpfs("/tmp", common["tmpfs_mb"], mode="0755" if common.get("drop") else "1777")
+      if os.path.isdir("/dev/shm"):
+        _mount_tmpfs("/dev/shm", common["tmpfs_mb"])
+      if common.get("drop"):
         _expose_python()
-      os.makedirs("/tmp/work", exist_ok=True)
-      if job.get("drop"):
-        os.chown("/tmp/work", int(job["uid"]), int(job["gid"]))
-      os.chmod("/tmp/work", 0o700)
-      os.chdir("/tmp/work")
     except OSError as e:
       notes.append(f"tmpfs mount failed: {e}")
-  try:
-    job["_program_code"] = compile(job["program"], "<program>", "exec")
+      common["mount"] = False
+  verdicts = []
+  for k, j in enumerate(jobs):
+    job = dict(common, **j)
+    try:
+      job["_program_code"] = compile(job["program"], "<program>", "exec")
+    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
+      verdicts.append("0" * len(job["tests"]))
+      continue
+    try:
+      d = _enter_workdir(common, k)
+    except OSError as e:
+      notes.append(f"work directory failed: {e}")
+      verdicts.append("0" * len(job["tests"]))
+      continue
+    job["workdir"] = d
     results = [_run_test(job, i, result_fd) for i in range(len(job["tests"]))]
-  except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as e:
-    notes.append(f"program does not compile: {type(e).__name__}")
-    results = [False] * len(job["tests"])
-  # "<nonce> <verdicts as 0/1> <notes>"; the caller accepts it only with its nonce.
-  msg = f"{nonce} {''.join('1' if r else '0' for r in results)} {'; '.join(notes)}".encode()
+    _leave_workdir(common, d)
+    verdicts.append("".join("1" if r else "0" for r in results))
+  # "<nonce> <verdicts of job 0>,<of job 1>,... <notes>"; the caller accepts it only with its nonce.
+  msg = f"{nonce} {','.join(verdicts)} {'; '.join(notes)}".encode()
   os.write(result_fd, msg)
   os.close(result_fd)
 

@@ -1,14 +1,18 @@
 """Isolated execution of generated Python code (REFERENCE §5: 1 s, 1 GB per program).
 
 `run_tests(program, tests)` → one bool per test; `run_batch(jobs, workers)` runs jobs in parallel
-across cores. Each job is one harness process (`_sandbox_harness.py`) and each test one forked
-child of it, so a test's crash, hang or exit cannot touch another test's verdict.
+across cores. A harness process (`_sandbox_harness.py`) runs a few jobs in sequence, each in a
+fresh work directory, and forks one child per test, so a test's crash, hang or exit cannot touch
+another test's verdict.
 
 Layers, strongest available first (the mode is detected once and logged):
   * "root" (euid 0, `unshare` works): the harness is pid 1 of new pid + network + mount
     namespaces (`unshare --fork --pid --net --mount-proc --kill-child`). No network; /tmp and
-    /dev/shm are fresh size-limited tmpfs mounts, the work directory lies in that tmpfs, and all of
-    it disappears with the namespace; the caller's processes are invisible; after each test the
+    /dev/shm are fresh size-limited tmpfs mounts (/tmp not writable by the program), each job works
+    in its own tmpfs (also its HOME and TMPDIR), unmounted after the job, and /dev/shm is wiped
+    between jobs; all of it disappears with the namespace; the interpreter's directory is bound
+    into an otherwise empty tmpfs when it lives under a private directory such as /root (which
+    hides the rest of it); the caller's processes are invisible; after each test the
     harness SIGKILLs every other process of the namespace (this catches `setsid` daemons that
     `killpg` misses). Each test child drops to a dedicated unprivileged uid/gid per worker slot
     (so RLIMIT_NPROC binds, per job) with no supplementary groups and no_new_privs, so it can
@@ -183,34 +187,36 @@ _default_slots = _Slots(64)
 
 def run_tests(program: str, tests: Sequence[str], setup: str = "", timeout_s: float = 1.0,
               memory_mb: int = 1024, max_procs: int = 8, fsize_mb: int = 16,
-              tmpfs_mb: int = 64, slot: int | None = None) -> list[bool]:
+              tmpfs_mb: int = 64) -> list[bool]:
   """Run `program`, then `setup`, then test i, in an isolated child per test.
 
   Returns one bool per test: True iff that test ran to completion without an exception within
   `timeout_s` wall-clock seconds (and the CPU-time limit). The program is importable from the
   test as module `solution` (`from solution import f`). Never raises on program text.
   """
-  tests = [str(t) for t in tests]
-  if not tests:
-    return []
-  if not isinstance(program, str) or len(program) > MAX_PROGRAM_CHARS:
-    return [False] * len(tests)
-  if slot is None:
-    slot = _default_slots.q.get()
-    try:
-      return run_tests(program, tests, setup, timeout_s, memory_mb, max_procs, fsize_mb,
-                       tmpfs_mb, slot)
-    finally:
-      _default_slots.q.put(slot)
+  return run_batch([{"program": program, "tests": tests, "setup": setup}], workers=1,
+                   timeout_s=timeout_s, memory_mb=memory_mb, max_procs=max_procs,
+                   fsize_mb=fsize_mb, tmpfs_mb=tmpfs_mb)[0]
 
+
+def _valid(job) -> bool:
+  return isinstance(job.get("program"), str) and len(job["program"]) <= MAX_PROGRAM_CHARS
+
+
+def _run_harness(jobs: list[dict], slot: int, timeout_s: float = 1.0, memory_mb: int = 1024,
+                 max_procs: int = 8, fsize_mb: int = 16, tmpfs_mb: int = 64) -> list[list[bool]]:
+  """One harness process (one set of namespaces) running `jobs` one after another."""
+  fail = [[False] * len(j["tests"]) for j in jobs]
   mode = isolation_mode()
   nonce = secrets.token_hex(16)
   uid = UID_BASE + int(slot)
-  job = {"program": program, "setup": setup or "", "tests": tests, "timeout_s": float(timeout_s),
-         "memory_mb": int(memory_mb), "max_procs": int(max_procs), "fsize_mb": int(fsize_mb),
-         "tmpfs_mb": int(tmpfs_mb), "nonce": nonce, "uid": uid, "gid": uid,
-         "drop": mode == "root", "mount": mode in ("root", "userns"),
-         "sys_path": [p for p in sys.path if p.endswith("site-packages")]}
+  payload = {"jobs": [{"program": j["program"], "setup": j.get("setup") or "",
+                       "tests": [str(t) for t in j["tests"]]} for j in jobs],
+             "timeout_s": float(timeout_s), "memory_mb": int(memory_mb),
+             "max_procs": int(max_procs), "fsize_mb": int(fsize_mb), "tmpfs_mb": int(tmpfs_mb),
+             "nonce": nonce, "uid": uid, "gid": uid, "drop": mode == "root",
+             "mount": mode in ("root", "userns"),
+             "sys_path": [p for p in sys.path if p.endswith("site-packages")]}
   py = [sys.executable, "-I", "-S", HARNESS]
   if mode == "root":
     cmd = ["unshare"] + _NS_FLAGS
@@ -218,12 +224,12 @@ def run_tests(program: str, tests: Sequence[str], setup: str = "", timeout_s: fl
     cmd = ["unshare", "--user", "--map-root-user"] + _NS_FLAGS
   else:
     cmd = []
-  # The work directory in plain mode; in namespace modes the harness moves into its tmpfs and
-  # this is only the starting cwd.
+  # The harness's starting directory (and the work area in plain mode), removed afterwards.
   workdir = tempfile.mkdtemp(prefix="egspo_sbx_")
   if mode == "root":
     os.chown(workdir, uid, uid)
   os.chmod(workdir, 0o700)
+  n_tests = sum(len(j["tests"]) for j in jobs)
   cgroups = _cgroup_create(f"egspo_sbx_{os.getpid()}_{slot}_{nonce[:8]}",
                            (int(memory_mb) + 256) * 1024 * 1024, int(max_procs) + 8)
   r, w = os.pipe()
@@ -235,17 +241,17 @@ def run_tests(program: str, tests: Sequence[str], setup: str = "", timeout_s: fl
                             start_new_session=True)
     os.close(w)
     w = -1
-    for d in cgroups:  # before the job is sent nothing but the harness runs
+    for d in cgroups:  # before the jobs are sent nothing but the harness runs
       try:
         (d / "cgroup.procs").write_text(str(proc.pid))
       except OSError:
         pass
     try:
-      proc.stdin.write(marshal.dumps(job))
+      proc.stdin.write(marshal.dumps(payload))
       proc.stdin.close()
     except OSError:
       pass
-    deadline = time.monotonic() + len(tests) * (float(timeout_s) + 2.5) + 10.0
+    deadline = time.monotonic() + n_tests * (float(timeout_s) + 2.5) + 10.0
     chunks, size = [], 0
     while True:
       left = deadline - time.monotonic()
@@ -279,27 +285,58 @@ def run_tests(program: str, tests: Sequence[str], setup: str = "", timeout_s: fl
   try:
     got_nonce, verdicts, notes = raw.decode("ascii").split(" ", 2)
   except (UnicodeDecodeError, ValueError):
-    return [False] * len(tests)
-  if not secrets.compare_digest(got_nonce, nonce) or len(verdicts) != len(tests):
-    return [False] * len(tests)
-  if "mount" in notes:
-    _warn_once("mount", f"sandbox: {notes}")
-  return [v == "1" for v in verdicts]
+    return fail
+  verdicts = verdicts.split(",")
+  if (not secrets.compare_digest(got_nonce, nonce) or len(verdicts) != len(jobs)
+      or any(len(v) != len(j["tests"]) or set(v) - {"0", "1"} for v, j in zip(verdicts, jobs))):
+    return fail
+  if notes:
+    _warn_once("harness-notes", f"sandbox harness: {notes}")
+  return [[c == "1" for c in v] for v in verdicts]
 
 
 def default_workers() -> int:
   return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def run_batch(jobs: Sequence[dict], workers: int | None = None, **limits) -> list[list[bool]]:
-  """Run many jobs in parallel. Each job: {"program": str, "tests": [str], "setup": str?}.
-  `limits` go to `run_tests` (timeout_s, memory_mb, max_procs, …). Order is preserved."""
-  workers = min(workers or default_workers(), 64)
+def run_batch(jobs: Sequence[dict], workers: int | None = None, jobs_per_harness: int = 8,
+              **limits) -> list[list[bool]]:
+  """Run many jobs in parallel; one bool per test per job, order preserved.
 
-  def one(job):  # each call takes a free uid slot from the process-wide pool
-    return run_tests(job["program"], job["tests"], job.get("setup", ""), **limits)
+  Each job: {"program": str, "tests": [str], "setup": str (optional)}. `limits` go to every
+  test (timeout_s, memory_mb, max_procs, fsize_mb, tmpfs_mb). Up to `workers` harnesses run at
+  once (default: one per core), each in its own namespaces with its own uid, running up to
+  `jobs_per_harness` jobs in sequence (each job in a fresh work directory) to amortise start-up.
+  """
+  out: list = [None] * len(jobs)
+  todo = []
+  for i, j in enumerate(jobs):
+    tests = list(j.get("tests") or [])
+    if not tests:
+      out[i] = []
+    elif not _valid(j):
+      out[i] = [False] * len(tests)
+    else:
+      todo.append((i, {"program": j["program"], "tests": tests, "setup": j.get("setup") or ""}))
+  if not todo:
+    return out
+  workers = max(1, min(workers or default_workers(), 64, len(todo)))
+  per = max(1, min(int(jobs_per_harness), -(-len(todo) // workers)))
+  chunks = [todo[k:k + per] for k in range(0, len(todo), per)]
 
-  if workers == 1 or len(jobs) <= 1:
-    return [one(j) for j in jobs]
-  with concurrent.futures.ThreadPoolExecutor(workers) as ex:
-    return list(ex.map(one, jobs))
+  def one(chunk):
+    slot = _default_slots.q.get()  # a free uid, distinct from every concurrent harness
+    try:
+      return _run_harness([j for _, j in chunk], slot, **limits)
+    finally:
+      _default_slots.q.put(slot)
+
+  if workers == 1 or len(chunks) == 1:
+    results = [one(c) for c in chunks]
+  else:
+    with concurrent.futures.ThreadPoolExecutor(workers) as ex:
+      results = list(ex.map(one, chunks))
+  for chunk, res in zip(chunks, results):
+    for (i, _), r in zip(chunk, res):
+      out[i] = r
+  return out
