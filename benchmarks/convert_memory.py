@@ -55,6 +55,27 @@ print(json.dumps({"rc": rc, "baseline": baseline, "peak": vmhwm()}))
 """
 
 
+LOAD_CHILD = r"""
+import json, pathlib, sys
+import numpy as np
+import jax
+from egspo.model import convert
+
+def vmhwm():
+  for line in open("/proc/self/status"):
+    if line.startswith("VmHWM"):
+      return int(line.split()[1]) * 1024
+
+src, warm = sys.argv[1:3]
+jax.devices()
+convert._save_group(pathlib.Path(warm), "warm", {"a": np.ones(4, np.float32)})
+baseline = vmhwm()
+model = convert.from_pretrained(src)
+jax.block_until_ready(jax.tree.leaves(model))
+print(json.dumps({"baseline": baseline, "peak": vmhwm()}))
+"""
+
+
 def build_checkpoint(path: pathlib.Path, cfg: ModelConfig, max_shard_bytes: int,
                      dtype: np.dtype) -> dict:
   """Random HF checkpoint of `cfg`, generated and written one tensor at a time."""
@@ -113,6 +134,8 @@ def main():
   p.add_argument("--max_shard_mb", type=int, default=300)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--workdir", default=None, help="where to build (default: a temp dir)")
+  p.add_argument("--no_load", dest="load", action="store_false",
+                 help="skip measuring from_pretrained (the loaded model lives in host memory on CPU)")
   args = p.parse_args()
   dtype = np.dtype(np.float32 if args.dtype == "float32" else ml_dtypes.bfloat16)
   cfg = ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.d_model // 128,
@@ -130,6 +153,13 @@ def main():
     child = json.loads(out.strip().splitlines()[-1])
     assert child["rc"] == 0, "conversion failed"
     out_bytes = sum(f.stat().st_size for f in (tmp / "orbax").rglob("*") if f.is_file())
+    loads = {}
+    if args.load:  # from_pretrained into (CPU) device memory, from each layout
+      for name in ("orbax", "hf"):
+        rc, out, _, load_wall = run_and_poll([sys.executable, "-c", LOAD_CHILD, str(tmp / name),
+                                              str(tmp / f"warm_{name}")])
+        assert rc == 0, f"from_pretrained({name}) failed"
+        loads[name] = dict(json.loads(out.strip().splitlines()[-1]), wall=load_wall)
   peak, baseline = child["peak"], child["baseline"]
   print(f"config: d_model={cfg.d_model} layers={cfg.n_layers} mlp={cfg.mlp_hidden_size} "
         f"vocab={cfg.vocab_size} dtype={args.dtype} ({cfg.num_params() / 1e6:.0f}M params)")
@@ -146,6 +176,10 @@ def main():
         f"= {(peak - baseline) / info['model_bytes']:.2f} x model size, "
         f"{(peak - baseline) / info['largest_shard']:.2f} x largest shard, "
         f"{(peak - baseline) / info['largest_group']:.2f} x largest group")
+  for name, r in loads.items():
+    extra = r["peak"] - r["baseline"] - info["model_bytes"]
+    print(f"from_pretrained({name} dir) on CPU: peak RSS - baseline {(r['peak'] - r['baseline']) / MB:.1f}"
+          f" MiB = model {info['model_bytes'] / MB:.1f} MiB + {extra / MB:.1f} MiB ({r['wall']:.1f}s)")
 
 
 if __name__ == "__main__":

@@ -354,3 +354,12 @@ def test_output_dir_not_overwritten(f32_ckpt, tmp_path):
   _, hf, out = f32_ckpt
   with pytest.raises(FileExistsError, match="not empty"):
     convert.convert_hf_to_orbax(hf, out)
+
+
+def test_cli_to_hf(f32_ckpt, tmp_path):
+  sd, _, out = f32_ckpt
+  assert convert_cli.main(["--checkpoint", str(out), "--output", str(tmp_path / "hf"), "--to_hf",
+                           "--quiet"]) == 0
+  back = load_file(str(tmp_path / "hf" / "model.safetensors"))  # < 5 GiB: one file, no index
+  assert not (tmp_path / "hf" / "model.safetensors.index.json").exists()
+  assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)

@@ -652,6 +652,7 @@ def from_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
         values[mpath] = _zeros_fn(tuple(a.shape), a.dtype, targets[mpath])()
       values[mpath] = _set_layer_fn(targets[mpath])(values[mpath], arr, jnp.int32(layer))
       del arr
+    _release_freed_memory()
   missing = set(flat_abs) - set(values)
   if missing:
     raise AssertionError(f"parameters not loaded: {sorted(map(str, missing))[:3]}")
