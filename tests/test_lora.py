@@ -29,12 +29,17 @@ def fwd(model, ids, mask=None):
 
 
 def perturb_b(model, seed=0, scale=0.3):
-  """Random B factors (after training B is no longer zero)."""
-  key = jax.random.key(seed)
+  """Random B factors (after training B is no longer zero); numpy draws keep the test fast."""
+  rng = np.random.default_rng(seed)
   for _, m in sorted(lora.lora_modules(model).items()):
-    key, sub = jax.random.split(key)
     b = m.lora_b[...]
-    m.lora_b.set_value(scale * jax.random.normal(sub, b.shape, b.dtype))
+    m.lora_b.set_value(jnp.asarray(scale * rng.standard_normal(b.shape), b.dtype))
+
+
+@pytest.fixture(scope="module")
+def bases():
+  """Base models (list of blocks and scanned stack), initialised once and cloned by the tests."""
+  return {scan: llada.init_model(small_config(scan_layers=scan), seed=1) for scan in (False, True)}
 
 
 IDS = jnp.asarray(np.random.default_rng(0).integers(2, 50, (2, 9)), jnp.int32)
@@ -42,9 +47,9 @@ MASK = jnp.asarray([[1] * 9, [0] * 3 + [1] * 6], jnp.int32)
 
 
 @pytest.mark.parametrize("scan", [False, True])
-def test_zero_init_identity_and_merge(scan):
+def test_zero_init_identity_and_merge(scan, bases):
   cfg = small_config(scan_layers=scan)
-  model = llada.init_model(cfg, seed=1)
+  model = nnx.clone(bases[scan])
   base_logits = np.asarray(fwd(model, IDS, MASK))
   lora.apply_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(3))
   mods = lora.lora_modules(model)
@@ -66,7 +71,7 @@ def test_zero_init_identity_and_merge(scan):
   assert type(merged) is llada.LLaDA and not lora.lora_modules(merged)
   assert not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))
   # Same parameter paths and shapes as a freshly built model: exportable as is.
-  fresh = nnx.state(llada.init_model(cfg), nnx.Param)
+  fresh = nnx.state(bases[scan], nnx.Param)
   assert jax.tree.map(jnp.shape, nnx.state(merged, nnx.Param)) == jax.tree.map(jnp.shape, fresh)
   np.testing.assert_allclose(fwd(merged, IDS, MASK), adapted, atol=1e-5, rtol=0)
   # Hand check of one merged kernel: W + (alpha/r) A B.
@@ -77,23 +82,14 @@ def test_zero_init_identity_and_merge(scan):
   np.testing.assert_allclose(fwd(model, IDS, MASK), adapted, atol=0, rtol=0)
 
 
-def test_only_lora_params_get_gradients_and_train():
-  model = llada.init_model(small_config(), seed=2)
-  lora.apply_lora(model, rank=2, alpha=2.0, rngs=nnx.Rngs(0))
+def test_only_lora_params_get_gradients_and_train(bases):
+  model = nnx.clone(bases[False])
+  lora.apply_lora(model, rank=4, alpha=2.0, rngs=nnx.Rngs(0))
   targets = jnp.asarray(np.random.default_rng(1).integers(0, 50, IDS.shape), jnp.int32)
 
   def loss_fn(model):
     logp = jax.nn.log_softmax(model(IDS, MASK))
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
-
-  # At B = 0 the gradient w.r.t. A is exactly zero (dL/dA = xᵀ (dL/dy) Bᵀ) and w.r.t. B is not.
-  grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-  g = lora.lora_modules(model)["blocks.0.v_proj"]
-  flat = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(grads)}
-  assert set(flat) == {f"{k}.{n}" for k in lora.lora_modules(model) for n in ("lora_a", "lora_b")}
-  assert float(jnp.abs(flat["blocks.0.v_proj.lora_a"]).max()) == 0.0
-  assert float(jnp.abs(flat["blocks.0.v_proj.lora_b"]).max()) > 1e-6
-  del g
 
   base_before = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
   base_before = jax.tree.map(np.asarray, base_before)
@@ -103,9 +99,16 @@ def test_only_lora_params_get_gradients_and_train():
   def train_step(model, optimizer):
     loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
     optimizer.update(model, grads)
-    return loss
+    return loss, grads
 
-  losses = [float(train_step(model, optimizer)) for _ in range(5)]
+  loss, grads = train_step(model, optimizer)
+  # At B = 0 the gradient w.r.t. A is exactly zero (dL/dA = xᵀ (dL/dy) Bᵀ) and w.r.t. B is not;
+  # the frozen base weights get no gradient at all.
+  flat = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(grads)}
+  assert set(flat) == {f"{k}.{n}" for k in lora.lora_modules(model) for n in ("lora_a", "lora_b")}
+  assert float(jnp.abs(flat["blocks.0.v_proj.lora_a"]).max()) == 0.0
+  assert float(jnp.abs(flat["blocks.0.v_proj.lora_b"]).max()) > 1e-6
+  losses = [float(loss)] + [float(train_step(model, optimizer)[0]) for _ in range(4)]
   assert losses[-1] < losses[0]
   base_after = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
   for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(base_after)):
@@ -113,40 +116,42 @@ def test_only_lora_params_get_gradients_and_train():
   assert float(jnp.abs(lora.lora_modules(model)["blocks.1.ff_out"].lora_b[...]).max()) > 1e-3
 
 
-def test_parameter_counts_and_target_selection():
+def test_parameter_counts_and_target_selection(bases):
   cfg = small_config()
-  model = llada.init_model(cfg)
+  model = nnx.clone(bases[False])
   n_base = cfg.num_params()
-  lora.apply_lora(model, rank=3, alpha=6.0)
+  lora.apply_lora(model, rank=4, alpha=6.0)
   # Σ over the 7 projections of r·(in + out), per layer: q 32+32, k 32+16, v 32+16, attn_out
   # 32+32, ff_proj 32+48, up_proj 32+48, ff_out 48+32 = 464.
-  assert lora.num_lora_params(model) == 3 * 464 * cfg.n_layers == 2784
+  assert lora.num_lora_params(model) == 4 * 464 * cfg.n_layers == 3712
   n_all = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  assert n_all == n_base + 2784  # LoRAParam is a Param subclass; the base count is unchanged
+  assert n_all == n_base + 3712  # LoRAParam is a Param subclass; the base count is unchanged
 
-  only_qv = lora.apply_lora(llada.init_model(cfg), rank=2, alpha=2.0, targets=r"(q|v)_proj$")
+  only_qv = lora.apply_lora(nnx.clone(bases[False]), rank=4, alpha=2.0, targets=r"(q|v)_proj$")
   assert sorted(lora.lora_modules(only_qv)) == ["blocks.0.q_proj", "blocks.0.v_proj",
                                                  "blocks.1.q_proj", "blocks.1.v_proj"]
-  assert lora.num_lora_params(only_qv) == 2 * (64 + 48) * 2
-  # The LM head can be targeted explicitly; it keeps its float32 output.
-  head = lora.apply_lora(llada.init_model(cfg.replace(dtype="bfloat16")), rank=2, alpha=2.0,
-                         targets=r"^ff_out$")
+  assert lora.num_lora_params(only_qv) == 4 * (64 + 48) * 2
+  # The LM head can be targeted explicitly; it keeps its float32 output under bf16 compute.
+  abstract = nnx.eval_shape(lambda: llada.LLaDA(cfg.replace(dtype="bfloat16"), rngs=nnx.Rngs(0)))
+  nnx.update(abstract, nnx.state(bases[False]))
+  head = lora.apply_lora(abstract, rank=4, alpha=2.0, targets=r"^ff_out$")
   assert list(lora.lora_modules(head)) == ["ff_out"]
-  assert head(IDS).dtype == jnp.float32
+  assert lora.num_lora_params(head) == 4 * (32 + 52)
+  assert nnx.eval_shape(lambda m: m(IDS), head).dtype == jnp.float32
 
   with pytest.raises(ValueError, match="match no projection"):
-    lora.apply_lora(llada.init_model(cfg), rank=2, alpha=2.0, targets="nothing_here")
+    lora.apply_lora(nnx.clone(bases[False]), rank=4, alpha=2.0, targets="nothing_here")
   with pytest.raises(ValueError, match="rank must be a positive integer"):
-    lora.apply_lora(llada.init_model(cfg), rank=0, alpha=2.0)
+    lora.apply_lora(nnx.clone(bases[False]), rank=0, alpha=2.0)
   with pytest.raises(ValueError, match="alpha must be positive"):
-    lora.apply_lora(llada.init_model(cfg), rank=2, alpha=0.0)
+    lora.apply_lora(nnx.clone(bases[False]), rank=4, alpha=0.0)
   with pytest.raises(ValueError, match="already has LoRA adapters"):
     lora.apply_lora(model, rank=2, alpha=2.0)
 
 
 @pytest.mark.parametrize("scan", [False, True])
-def test_lora_params_carry_logical_axes_and_shard(scan):
-  model = llada.init_model(small_config(scan_layers=scan))
+def test_lora_params_carry_logical_axes_and_shard(scan, bases):
+  model = nnx.clone(bases[scan])
   lora.apply_lora(model, rank=4, alpha=4.0)
   m = lora.lora_modules(model)["blocks.ff_out" if scan else "blocks.0.ff_out"]
   assert m.lora_a.get_metadata()["logical_axes"] == ("mlp", "lora_rank")

@@ -57,6 +57,11 @@ def load_torch_state_dict(model: llada.LLaDA, sd: dict[str, torch.Tensor]) -> ll
   return model
 
 
+def from_torch(cfg: llada.ModelConfig, sd) -> llada.LLaDA:
+  """An LLaDA built abstractly (no random init) and filled from a PyTorch state dict."""
+  return load_torch_state_dict(nnx.eval_shape(lambda: llada.LLaDA(cfg, rngs=nnx.Rngs(0))), sd)
+
+
 def torch_logits(cfg: llada.ModelConfig, sd, ids, mask=None) -> np.ndarray:
   hf = cfg.to_hf_config()
   m = None if mask is None else torch.as_tensor(np.array(mask))
@@ -88,7 +93,7 @@ def torch_sd():
 def test_parity_with_torch_f32(torch_sd, n_kv_heads):
   cfg = small_config(n_kv_heads=n_kv_heads)
   sd = torch_sd[n_kv_heads]
-  model = load_torch_state_dict(llada.init_model(cfg), sd)
+  model = from_torch(cfg, sd)
   ids = random_ids(0, 3, 17, cfg.vocab_size)
   ours = np.asarray(jit_forward(model)(ids))
   ref = torch_logits(cfg, sd, ids)
@@ -103,7 +108,7 @@ def test_parity_with_torch_f32(torch_sd, n_kv_heads):
 def test_left_padding_equals_prompt_alone(torch_sd):
   cfg = small_config(n_kv_heads=2)
   sd = torch_sd[2]
-  model = load_torch_state_dict(llada.init_model(cfg), sd)
+  model = from_torch(cfg, sd)
   fwd = jit_forward(model)
   lengths = [13, 7, 1]
   width = max(lengths)
@@ -163,13 +168,13 @@ def test_scan_and_remat_give_identical_logits_and_grads(torch_sd):
   mask = jnp.asarray([[1] * 11, [0] * 4 + [1] * 7], jnp.int32)
   targets = random_ids(4, 2, 11, cfg0.vocab_size)
   ref_loss, ref_grads, ref_logits = _loss_and_grads(
-      load_torch_state_dict(llada.init_model(cfg0), sd), ids, mask, targets)
+      from_torch(cfg0, sd), ids, mask, targets)
   ref_flat = _stack_grads(ref_grads, cfg0)
   assert min(float(jnp.abs(g).max()) for g in ref_flat.values()) > 0  # every param gets gradient
   for scan, remat, policy in [(False, True, "nothing"), (True, False, "nothing"),
                               (True, True, "dots")]:
     cfg = cfg0.replace(scan_layers=scan, remat=remat, remat_policy=policy)
-    loss, grads, logits = _loss_and_grads(load_torch_state_dict(llada.init_model(cfg), sd),
+    loss, grads, logits = _loss_and_grads(from_torch(cfg, sd),
                                           ids, mask, targets)
     np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
     np.testing.assert_allclose(loss, ref_loss, atol=1e-6, rtol=0)
@@ -181,25 +186,13 @@ def test_scan_and_remat_give_identical_logits_and_grads(torch_sd):
                                  err_msg=f"scan={scan} remat={remat} {k}")
 
 
-def test_scanned_init_has_stacked_params():
-  cfg = small_config(scan_layers=True)
-  model = llada.init_model(cfg)
-  params = nnx.state(model, nnx.Param)
-  assert params["blocks"]["q_proj"]["kernel"][...].shape == (2, 32, 32)
-  assert params["blocks"]["k_proj"]["kernel"][...].shape == (2, 32, 16)
-  assert params["blocks"]["q_proj"]["kernel"].get_metadata()["logical_axes"] == ("embed", "heads")
-  # The layers are initialised independently (split RNG streams), not copies of one block.
-  k = params["blocks"]["q_proj"]["kernel"][...]
-  assert float(jnp.abs(k[0] - k[1]).max()) > 1e-3
-
-
 def test_bf16_runs_and_stays_close(torch_sd):
   sd = torch_sd[2]
   ids = random_ids(5, 2, 16, 50)
-  ref = np.asarray(jit_forward(load_torch_state_dict(llada.init_model(small_config()), sd))(ids))
+  ref = np.asarray(jit_forward(from_torch(small_config(), sd))(ids))
   for param_dtype, dtype in [("float32", "bfloat16"), ("bfloat16", "bfloat16")]:
     cfg = small_config(param_dtype=param_dtype, dtype=dtype)
-    model = load_torch_state_dict(llada.init_model(cfg), sd)
+    model = from_torch(cfg, sd)
     assert model.blocks[0].q_proj.kernel[...].dtype == cfg.jnp_param_dtype
     logits = np.asarray(jit_forward(model)(ids))
     assert logits.dtype == np.float32 and np.isfinite(logits).all()
@@ -213,7 +206,7 @@ def test_bf16_runs_and_stays_close(torch_sd):
 
 def test_num_params_matches_model():
   for cfg in (small_config(), small_config(n_kv_heads=1, scan_layers=True)):
-    params = nnx.state(llada.init_model(cfg), nnx.Param)
+    params = nnx.state(nnx.eval_shape(lambda: llada.LLaDA(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
   # The real LLaDA-8B sizes, abstractly (no memory): 8.02B parameters.
   cfg8 = llada.get_config("llada_8b")
@@ -250,14 +243,14 @@ def test_config_validation(kw, field):
     small_config(**kw)
 
 
-def test_bad_preset_and_inputs():
+def test_bad_preset_and_inputs(torch_sd):
   with pytest.raises(ValueError, match="unknown model preset 'huge'.*tiny"):
     llada.get_config("huge")
   with pytest.raises(TypeError):
     llada.get_config("tiny", no_such_field=1)
   with pytest.raises(ValueError, match="missing LLaDA keys"):
     llada.ModelConfig.from_hf_config({"d_model": 8})
-  model = llada.init_model(small_config(max_sequence_length=8))
+  model = from_torch(small_config(max_sequence_length=8), torch_sd[2])
   with pytest.raises(ValueError, match="sequence length 9 exceeds the model's max_sequence_length=8"):
     model(jnp.ones((1, 9), jnp.int32))
   with pytest.raises(ValueError, match=r"\[batch, length\]"):
@@ -266,12 +259,20 @@ def test_bad_preset_and_inputs():
     model(jnp.ones((1, 4), jnp.float32))
   with pytest.raises(ValueError, match="attention_mask shape"):
     model(jnp.ones((1, 4), jnp.int32), jnp.ones((1, 5), jnp.int32))
-  assert model(jnp.ones((1, 8), jnp.int32)).shape == (1, 8, 50)
+  out = nnx.eval_shape(lambda m: m(jnp.ones((1, 8), jnp.int32)), model)
+  assert out.shape == (1, 8, 50) and out.dtype == jnp.float32
 
 
-def test_eager_equals_jit_and_config_is_hashable():
-  cfg = small_config()
+def test_init_seeds_scanned_stack_and_eager_equals_jit():
+  cfg = small_config(scan_layers=True)
   model = llada.init_model(cfg, seed=3)
+  params = nnx.state(model, nnx.Param)
+  assert params["blocks"]["q_proj"]["kernel"][...].shape == (2, 32, 32)
+  assert params["blocks"]["k_proj"]["kernel"][...].shape == (2, 32, 16)
+  assert params["blocks"]["q_proj"]["kernel"].get_metadata()["logical_axes"] == ("embed", "heads")
+  # The layers are initialised independently (split RNG streams), not copies of one block.
+  k = params["blocks"]["q_proj"]["kernel"][...]
+  assert float(jnp.abs(k[0] - k[1]).max()) > 1e-3
   ids = random_ids(6, 2, 9, cfg.vocab_size)
   np.testing.assert_allclose(model(ids), jit_forward(model)(ids), atol=1e-5, rtol=0)
   # Same seed → same weights; another seed → different weights.

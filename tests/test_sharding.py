@@ -131,13 +131,28 @@ def batch():
   return ids, mask, targets
 
 
+def scanned_copy(model, cfg):
+  """The same weights as a list-of-blocks `model`, in a scanned-stack model of config `cfg`."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: llada.LLaDA(cfg, rngs=nnx.Rngs(0))))
+  src = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
+  flat = []
+  for path, var in nnx.to_flat_state(abstract):
+    if path[0] == "blocks":
+      value = jnp.stack([src[("blocks", i) + path[1:]] for i in range(cfg.n_layers)])
+    else:
+      value = src[path]
+    flat.append((path, var.replace(value)))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
 @pytest.fixture(scope="module")
 def reference(batch):
   """Per scan_layers: (config, unsharded model, single-device (loss, logits), grads)."""
   out = {}
+  base = llada.init_model(small_config(), seed=1)
   for scan in (False, True):
     cfg = small_config(scan_layers=scan, remat=scan)
-    ref = llada.init_model(cfg, seed=1)
+    ref = scanned_copy(base, cfg) if scan else base
     params = jax.device_put(nnx.state(ref, nnx.Param), jax.devices()[0])
     (loss, logits), grads = _grad_step(nnx.graphdef(ref))(params, *batch)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-3
@@ -145,12 +160,12 @@ def reference(batch):
   return out
 
 
-# create_sharded_model (init straight into shardings) on one mesh per layout; the others move
-# the reference model with shard_model (same shardings; cheaper to compile on 2 CPU cores).
+# create_sharded_model (init straight into shardings) on one mesh; the others move the reference
+# model with shard_model (same shardings; an init jit costs seconds of compile on 2 CPU cores).
 @pytest.mark.parametrize("shape, scan, create", [((8, 1, 1), False, False),
                                                  ((2, 4, 1), True, False),
                                                  ((2, 2, 2), False, True),
-                                                 ((1, 2, 4), True, True)])
+                                                 ((1, 2, 4), True, False)])
 def test_sharded_model_equals_unsharded(shape, scan, create, batch, reference):
   cfg, ref, (ref_loss, ref_logits), ref_grads = reference[scan]
   mesh = sharding.make_mesh(*shape)
@@ -199,15 +214,17 @@ def test_sharded_model_equals_unsharded(shape, scan, create, batch, reference):
 def test_indivisible_dims_fall_back_to_replication(caplog):
   cfg = small_config(embedding_size=50, n_kv_heads=1)  # 50 % 4 != 0; kv width 8 % 4 == 0
   mesh = sharding.make_mesh(1, 2, 4)
-  model = llada.init_model(cfg)
-  ref_logits = model(jnp.ones((2, 5), jnp.int32))
+  abstract = nnx.eval_shape(lambda: llada.LLaDA(cfg, rngs=nnx.Rngs(0)))  # no memory, no compute
   with caplog.at_level(logging.DEBUG, logger="egspo.sharding"):
-    sharding.shard_model(model, mesh)
-  assert model.wte.embedding.get_value().sharding.spec == P(None, "fsdp")
-  assert model.ff_out.kernel.get_value().sharding.spec == P("fsdp")
-  assert model.blocks[0].k_proj.kernel.get_value().sharding.spec == P("fsdp", "tensor")
+    shardings = sharding.logical_to_mesh_sharding(nnx.state(abstract), mesh)
+  assert shardings["wte"]["embedding"].get_value().spec == P(None, "fsdp")
+  assert shardings["ff_out"]["kernel"].get_value().spec == P("fsdp")
+  assert shardings["blocks"][0]["k_proj"]["kernel"].get_value().spec == P("fsdp", "tensor")
   assert "(vocab) of size 50 is not divisible by mesh axes ('tensor',)" in caplog.text
-  np.testing.assert_allclose(model(jnp.ones((2, 5), jnp.int32)), ref_logits, atol=1e-5, rtol=0)
+  # Every spec is valid for its array (what jax.device_put / jit would reject otherwise).
+  for (_, var), (_, sh) in zip(nnx.to_flat_state(nnx.state(abstract)),
+                               nnx.to_flat_state(shardings)):
+    sh.get_value().shard_shape(var.get_value().shape)
 
 
 def test_shard_model_moves_existing_model():
