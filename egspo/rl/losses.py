@@ -68,6 +68,27 @@ def _check_same_shape(**arrays):
     raise ValueError(f"shape mismatch: {shapes}")
 
 
+def step_logprobs(token_logp, commit_step, steps, aggregation: str = "sum"):
+  """Step-level log π(a_t | s_t) from per-position log-probs (REFERENCE §3.4).
+
+  token_logp: [B, K, G] log-probs of the final tokens under the state of selected step k (the
+  forward of x_t), or [B, G] when one value per position serves every step (the rollout-time
+  `Rollout.logprob`, i.e. logp_old); commit_step: [B, G]; steps: [B, K].
+  aggregation="sum" (REFERENCE): Σ over positions with commit_step == t; "mean" (the reference
+  trainer's `logps_aggregation='mean'`): their mean (0 for a step that commits nothing).
+  Returns [B, K] float32.
+  """
+  if aggregation not in ("sum", "mean"):
+    raise ValueError(f"aggregation must be 'sum' or 'mean', got {aggregation!r}")
+  act = commit_step[:, None, :] == steps[:, :, None]  # [B, K, G]: the action a_t
+  if token_logp.ndim == 2:
+    token_logp = token_logp[:, None, :]
+  total = jnp.sum(jnp.where(act, token_logp.astype(jnp.float32), 0.0), axis=-1)
+  if aggregation == "sum":
+    return total
+  return total / jnp.maximum(act.sum(-1), 1).astype(jnp.float32)
+
+
 def egspo_step_loss(logp, logp_old, adv, valid=None, logp_ref=None, *, epsilon: float = 0.2,
                     epsilon_high: float = 0.5, beta: float = 0.04, loss_scale: float = 1.0):
   """EGSPO per-step clipped surrogate with the k3 KL (REFERENCE §3.7).
