@@ -12,7 +12,8 @@ f is a polynomial of degree L−1 in t. Every estimator below is a function of a
     logits_fn(ids [N, P+L] int32, attention_mask [N, P+L] bool) → logits [N, P+L, V]
 
 (the prompt-then-completion canvas; the model of `egspo.model.llada` with its parameters closed
-over), and an explicit `jax.random` key: the same key gives the same masks, so current / old /
+over; only the last L positions are read, so a logits_fn may return just those, [N, L, V], to save
+the LM-head work on the prompt), and an explicit `jax.random` key: the same key gives the same masks, so current / old /
 reference policies are evaluated with common random numbers by passing the same key.
 
 Estimators (all return [N] float32; each forward evaluates all draws in one batched call of
