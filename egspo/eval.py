@@ -26,9 +26,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Sequence
-
-import numpy as np
+from typing import Sequence
 
 from egspo.tasks import get_task
 
