@@ -193,7 +193,7 @@ def test_no_processes_left(batch):
     pytest.skip("dedicated uids only in root mode")
   time.sleep(0.2)
   left = [p.info for p in psutil.process_iter(["pid", "uids", "name"])
-          if p.info["uids"] and sandbox.UID_BASE <= p.info["uids"].real < sandbox.UID_BASE + 64]
+          if p.info["uids"] and sandbox.slot_uid(0) <= p.info["uids"].real <= sandbox.slot_uid(sandbox.MAX_SLOTS - 1)]
   assert left == []
 
 

@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 
 HARNESS = str(pathlib.Path(__file__).with_name("_sandbox_harness.py"))
 MAX_PROGRAM_CHARS = 1_000_000
-UID_BASE = 61000  # dedicated uids/gids UID_BASE + slot (no passwd entry needed)
+UID_BASE = 61000  # dedicated uids/gids (no passwd entry needed), see slot_uid
+MAX_SLOTS = 64
 _NS_FLAGS = ["--fork", "--pid", "--net", "--mount-proc", "--kill-child"]
 
 _mode_lock = threading.Lock()
@@ -182,7 +183,15 @@ class _Slots:
       self.q.put(i)
 
 
-_default_slots = _Slots(64)
+_default_slots = _Slots(MAX_SLOTS)
+
+
+def slot_uid(slot: int, pid: int | None = None) -> int:
+  """The uid/gid of worker slot `slot` of process `pid` (default: this one): distinct per slot and
+  per caller process, so concurrent callers (e.g. pytest-xdist workers) never share a uid and
+  RLIMIT_NPROC counts one harness's processes only."""
+  pid = os.getpid() if pid is None else pid
+  return UID_BASE + (pid % 4096) * MAX_SLOTS + int(slot)
 
 
 def run_tests(program: str, tests: Sequence[str], setup: str = "", timeout_s: float = 1.0,
@@ -209,7 +218,7 @@ def _run_harness(jobs: list[dict], slot: int, timeout_s: float = 1.0, memory_mb:
   fail = [[False] * len(j["tests"]) for j in jobs]
   mode = isolation_mode()
   nonce = secrets.token_hex(16)
-  uid = UID_BASE + int(slot)
+  uid = slot_uid(slot)
   payload = {"jobs": [{"program": j["program"], "setup": j.get("setup") or "",
                        "tests": [str(t) for t in j["tests"]]} for j in jobs],
              "timeout_s": float(timeout_s), "memory_mb": int(memory_mb),
@@ -320,7 +329,7 @@ def run_batch(jobs: Sequence[dict], workers: int | None = None, jobs_per_harness
       todo.append((i, {"program": j["program"], "tests": tests, "setup": j.get("setup") or ""}))
   if not todo:
     return out
-  workers = max(1, min(workers or default_workers(), 64, len(todo)))
+  workers = max(1, min(workers or default_workers(), MAX_SLOTS, len(todo)))
   per = max(1, min(int(jobs_per_harness), -(-len(todo) // workers)))
   chunks = [todo[k:k + per] for k in range(0, len(todo), per)]
 
