@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
       overrides = {} if args.param_dtype is None else {"param_dtype": args.param_dtype}
       model = convert.from_pretrained(args.checkpoint, **overrides)
       files = convert.export_hf(model, args.output, overwrite=args.overwrite,
+                                tokenizer=args.checkpoint,
                                 max_shard_bytes=int(args.max_shard_gb * 2**30))
       log(f"exported {len(files)} shard(s) to {args.output} in {time.time() - t0:.1f}s")
     else:

@@ -197,8 +197,23 @@ class HFTokenizer(TokenizerBase):
     return text + assistant_prefill
 
 
-def load_tokenizer(spec: str, config=None) -> TokenizerBase:
-  """`"char"` → the built-in CharTokenizer; anything else is a local HF tokenizer directory."""
-  if spec == "char":
+def load_tokenizer(spec, config=None) -> TokenizerBase:
+  """`"char"` → the built-in CharTokenizer; anything else is a local directory.
+
+  A directory whose config.json says `"egspo_tokenizer": "char"` (a checkpoint of a CPU preset
+  saved with its tokenizer, see `egspo.model.convert.save_tokenizer`) gives the CharTokenizer;
+  otherwise the directory must hold a Hugging Face tokenizer.
+  """
+  import json
+  import pathlib
+
+  if str(spec) == "char":
     return CharTokenizer()
+  cfg_file = pathlib.Path(spec) / "config.json"
+  if cfg_file.is_file():
+    try:
+      if json.loads(cfg_file.read_text()).get("egspo_tokenizer") == "char":
+        return CharTokenizer()
+    except (json.JSONDecodeError, AttributeError):
+      pass  # HFTokenizer reports an unreadable config.json
   return HFTokenizer(spec, config=config)

@@ -363,3 +363,25 @@ def test_cli_to_hf(f32_ckpt, tmp_path):
   back = load_file(str(tmp_path / "hf" / "model.safetensors"))  # < 5 GiB: one file, no index
   assert not (tmp_path / "hf" / "model.safetensors.index.json").exists()
   assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_tokenizer_travels_with_the_weights(tmp_path):
+  from test_tokenizer import build
+
+  from egspo.tokenizer import CharTokenizer, HFTokenizer, load_tokenizer
+
+  hf = write_hf(tmp_path / "hf", _small_sd(), n_shards=2)
+  build(hf)  # tokenizer files beside the weights, as in LLaDA's HF repo
+  convert.convert_hf_to_orbax(hf, tmp_path / "orbax")
+  tok = load_tokenizer(tmp_path / "orbax")
+  assert isinstance(tok, HFTokenizer) and tok.encode("hello world") == [7, 8]
+  assert (tok.mask_id, tok.eos_id) == (HF_CFG["mask_token_id"], HF_CFG["eos_token_id"])
+  model = from_pretrained(tmp_path / "orbax")
+  assert convert_cli.main(["--checkpoint", str(tmp_path / "orbax"), "--output",
+                           str(tmp_path / "back"), "--to_hf", "--quiet"]) == 0
+  assert load_tokenizer(tmp_path / "back").encode("the answer") == [9, 10]
+  # A CPU-preset model saved with the built-in tokenizer loads it back by directory.
+  save_pretrained_orbax(model, tmp_path / "char", tokenizer=CharTokenizer())
+  assert isinstance(load_tokenizer(tmp_path / "char"), CharTokenizer)
+  export_hf(model, tmp_path / "char_hf", tokenizer=tmp_path / "char")
+  assert isinstance(load_tokenizer(tmp_path / "char_hf"), CharTokenizer)

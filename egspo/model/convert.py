@@ -397,9 +397,47 @@ def _save_group(out_dir: pathlib.Path, group: str, tree: dict) -> None:
   _release_freed_memory()
 
 
-def _write_manifest(out_dir: pathlib.Path, cfg: ModelConfig, source: str) -> None:
+# Files of a Hugging Face tokenizer directory, copied next to converted/exported weights so that
+# `egspo.tokenizer.load_tokenizer(checkpoint_dir)` finds the tokenizer of the model.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def save_tokenizer(tokenizer, out_dir: pathlib.Path, cfg_json: dict[str, Any]) -> None:
+  """Put the model's tokenizer beside its weights.
+
+  tokenizer: None (nothing), a directory (its tokenizer files are copied), an
+  `egspo.tokenizer.HFTokenizer` (saved with `save_pretrained`) or a `CharTokenizer` (recorded as
+  `"egspo_tokenizer": "char"` in `cfg_json`, which the caller writes as config.json).
+  """
+  if tokenizer is None:
+    return
+  from egspo import tokenizer as tok_lib  # local: the tokenizer module imports nothing heavy
+
+  if isinstance(tokenizer, tok_lib.CharTokenizer):
+    cfg_json["egspo_tokenizer"] = "char"
+  elif isinstance(tokenizer, tok_lib.HFTokenizer):
+    tokenizer.tok.save_pretrained(str(out_dir))
+  elif isinstance(tokenizer, (str, os.PathLike)):
+    src = pathlib.Path(tokenizer)
+    for name in TOKENIZER_FILES:
+      if (src / name).is_file():
+        shutil.copy2(src / name, out_dir / name)
+    try:  # a CPU-preset checkpoint records its built-in tokenizer in config.json
+      if json.loads((src / CONFIG).read_text()).get("egspo_tokenizer") == "char":
+        cfg_json["egspo_tokenizer"] = "char"
+    except (OSError, ValueError, AttributeError):
+      pass
+  else:
+    raise TypeError(f"tokenizer must be None, a directory, an HFTokenizer or a CharTokenizer, got "
+                    f"{type(tokenizer).__name__}")
+
+
+def _write_manifest(out_dir: pathlib.Path, cfg: ModelConfig, source: str, tokenizer=None) -> None:
   cfg_json = cfg.to_hf_config()
   cfg_json["param_dtype"] = cfg.param_dtype
+  save_tokenizer(tokenizer, out_dir, cfg_json)
   (out_dir / CONFIG).write_text(json.dumps(cfg_json, indent=2) + "\n")
   manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "source": source,
               "param_dtype": cfg.param_dtype, "groups": group_names(cfg)}
@@ -446,7 +484,7 @@ def convert_hf_to_orbax(checkpoint: str | os.PathLike, output: str | os.PathLike
     _release_freed_memory()
     if log is not None:
       log(f"wrote {group}")
-  _write_manifest(out_dir, cfg, source=str(checkpoint))
+  _write_manifest(out_dir, cfg, source=str(checkpoint), tokenizer=checkpoint)
   return cfg
 
 
@@ -685,9 +723,12 @@ def _to_host(arr: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(arr))
 
 
-def save_pretrained_orbax(model: LLaDA, out_dir: str | os.PathLike, *,
+def save_pretrained_orbax(model: LLaDA, out_dir: str | os.PathLike, *, tokenizer=None,
                           overwrite: bool = False) -> None:
   """Write `model` as an egspo orbax dir (the layout `python -m egspo.convert` writes).
+
+  `tokenizer` (optional, see `save_tokenizer`) is stored beside the weights, so that
+  `egspo.tokenizer.load_tokenizer(out_dir)` returns it.
 
   Sharded arrays are saved by orbax shard by shard; a scanned model is written layer by layer.
   """
@@ -695,7 +736,7 @@ def save_pretrained_orbax(model: LLaDA, out_dir: str | os.PathLike, *,
   get = _model_param(model)
   for group, specs in _group_specs(model.cfg).items():
     _save_group(out_dir, group, _nest({s.flax_path: get(group, s) for s in specs}))
-  _write_manifest(out_dir, model.cfg, source="save_pretrained_orbax")
+  _write_manifest(out_dir, model.cfg, source="save_pretrained_orbax", tokenizer=tokenizer)
 
 
 def _shard_plan(sizes: list[int], max_shard_bytes: int) -> list[list[int]]:
@@ -712,14 +753,16 @@ def _shard_plan(sizes: list[int], max_shard_bytes: int) -> list[list[int]]:
 
 
 def export_hf(model: LLaDA, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
-              dtype: str | None = None, overwrite: bool = False) -> list[pathlib.Path]:
+              dtype: str | None = None, tokenizer=None,
+              overwrite: bool = False) -> list[pathlib.Path]:
   """Write `model` in LLaDA's Hugging Face layout (REFERENCE §1) for PyTorch users.
 
   Files: `config.json`; `model.safetensors` if everything fits in one shard, else
   `model-0000X-of-0000N.safetensors` (each ≤ max_shard_bytes unless one tensor is larger) and
   `model.safetensors.index.json`. Kernels are transposed back to `[out, in]`; tensors are fetched
   from the devices and written one at a time. `dtype` (default: the param dtype) sets the stored
-  dtype. Returns the shard paths.
+  dtype. `tokenizer` (optional, see `save_tokenizer`) is written beside the weights.
+  Returns the shard paths.
   """
   if max_shard_bytes <= 0:
     raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -754,5 +797,6 @@ def export_hf(model: LLaDA, out_dir: str | os.PathLike, *, max_shard_bytes: int 
     cfg_json = cfg.to_hf_config()
     cfg_json.update({"architectures": ["LLaDAModelLM"], "torch_dtype": str(dtype or cfg.param_dtype),
                      "weight_tying": False})
+    save_tokenizer(tokenizer, out_dir, cfg_json)
     (out_dir / CONFIG).write_text(json.dumps(cfg_json, indent=2) + "\n")
   return files
