@@ -48,6 +48,7 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.lora.targets = "q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out"
 
   c.mesh = ml_collections.ConfigDict()
+  c.mesh.num_devices = -1  # use the first N devices (-1 = all)
   c.mesh.data = -1  # -1 = all remaining devices
   c.mesh.fsdp = 1
   c.mesh.tensor = 1

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from egspo import checkpoint as ckpt_lib
 from egspo import config as config_lib
@@ -104,8 +105,11 @@ class Trainer:
     config_lib.validate(config)
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    devices = jax.devices()
+    if config.mesh.num_devices > 0:
+      devices = devices[:config.mesh.num_devices]
     mesh = shard_lib.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp,
-                               tensor=config.mesh.tensor)
+                               tensor=config.mesh.tensor, devices=devices)
     rules = shard_lib.merge_rules(shard_lib.RULES, tuple(config.mesh.rules))
     tokenizer = tok_lib.load_tokenizer(config.tokenizer or config.model.checkpoint)
     task = tasks_lib.get_task(config.task.name, **config.task.options)
@@ -125,8 +129,19 @@ class Trainer:
   def shardings_of(self, tree):
     return shard_lib.logical_to_mesh_sharding(tree, self.mesh, self.rules)
 
-  def batch_sharding(self):
-    return shard_lib.data_sharding(self.mesh)
+  def put_batch(self, tree, micro_axis: bool = False):
+    """Host arrays (identical on every process) → global arrays split along the batch axis.
+    micro_axis: leaves are [A, b, ...] and b is split (the micro-batch axis A is not)."""
+    spec = P(None, shard_lib.BATCH_AXES) if micro_axis else P(shard_lib.BATCH_AXES)
+    sharding = NamedSharding(self.mesh, spec)
+
+    def put(x):
+      if isinstance(x, jax.Array) and (jax.process_count() == 1 or not x.is_fully_addressable):
+        return jax.device_put(x, sharding)  # already global (or one process): reshard on device
+      x = np.asarray(x)
+      return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(put, tree)
 
   def encode_prompts(self, examples, purpose="train"):
     """Left-padded prompt ids/mask [B, max_prompt_length] (fixed width: no recompiles)."""
@@ -141,13 +156,16 @@ class Trainer:
     return sampler_lib.decode_completions(np.asarray(tokens), self.tokenizer)
 
   def new_state(self, params, tx):
-    state = update_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                  opt_state=tx.init(params))
-    return state
+    """Train state with the optimizer state created on device, sharded like the parameters."""
+    return jax.jit(lambda p: update_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                                   opt_state=tx.init(p)))(params)
 
-  def state_shardings(self, state):
-    abstract = jax.eval_shape(lambda: state)
-    return self.shardings_of(abstract)
+  def make_update(self, tx, loss_fn, state):
+    shardings = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
+    return update_lib.make_update_step(
+        self.policy, tx, loss_fn, state_shardings=shardings(state),
+        frozen_shardings=shardings(self.frozen),
+        batch_shardings=NamedSharding(self.mesh, P(None, shard_lib.BATCH_AXES)))
 
   # -- evaluation --------------------------------------------------------------------------
 
@@ -162,8 +180,8 @@ class Trainer:
       chunk = list(examples[i:i + bs])
       n = len(chunk)
       chunk += [chunk[-1]] * (bs - n)  # pad the last batch: one compiled shape
-      ids, mask = self.encode_prompts(chunk, purpose="eval")
-      tokens = np.asarray(gen(params, self.frozen, jnp.asarray(ids), jnp.asarray(mask)))[:n]
+      ids, mask = self.put_batch(self.encode_prompts(chunk, purpose="eval"))
+      tokens = to_host(gen(params, self.frozen, ids, mask))[:n]
       for ex, text in zip(chunk[:n], self.decode(tokens)):
         texts.append(text)
         scores.append(self.task.score(text, ex))
@@ -228,6 +246,13 @@ class Trainer:
     return data_lib.PromptStream(sample, batch_size, group_size, seed=seed)
 
 
+def to_host(x):
+  """A (possibly multi-host sharded) array as a full numpy array on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(shard_lib.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def _example_key(ex) -> str:
   return json.dumps({k: v for k, v in ex.items() if k != "solution"}, sort_keys=True, default=str)
 
@@ -288,12 +313,13 @@ def sft_stage(tr: Trainer):
                             mb["prompt_mask"], mb["completion"],
                             mask_token_id=tr.model_cfg.mask_token_id)
 
-  update = update_lib.make_update_step(tr.policy, tx, loss_fn)
+  update = tr.make_update(tx, loss_fn, state)
   base_key = jax.random.fold_in(jax.random.key(c.seed), 1)
   t0 = time.time()
   with ckpt_lib.PreemptionGuard() as guard:
     for step in range(start, c.sft.steps):
-      batch = jax.tree.map(lambda x: jnp.asarray(x)[None], make_batch(stream.next_batch().examples))
+      batch = tr.put_batch(jax.tree.map(lambda x: x[None], make_batch(stream.next_batch().examples)),
+                           micro_axis=True)
       state, m = update(state, tr.frozen, batch, jax.random.fold_in(base_key, step))
       done = step + 1
       if done % 50 == 0 or done == c.sft.steps:
@@ -328,9 +354,8 @@ def rl_stage(tr: Trainer, init_params) -> dict:
   schedule = sampler_lib.commit_schedule(scfg)
   ctx = algo_lib.Context(config=c, policy=tr.policy, ref_params=ref_params,
                          mask_token_id=tr.model_cfg.mask_token_id, max_commit=int(schedule.max()),
-                         reward_fn=tr.task.rewards, decode_fn=tr.decode)
+                         reward_fn=tr.task.rewards, decode_fn=tr.decode, to_host=to_host)
   algo = algo_lib.get_algorithm(c.algorithm)(ctx)
-  update = update_lib.make_update_step(tr.policy, tx, algo.loss)
 
   @jax.jit
   def rollout_fn(params, frozen, ids, mask, key):
@@ -350,6 +375,7 @@ def rl_stage(tr: Trainer, init_params) -> dict:
     start = int(meta["step"])
     history = meta.get("history", {})
     logging.info("RL: resumed at iteration %d", start)
+  update = tr.make_update(tx, algo.loss, state)
 
   if start == 0 and c.eval.before_training and eval_examples:
     history["before"] = tr.evaluate(state.params, eval_examples, "eval", c.sft.steps)
@@ -361,13 +387,12 @@ def rl_stage(tr: Trainer, init_params) -> dict:
     for it in range(start, c.train.num_iterations):
       key = jax.random.fold_in(base_key, it)
       examples = stream.next_batch().repeated  # [B] = num_prompts × G, groups contiguous
-      ids, mask = tr.encode_prompts(examples)
+      ids, mask = tr.put_batch(tr.encode_prompts(examples))
       with timer("rollout"):
-        ro = rollout_fn(state.params, tr.frozen, jnp.asarray(ids), jnp.asarray(mask),
-                        jax.random.fold_in(key, 0))
+        ro = rollout_fn(state.params, tr.frozen, ids, mask, jax.random.fold_in(key, 0))
         jax.block_until_ready(ro)
       with timer("reward"):
-        texts = tr.decode(ro.tokens)
+        texts = tr.decode(to_host(ro.tokens))
         rewards = np.asarray(tr.task.rewards(texts, examples), np.float32)
       with timer("plan"):
         batches, pm = algo.plan(state.params, tr.frozen,
@@ -375,7 +400,8 @@ def rl_stage(tr: Trainer, init_params) -> dict:
       with timer("update"):
         ms = []
         for j, batch in enumerate(batches):
-          state, m = update(state, tr.frozen, batch, jax.random.fold_in(key, 100 + j))
+          state, m = update(state, tr.frozen, tr.put_batch(batch, micro_axis=True),
+                            jax.random.fold_in(key, 100 + j))
           ms.append(m)
         ms = jax.device_get(ms)
       done = it + 1

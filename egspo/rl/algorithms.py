@@ -71,7 +71,7 @@ class Context:
   max_commit: int  # the most tokens one sampler step commits
   reward_fn: Callable[[list, list], np.ndarray]  # (texts, examples) -> [B]
   decode_fn: Callable[[np.ndarray], list]  # completion tokens [N, G] -> texts (cut at EOS)
-  batch_sharding: Any = None  # NamedSharding for [B, ...] arrays, or None
+  to_host: Callable[[Any], np.ndarray] = np.asarray  # a (multi-host) array → full numpy array
 
 
 def _split_micro(tree, micro_batch_size: int):
@@ -131,9 +131,10 @@ class EGSPO:
     metrics = {}
     rewards = np.asarray(it.rewards, np.float32)
     if self.lam > 0:
-      guesses = np.asarray(value_lib.one_step_guesses(ro.x0_hat, steps))
+      guesses = self.ctx.to_host(value_lib.one_step_guesses(ro.x0_hat, steps))
       values, _, value_metrics = value_lib.one_step_values(
-          guesses, self.ctx.reward_fn, self.ctx.decode_fn, it.examples, valid=np.asarray(valid))
+          guesses, self.ctx.reward_fn, self.ctx.decode_fn, it.examples,
+          valid=self.ctx.to_host(valid))
       adv = adv_lib.stepwise_advantages(jnp.asarray(rewards), jnp.asarray(values),
                                         self.group_size, self.lam, valid=valid)
       metrics.update(value_metrics)
@@ -147,7 +148,7 @@ class EGSPO:
                  logp_old=segment_step_sums(ro.logprob, ro.commit_step, steps))
     batch["logp_ref"] = self._ref_logps(self.ctx.ref_params, frozen, batch)
     metrics["selected_step_mean"] = float(jnp.mean(steps))
-    metrics["adv_abs_mean"] = float(jnp.mean(jnp.abs(batch["adv"])))
+    metrics["adv_abs_mean"] = float(jnp.mean(jnp.abs(batch["adv"])))  # scalars: all hosts agree
     if c.train.update_schedule == "per_step":
       # The reference schedule: K optimizer steps, the k-th trains each sample's k-th selected step.
       per_k = [{**batch, **{n: batch[n][:, j:j + 1] for n in
