@@ -123,8 +123,10 @@ def _child(job, i, token_r, pass_w, result_fd):
     except Exception:
       pass
     os.environ.clear()
+    # One BLAS/OpenMP thread: threads count against RLIMIT_NPROC.
     os.environ.update({"PATH": "/usr/bin:/bin", "HOME": job["workdir"], "TMPDIR": job["workdir"],
-                       "LANG": "C.UTF-8"})
+                       "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+                       "MKL_NUM_THREADS": "1"})
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 3000))
     import types
     module = types.ModuleType("solution")
