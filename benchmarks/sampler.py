@@ -41,7 +41,7 @@ def _parse():
 def main():
   args = _parse()
   # Pin before jax/torch start their thread pools.
-  cpus = sorted(os.sched_getaffinity(0))[: args.threads]
+  cpus = sorted(os.sched_getaffinity(0))[-args.threads:]
   os.sched_setaffinity(0, cpus)
   if args.threads == 1:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -54,6 +54,7 @@ def main():
   import numpy as np
   import torch
 
+  import torch_llada
   import torch_sampler
   from egspo.diffusion import sampler
   from egspo.model import llada
@@ -62,9 +63,12 @@ def main():
   torch.set_num_interop_threads(1)
 
   cfg = llada.get_config(args.preset)
-  model = llada.init_model(cfg, args.seed)
-  sd = torch_sampler.state_dict_from_jax(model)
   tcfg = torch_sampler.torch_config(cfg)
+  # Random weights with peaked next-token distributions (as in tests/test_sampler.py), so that the
+  # greedy JAX and PyTorch completions can be compared token for token without near-ties.
+  sd = torch_llada.random_state_dict(tcfg, seed=args.seed)
+  sd["model.transformer.ff_out.weight"] *= 3.0
+  model = torch_sampler.load_state_dict_into_jax(llada.init_model(cfg, args.seed), sd)
   config = sampler.SamplerConfig(gen_length=args.gen_length, steps=args.steps,
                                  block_length=args.block_length,
                                  mask_token_id=cfg.mask_token_id, temperature=args.temperature)

@@ -389,3 +389,20 @@ def test_scanned_remat_model_and_closure_api_match(setup):
                                                                  jax.random.key(0))
   np.testing.assert_array_equal(np.asarray(r2.tokens), setup["rollout"].tokens)
   np.testing.assert_allclose(np.asarray(r2.logprob), setup["rollout"].logprob, atol=1e-6)
+
+
+def test_cli_checkpoint_and_text_prompt(tmp_path, capsys):
+  """--checkpoint (an HF-layout export of the tiny preset, with its char tokenizer) and --prompt
+  give the same completion as the same randomly initialised preset."""
+  from egspo.model import export_hf
+  from egspo.tokenizer import CharTokenizer
+
+  export_hf(llada.init_model(llada.get_config("tiny"), 4), tmp_path / "ckpt",
+            tokenizer=CharTokenizer())
+  common = ["--prompt", "Hi!", "--gen_length", "16", "--steps", "4", "--block_length", "8",
+            "--json"]
+  from_ckpt = generate_cli.main(["--checkpoint", str(tmp_path / "ckpt")] + common)
+  from_preset = generate_cli.main(["--preset", "tiny", "--seed", "4"] + common)
+  capsys.readouterr()
+  assert from_ckpt["prompt_ids"] == CharTokenizer().encode("Hi!")
+  assert from_ckpt == from_preset
