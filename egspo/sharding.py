@@ -46,6 +46,13 @@ RULES: Rules = (
     ("norm", None),
     ("layers", None),
     ("lora_rank", None),
+    # Activations (see `egspo.model.llada.constrain`): the residual stream stays whole per
+    # example; attention heads, MLP hidden units and logits split over tensor like their weights.
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
 )
 
 

@@ -199,9 +199,12 @@ def test_sharded_model_equals_unsharded(shape, scan, create, batch, reference):
   ids_s, mask_s, targets_s = sharding.shard_batch(batch, mesh)
   assert ids_s.sharding.spec == P(("data", "fsdp"))
   p_shardings = sharding.model_shardings(model, mesh)
-  (loss, logits), grads = _grad_step(nnx.graphdef(model), p_shardings,
-                                     sharding.data_sharding(mesh))(params, ids_s, mask_s,
-                                                                   targets_s)
+  step = _grad_step(nnx.graphdef(model), p_shardings, sharding.data_sharding(mesh))
+  if shape == (8, 1, 1):  # without a mesh context: no activation constraints, XLA propagates
+    (loss, logits), grads = step(params, ids_s, mask_s, targets_s)
+  else:  # under jax.set_mesh the model pins activation shardings (llada.constrain)
+    with jax.set_mesh(mesh):
+      (loss, logits), grads = step(params, ids_s, mask_s, targets_s)
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
   np.testing.assert_allclose(loss, ref_loss, atol=0, rtol=2e-6)
   for (path, g), (_, rg), (_, s) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(ref_grads),
@@ -225,6 +228,26 @@ def test_indivisible_dims_fall_back_to_replication(caplog):
   for (_, var), (_, sh) in zip(nnx.to_flat_state(nnx.state(abstract)),
                                nnx.to_flat_state(shardings)):
     sh.get_value().shard_shape(var.get_value().shape)
+
+
+def test_activation_constraints_follow_the_rules():
+  cfg = small_config()
+  model = nnx.eval_shape(lambda: llada.LLaDA(cfg, rngs=nnx.Rngs(0)))
+  mesh = sharding.make_mesh(2, 2, 2)
+  x = jnp.zeros((8, 12, 32))
+  assert llada.constrain(x, ("batch", "length", "act_embed")) is x  # no mesh: identity
+  graphdef, state = nnx.split(model)
+  ids = jax.ShapeDtypeStruct((8, 12), jnp.int32)
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(lambda s, i: nnx.merge(graphdef, s).hidden_states(i)).lower(state, ids).as_text()
+  lines = [l for l in hlo.splitlines() if "sharding_constraint" in l]
+  # Embedding output + per layer (q, k, v, MLP hidden, block output).
+  assert len(lines) == 1 + 5 * cfg.n_layers
+  # Residual stream [8,12,32] split over data×fsdp; heads [8,12,4,8] also over tensor.
+  assert sum('[{"data", "fsdp"}, {}, {}]> : tensor<8x12x32xf32>' in l for l in lines) == 3
+  assert sum('[{"data", "fsdp"}, {}, {"tensor"}, {}]> : tensor<8x12x4x8xf32>' in l
+             for l in lines) == 2
+  assert sum('[{"data", "fsdp"}, {}, {"tensor"}]> : tensor<8x12x64xf32>' in l for l in lines) == 2
 
 
 def test_shard_model_moves_existing_model():

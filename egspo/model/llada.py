@@ -198,6 +198,25 @@ def _dense(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], rngs:
                     kernel_init=nnx.with_metadata(init, logical_axes=axes), rngs=rngs)
 
 
+def constrain(x, logical_axes: tuple[str | None, ...]):
+  """Pins the sharding of activation x by logical axis names under the current mesh.
+
+  Active only inside `jax.set_mesh(mesh)` with egspo's ("data", "fsdp", "tensor") axes (see
+  `egspo.sharding.RULES`: batch → (data, fsdp), act_heads/act_vocab → tensor); identity
+  otherwise, so the model runs unchanged on one device. Without these hints XLA's propagation
+  may keep activations replicated or reshard them back and forth between FSDP matmuls.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  from egspo import sharding  # local: the model does not otherwise depend on sharding
+
+  if not set(sharding.MESH_AXES) <= set(mesh.axis_names):
+    return x
+  spec = sharding.logical_to_mesh_axes(logical_axes, sharding.RULES, mesh, x.shape)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
 class RMSNorm(nnx.Module):
   """y = weight * x / sqrt(mean(x²) + eps), computed in float32 (LLaDA's RMSLayerNorm)."""
 
@@ -255,12 +274,16 @@ class Block(nnx.Module):
     k = self.k_proj(n).reshape(b, l, cfg.n_kv_heads, cfg.head_dim)
     v = self.v_proj(n).reshape(b, l, cfg.n_kv_heads, cfg.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q = constrain(q, ("batch", "length", "act_heads", None))
+    k = constrain(k, ("batch", "length", "act_kv_heads", None))
+    v = constrain(v, ("batch", "length", "act_kv_heads", None))
     mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1(query), L(key)]
     attn = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=False,
                                         implementation=cfg.attention_impl)
     h = x + self.attn_out(attn.reshape(b, l, cfg.n_heads * cfg.head_dim))
     m = self.ff_norm(h)
-    return h + self.ff_out(jax.nn.silu(self.ff_proj(m)) * self.up_proj(m))
+    gate = constrain(jax.nn.silu(self.ff_proj(m)) * self.up_proj(m), ("batch", "length", "act_mlp"))
+    return constrain(h + self.ff_out(gate), ("batch", "length", "act_embed"))
 
 
 class LLaDA(nnx.Module):
@@ -310,7 +333,7 @@ class LLaDA(nnx.Module):
       key_mask = attention_mask.astype(bool)
       positions = jnp.maximum(jnp.cumsum(key_mask, axis=1) - 1, 0)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    x = self.wte(input_ids)
+    x = constrain(self.wte(input_ids), ("batch", "length", "act_embed"))
 
     def block_fn(block, x):
       return block(x, cos, sin, key_mask)
@@ -333,6 +356,8 @@ class LLaDA(nnx.Module):
   def logits(self, hidden):
     """LM head: hidden [..., D] → float32 logits [..., vocab_size]."""
     out = self.ff_out(hidden).astype(jnp.float32)
+    if out.ndim == 3:
+      out = constrain(out, ("batch", "length", "act_vocab"))
     return out[..., : self.cfg.vocab_size]
 
   def __call__(self, input_ids, attention_mask=None):
