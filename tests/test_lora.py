@@ -82,8 +82,14 @@ def test_zero_init_identity_and_merge(scan, bases):
   np.testing.assert_allclose(fwd(model, IDS, MASK), adapted, atol=0, rtol=0)
 
 
-def test_only_lora_params_get_gradients_and_train(bases):
-  model = nnx.clone(bases[False])
+@pytest.mark.parametrize("scan", [False, True])
+def test_only_lora_params_get_gradients_and_train(scan, bases):
+  if scan:  # the scanned stack with remat (the memory-saving layout for large models)
+    cfg = small_config(scan_layers=True, remat=True)
+    model = nnx.eval_shape(lambda: llada.LLaDA(cfg, rngs=nnx.Rngs(0)))
+    nnx.update(model, nnx.state(bases[True]))
+  else:
+    model = nnx.clone(bases[False])
   lora.apply_lora(model, rank=4, alpha=2.0, rngs=nnx.Rngs(0))
   targets = jnp.asarray(np.random.default_rng(1).integers(0, 50, IDS.shape), jnp.int32)
 
@@ -106,14 +112,16 @@ def test_only_lora_params_get_gradients_and_train(bases):
   # the frozen base weights get no gradient at all.
   flat = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(grads)}
   assert set(flat) == {f"{k}.{n}" for k in lora.lora_modules(model) for n in ("lora_a", "lora_b")}
-  assert float(jnp.abs(flat["blocks.0.v_proj.lora_a"]).max()) == 0.0
-  assert float(jnp.abs(flat["blocks.0.v_proj.lora_b"]).max()) > 1e-6
+  v = "blocks.v_proj" if scan else "blocks.0.v_proj"
+  assert float(jnp.abs(flat[v + ".lora_a"]).max()) == 0.0
+  assert float(jnp.abs(flat[v + ".lora_b"]).max()) > 1e-6
   losses = [float(loss)] + [float(train_step(model, optimizer)[0]) for _ in range(4)]
   assert losses[-1] < losses[0]
   base_after = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
   for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(base_after)):
     np.testing.assert_array_equal(a, b)  # the base weights are frozen
-  assert float(jnp.abs(lora.lora_modules(model)["blocks.1.ff_out"].lora_b[...]).max()) > 1e-3
+  ff_out = lora.lora_modules(model)["blocks.ff_out" if scan else "blocks.1.ff_out"]
+  assert float(jnp.abs(ff_out.lora_b[...]).max()) > 1e-3
 
 
 def test_parameter_counts_and_target_selection(bases):
