@@ -78,13 +78,14 @@ def bench_math():
   _report("gsm8k_reward", *_rate(g.reward, [(c, ex) for c in comps]))
   m = get_task("math500")
   ex = {"problem": "p", "answer": "\\frac{1}{2}"}
-  comps = [REASONING + "<answer>\\boxed{\\frac{1}{2}}</answer>",     # string-equal fast path
-           REASONING + "<answer>\\boxed{0.5}</answer>",              # math-verify path
-           REASONING + "<answer>\\boxed{\\sqrt{2}}</answer>",        # math-verify, not equal
-           "junk"]
-  for c in comps:  # warm-up: the first math-verify call imports sympy/latex2sympy (~1 s)
-    m.reward(c, ex)
-  _report("math500_reward(mixed, math-verify)", *_rate(m.reward, [(c, ex) for c in comps]))
+  m.reward(REASONING + "<answer>\\boxed{0.5}</answer>", ex)  # warm-up: imports sympy (~1 s)
+  # Distinct answers, one pass: no memoised equivalences. Half go through math-verify.
+  items = []
+  for k in range(1, 201):
+    items.append((REASONING + f"<answer>\\boxed{{\\frac{{{k}}}{{{2 * k}}}}}</answer>", ex))  # CAS, equal
+    items.append((REASONING + f"<answer>\\boxed{{{k}}}</answer>", ex))                       # CAS, not equal
+  _report("math500_reward(distinct answers, math-verify, cold)", *_rate(m.reward, items, 0))
+  _report("math500_reward(repeated answers, memoised)", *_rate(m.reward, items[:20]))
 
 
 def bench_code(workers_list, n_programs):

@@ -359,3 +359,25 @@ def test_jobs_sharing_a_harness_do_not_see_each_other():
                            {"program": checker, "tests": ["assert seen == []"]}],
                           workers=1, jobs_per_harness=8, timeout_s=1.0)
   assert res == [[True], [True]]
+
+
+def test_code_verdict_cache(monkeypatch):
+  calls = []
+  real = sandbox.run_batch
+
+  def counting(jobs, **kw):
+    calls.append(len(jobs))
+    return real(jobs, **kw)
+
+  monkeypatch.setattr(sandbox, "run_batch", counting)
+  task = get_task("mbpp", cache_size=2)
+  ex = {"tests": ["assert f(2) == 4"], "entry_point": "f"}
+  good = "<answer>\n```python\ndef f(x):\n  return 2 * x\n```\n</answer>"
+  bad = "<answer>\n```python\ndef f(x):\n  return x\n```\n</answer>"
+  other = "<answer>\n```python\ndef f(x):\n  return x + 2\n```\n</answer>"
+  assert task.rewards([good, good, bad, good], [ex] * 4).tolist() == [1.5, 1.5, 0.5, 1.5]
+  assert calls == [2]  # duplicates run once
+  assert task.rewards([bad, good], [ex] * 2).tolist() == [0.5, 1.5] and calls == [2]  # cached
+  task.rewards([other], [ex])  # evicts the least recently used entry (cache_size=2)
+  assert len(task._cache) == 2 and calls == [2, 1]
+  assert get_task("mbpp", cache_size=0).reward(good, ex) == 1.5

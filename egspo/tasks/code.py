@@ -21,6 +21,7 @@ Metric (`score`): correct iff every test passes (pass@1 of greedy decoding).
 from __future__ import annotations
 
 import ast
+import collections
 import gzip
 import json
 import re
@@ -205,10 +206,41 @@ class CodeTask(Task):
 
   def __init__(self, reference_rewards: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
                memory_mb: int = DEFAULT_MEMORY_MB, workers: int | None = None,
-               data_path: str | None = None):
+               data_path: str | None = None, cache_size: int = 4096):
     super().__init__(reference_rewards)
     self.timeout_s, self.memory_mb, self.workers = timeout_s, memory_mb, workers
     self.data_path = data_path
+    # Verdicts of recently run (program, tests) pairs: the one-step value estimates of EGSPO-SA
+    # score many x̂0 texts that repeat the final completion's program.
+    self.cache_size = int(cache_size)
+    self._cache: collections.OrderedDict = collections.OrderedDict()
+
+  def _run_jobs(self, jobs: list[dict]) -> list[list[bool]]:
+    """Sandbox verdicts for `jobs`, running each distinct uncached (program, tests, setup) once."""
+    keys = [(j["program"], tuple(j["tests"]), j.get("setup", "")) for j in jobs]
+    todo = {}
+    for k, j in zip(keys, jobs):
+      if k not in self._cache and k not in todo:
+        todo[k] = j
+    if todo:
+      results = sandbox.run_batch(list(todo.values()), workers=self.workers,
+                                  timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+      fresh = dict(zip(todo, results))
+    else:
+      fresh = {}
+    out = []
+    for k in keys:
+      if k in fresh:
+        out.append(fresh[k])
+      else:
+        self._cache.move_to_end(k)
+        out.append(self._cache[k])
+    if self.cache_size > 0:
+      for k, v in fresh.items():
+        self._cache[k] = v
+      while len(self._cache) > self.cache_size:
+        self._cache.popitem(last=False)
+    return out
 
   def _convert(self, row: dict) -> dict:
     raise NotImplementedError
@@ -258,9 +290,7 @@ class CodeTask(Task):
         where.append(i)
         jobs.append(job)
     out = np.asarray(bonuses, np.float32)
-    results = sandbox.run_batch(jobs, workers=self.workers, timeout_s=self.timeout_s,
-                                memory_mb=self.memory_mb)
-    for i, res in zip(where, results):
+    for i, res in zip(where, self._run_jobs(jobs)):
       out[i] += sum(res) / len(res)
     return out
 
@@ -268,11 +298,7 @@ class CodeTask(Task):
     return float(self.rewards([completion], [example])[0])
 
   def score(self, completion: str, example: Example) -> dict:
-    job, _ = self._job(completion, example)
-    if job is None or not job["tests"]:
-      return {"correct": False, "passed": 0.0}
-    frac = score(job["program"], job["tests"], self.timeout_s, self.memory_mb, job["setup"])
-    return {"correct": frac == 1.0, "passed": frac}
+    return self.scores([completion], [example])[0]
 
   def scores(self, completions: Sequence[str], examples: Sequence[Example]) -> list[dict]:
     """Batched `score` (programs in parallel)."""
@@ -283,9 +309,7 @@ class CodeTask(Task):
       if job is not None and job["tests"]:
         where.append(i)
         jobs.append(job)
-    results = sandbox.run_batch(jobs, workers=self.workers, timeout_s=self.timeout_s,
-                                memory_mb=self.memory_mb)
-    for i, res in zip(where, results):
+    for i, res in zip(where, self._run_jobs(jobs)):
       frac = sum(res) / len(res)
       out[i] = {"correct": frac == 1.0, "passed": frac}
     return out

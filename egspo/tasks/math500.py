@@ -21,6 +21,7 @@ correct iff equivalent to the reference.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from typing import Any
@@ -83,9 +84,15 @@ def _math_verify(pred: str, gold: str) -> bool:
 
 
 def is_equivalent(pred: str | None, gold: str | None, use_cas: bool = True) -> bool:
-  """Whether two final answers are mathematically the same (never raises)."""
-  if pred is None or gold is None:
+  """Whether two final answers are mathematically the same (never raises). Memoised: the
+  one-step value estimates of EGSPO-SA re-grade the same answers many times."""
+  if pred is None or gold is None or not isinstance(pred, str) or not isinstance(gold, str):
     return False
+  return _is_equivalent(pred, gold, bool(use_cas))
+
+
+@functools.lru_cache(maxsize=65536)
+def _is_equivalent(pred: str, gold: str, use_cas: bool) -> bool:
   try:
     a, b = normalize_answer(pred), normalize_answer(gold)
     if a == b and a != "":
