@@ -5,6 +5,8 @@ rewards and metrics. Every task implements:
 
   name: str
       Registry name (`egspo.tasks.get_task(name)`).
+  max_reward: float
+      The largest reward a completion can earn (Countdown/Sudoku 1, GSM8K 4, MATH 3, code 1.5).
   prompt(example, style="chat", purpose="train") -> str
       "chat": the d1/EGSPO instruct prompt text (the user message; the tokenizer applies the chat
       template). Training prompts ask for `<reasoning>…</reasoning><answer>…</answer>`; with
@@ -116,6 +118,7 @@ class Task:
   """Base class; see the module docstring for the contract."""
 
   name: str = "task"
+  max_reward: float = 1.0
 
   def __init__(self, reference_rewards: bool = False):
     # reference_rewards=True reproduces the reference reward code, defects included (REFERENCE §5).

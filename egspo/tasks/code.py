@@ -201,6 +201,7 @@ class CodeTask(Task):
   """Shared behaviour of the code tasks; see the module docstring."""
 
   name = "code"
+  max_reward = 1.5
   hf_id: str | None = None
   eval_system = CHAT_EVAL_MBPP
 

@@ -138,6 +138,7 @@ def _ascii(text: str) -> str:
 
 class GSM8KTask(Task):
   name = "gsm8k"
+  max_reward = 4.0
 
   def __init__(self, reference_rewards: bool = False, data_path: str | None = None):
     super().__init__(reference_rewards)

@@ -118,6 +118,7 @@ def boxed_format_score(completion: str, reference: bool = False) -> float:
 
 class Math500Task(Task):
   name = "math500"
+  max_reward = 3.0
 
   def __init__(self, reference_rewards: bool = False, data_path: str | None = None,
                use_cas: bool = True):
