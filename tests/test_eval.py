@@ -107,7 +107,7 @@ def test_chat_prompts_get_template_and_prefill():
   assert p.startswith("<user>You are a math expert") and p.endswith("<assistant><reasoning>")
 
 
-def test_generation_mode_tiny_preset(tmp_path):
+def test_generation_mode_preset_and_checkpoint_agree(tmp_path):
   out = tmp_path / "gen.json"
   res = ev.main(["--task", "sudoku", "--preset", "tiny", "--gen_lengths", "16", "--limit", "2",
                  "--batch_size", "2", "--output", str(out)])
@@ -116,3 +116,10 @@ def test_generation_mode_tiny_preset(tmp_path):
   assert len(gens) == 2 and all(isinstance(g["generations"], str) for g in gens)
   assert set(data["results"]["16"]["metrics"]) >= {"accuracy", "cell_accuracy"}
   assert res["checkpoint"] == "preset:tiny:seed0"
+  # The same weights saved as a checkpoint (with the char tokenizer) give the same greedy texts.
+  from egspo.model import get_config, init_model, save_pretrained_orbax
+  ckpt = tmp_path / "ckpt"
+  save_pretrained_orbax(init_model(get_config("tiny"), 0), ckpt, tokenizer=CharTokenizer())
+  res2 = ev.main(["--task", "sudoku", "--checkpoint", str(ckpt), "--style", "plain",
+                  "--gen_lengths", "16", "--limit", "2", "--batch_size", "2"])
+  assert [g["generations"] for g in res2["results"]["16"]["generations"]] == [g["generations"] for g in gens]
