@@ -161,29 +161,40 @@ def _stack_grads(grads, cfg):
   return {k: (jnp.stack(v) if isinstance(v, list) else v) for k, v in out.items()}
 
 
-def test_scan_and_remat_give_identical_logits_and_grads(torch_sd):
-  cfg0 = small_config(n_kv_heads=2)
-  sd = torch_sd[2]
-  ids = random_ids(3, 2, 11, cfg0.vocab_size)
-  mask = jnp.asarray([[1] * 11, [0] * 4 + [1] * 7], jnp.int32)
-  targets = random_ids(4, 2, 11, cfg0.vocab_size)
-  ref_loss, ref_grads, ref_logits = _loss_and_grads(
-      from_torch(cfg0, sd), ids, mask, targets)
-  ref_flat = _stack_grads(ref_grads, cfg0)
-  assert min(float(jnp.abs(g).max()) for g in ref_flat.values()) > 0  # every param gets gradient
-  for scan, remat, policy in [(False, True, "nothing"), (True, False, "nothing"),
-                              (True, True, "dots")]:
-    cfg = cfg0.replace(scan_layers=scan, remat=remat, remat_policy=policy)
-    loss, grads, logits = _loss_and_grads(from_torch(cfg, sd),
-                                          ids, mask, targets)
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(loss, ref_loss, atol=1e-6, rtol=0)
-    got = ({p: v[...] for p, v in nnx.to_flat_state(grads)} if scan
-           else _stack_grads(grads, cfg))
-    assert set(got) == set(ref_flat), (scan, remat)
-    for k in ref_flat:
-      np.testing.assert_allclose(got[k], ref_flat[k], atol=1e-5, rtol=1e-5,
-                                 err_msg=f"scan={scan} remat={remat} {k}")
+GRAD_IDS = random_ids(3, 2, 11, 50)
+GRAD_MASK = jnp.asarray([[1] * 11, [0] * 4 + [1] * 7], jnp.int32)
+GRAD_TARGETS = random_ids(4, 2, 11, 50)
+
+
+@pytest.fixture(scope="module")
+def plain_grads(torch_sd):
+  """Loss, per-layer-stacked gradients and logits of the plain model (no scan, no remat)."""
+  cfg = small_config(n_kv_heads=2)
+  loss, grads, logits = _loss_and_grads(from_torch(cfg, torch_sd[2]), GRAD_IDS, GRAD_MASK,
+                                        GRAD_TARGETS)
+  flat = _stack_grads(grads, cfg)
+  assert min(float(jnp.abs(g).max()) for g in flat.values()) > 0  # every param gets gradient
+  return loss, flat, logits
+
+
+@pytest.mark.parametrize("scan, remat, policy", [
+    (False, True, "nothing"),
+    (True, True, "dots"),
+    pytest.param(True, False, "nothing", marks=pytest.mark.slow),
+])
+def test_scan_and_remat_give_identical_logits_and_grads(torch_sd, plain_grads, scan, remat,
+                                                        policy):
+  ref_loss, ref_flat, ref_logits = plain_grads
+  cfg = small_config(n_kv_heads=2, scan_layers=scan, remat=remat, remat_policy=policy)
+  loss, grads, logits = _loss_and_grads(from_torch(cfg, torch_sd[2]), GRAD_IDS, GRAD_MASK,
+                                        GRAD_TARGETS)
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(loss, ref_loss, atol=1e-6, rtol=0)
+  got = ({p: v[...] for p, v in nnx.to_flat_state(grads)} if scan
+         else _stack_grads(grads, cfg))
+  assert set(got) == set(ref_flat)
+  for k in ref_flat:
+    np.testing.assert_allclose(got[k], ref_flat[k], atol=1e-5, rtol=1e-5, err_msg=str(k))
 
 
 def test_bf16_runs_and_stays_close(torch_sd):
@@ -263,7 +274,7 @@ def test_bad_preset_and_inputs(torch_sd):
   assert out.shape == (1, 8, 50) and out.dtype == jnp.float32
 
 
-def test_init_seeds_scanned_stack_and_eager_equals_jit():
+def test_init_seeds_and_scanned_stack():
   cfg = small_config(scan_layers=True)
   model = llada.init_model(cfg, seed=3)
   params = nnx.state(model, nnx.Param)
@@ -273,8 +284,6 @@ def test_init_seeds_scanned_stack_and_eager_equals_jit():
   # The layers are initialised independently (split RNG streams), not copies of one block.
   k = params["blocks"]["q_proj"]["kernel"][...]
   assert float(jnp.abs(k[0] - k[1]).max()) > 1e-3
-  ids = random_ids(6, 2, 9, cfg.vocab_size)
-  np.testing.assert_allclose(model(ids), jit_forward(model)(ids), atol=1e-5, rtol=0)
   # Same seed → same weights; another seed → different weights.
   same = llada.init_model(cfg, seed=3)
   np.testing.assert_array_equal(same.wte.embedding[...], model.wte.embedding[...])
