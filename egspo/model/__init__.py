@@ -5,3 +5,7 @@ from egspo.model.llada import LLaDA, ModelConfig, get_config, init_model
 
 __all__ = ["LLaDA", "ModelConfig", "get_config", "init_model", "from_pretrained",
            "save_pretrained_orbax", "export_hf"]
+
+from egspo.model.lora import apply_lora, merge_lora  # noqa: E402  (LoRA adapters, issue 2/4)
+
+__all__ += ["apply_lora", "merge_lora"]
