@@ -274,3 +274,59 @@ def test_batch_helpers_and_single_process_multihost():
   assert sharding.is_main_process()
   sharding.sync_global_devices("test")  # no-op with one process
   assert "P(('data', 'fsdp'),)" in sharding.describe({"x": g})
+
+
+_WORKER = r"""
+import json, sys
+import jax
+pid, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=pid)
+import numpy as np
+from egspo import sharding
+mesh = sharding.make_mesh()  # 2 processes × 2 CPU devices
+local = np.arange(6, dtype=np.float32).reshape(2, 3) + 100 * pid  # this process's rows
+g = sharding.host_local_to_global(local, mesh)
+total = float(jax.jit(lambda x: x.sum())(g))
+full = np.asarray(sharding.process_allgather(g))
+sharding.sync_global_devices("done")
+print("RESULT " + json.dumps({"devices": jax.device_count(), "shape": list(g.shape),
+                              "total": total, "full": full.tolist(),
+                              "main": sharding.is_main_process()}))
+"""
+
+
+def test_two_process_loopback_helpers(tmp_path):
+  """host_local_to_global / process_allgather / is_main_process across 2 real processes."""
+  import json
+  import os
+  import socket
+  import subprocess
+  import sys
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  script = tmp_path / "worker.py"
+  script.write_text(_WORKER)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  results = []
+  for p in procs:
+    try:
+      out, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    assert p.returncode == 0, err[-2000:]
+    results.append(json.loads(out.split("RESULT ", 1)[1].splitlines()[0]))
+  rows = np.concatenate([np.arange(6).reshape(2, 3) + 100 * i for i in range(2)]).tolist()
+  for pid, r in enumerate(results):
+    assert r["devices"] == 4 and r["shape"] == [4, 3]
+    assert r["total"] == float(np.sum(rows)) == 630.0
+    assert r["full"] == rows
+    assert r["main"] == (pid == 0)
