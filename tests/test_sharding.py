@@ -330,3 +330,24 @@ def test_two_process_loopback_helpers(tmp_path):
     assert r["total"] == float(np.sum(rows)) == 630.0
     assert r["full"] == rows
     assert r["main"] == (pid == 0)
+
+
+def test_llada_8b_plan_shards_every_parameter_evenly():
+  """The real LLaDA-8B, abstractly: on fsdp=4 × tensor=2 every matrix is split 8 ways."""
+  cfg = llada.get_config("llada_8b")
+  abstract = nnx.eval_shape(lambda: llada.LLaDA(cfg, rngs=nnx.Rngs(0)))
+  state = nnx.state(abstract, nnx.Param)
+  mesh = sharding.make_mesh(1, 4, 2)
+  shardings = sharding.logical_to_mesh_sharding(state, mesh)
+  total = per_device = 0
+  for (path, var), (_, sh) in zip(nnx.to_flat_state(state), nnx.to_flat_state(shardings)):
+    x, s = var.get_value(), sh.get_value()
+    shard = s.shard_shape(x.shape)
+    n = int(np.prod(x.shape)) * x.dtype.itemsize
+    total += n
+    per_device += int(np.prod(shard)) * x.dtype.itemsize
+    if x.ndim == 2:
+      assert int(np.prod(shard)) * 8 == int(np.prod(x.shape)), path  # split over all 8 devices
+  assert total == 2 * 8_015_581_184  # bf16
+  # Only the 65 norm vectors (4096 each) are replicated.
+  assert per_device == (total - 65 * 4096 * 2) // 8 + 65 * 4096 * 2

@@ -11,6 +11,9 @@ same logits as the same prompt alone.
 
 Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``,
 ``mlp``, ``norm``, and ``layers`` for scanned stacks); `egspo.sharding` maps them to mesh axes.
+Under `jax.set_mesh(mesh)` activations are pinned by logical names too (`constrain`).
+Numerics: matmuls in `dtype` (bf16 for the 8B preset); RMSNorm, RoPE and softmax statistics in
+float32; the LM head accumulates and returns float32 logits.
 """
 
 from __future__ import annotations
@@ -278,6 +281,8 @@ class Block(nnx.Module):
     k = constrain(k, ("batch", "length", "act_kv_heads", None))
     v = constrain(v, ("batch", "length", "act_kv_heads", None))
     mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1(query), L(key)]
+    # GQA (n_kv_heads < n_heads) is handled natively: query head i uses kv head i // group,
+    # the same as repeating each kv head `group` times (tested against the PyTorch reference).
     attn = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=False,
                                         implementation=cfg.attention_impl)
     h = x + self.attn_out(attn.reshape(b, l, cfg.n_heads * cfg.head_dim))
@@ -339,7 +344,8 @@ class LLaDA(nnx.Module):
       return block(x, cos, sin, key_mask)
 
     if cfg.remat:
-      # Inside scan, CSE cannot merge the recomputation into the forward, so it may stay on.
+      # scan already stops XLA from merging the recomputation with the forward pass (CSE),
+      # so the extra barrier is only needed for the unrolled list of blocks (JAX remat docs).
       block_fn = nnx.remat(block_fn, prevent_cse=not cfg.scan_layers,
                            policy=REMAT_POLICIES[cfg.remat_policy])
     if cfg.scan_layers:
