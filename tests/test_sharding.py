@@ -351,3 +351,27 @@ def test_llada_8b_plan_shards_every_parameter_evenly():
   assert total == 2 * 8_015_581_184  # bf16
   # Only the 65 norm vectors (4096 each) are replicated.
   assert per_device == (total - 65 * 4096 * 2) // 8 + 65 * 4096 * 2
+
+
+def test_optimizer_state_is_sharded_like_the_parameters():
+  """nnx.Optimizer moments inherit `logical_axes`, so they get their parameter's sharding."""
+  import optax
+
+  cfg = small_config()
+  opt = nnx.eval_shape(lambda: nnx.Optimizer(llada.LLaDA(cfg, rngs=nnx.Rngs(0)),
+                                             optax.adamw(1e-3), wrt=nnx.Param))
+  mesh = sharding.make_mesh(2, 2, 2)
+  sh = {p: v.get_value() for p, v in
+        nnx.to_flat_state(sharding.logical_to_mesh_sharding(nnx.state(opt), mesh))}
+  model = nnx.eval_shape(lambda: llada.LLaDA(cfg, rngs=nnx.Rngs(0)))
+  params = {p: v.get_value() for p, v in
+            nnx.to_flat_state(sharding.logical_to_mesh_sharding(nnx.state(model), mesh))}
+  n = 0
+  for path, s in sh.items():
+    if path[-1] in ("count", "step"):  # scalars: replicated
+      assert s.spec == P()
+    elif path[2] in ("mu", "nu"):
+      assert s.spec == params[path[3:]].spec, path
+      n += 1
+  assert n == 2 * len(params)
+  assert sh[("opt_state", 0, "mu", "blocks", 0, "q_proj", "kernel")].spec == P("fsdp", "tensor")
