@@ -255,9 +255,12 @@ def model_shardings(model, mesh: Mesh, rules=RULES, filter_=nnx.Param):
 # Data
 
 
-def data_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-  """Sharding of a [B, ...] array split along its batch dimension over (data, fsdp)."""
-  del ndim  # trailing dims are replicated whatever their number
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of a [B, ...] array split along its batch dimension over (data, fsdp).
+
+  Trailing dimensions are replicated whatever their number, so one sharding serves every
+  batch array (ids [B, L], masks, advantages [B, K], ...).
+  """
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
