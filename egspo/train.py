@@ -71,6 +71,7 @@ def build_model(config, tokenizer, mesh, rules):
 
     lora.apply_lora(model, rank=config.lora.rank, alpha=config.lora.alpha,
                     targets=config.lora.targets, rngs=nnx.Rngs(config.seed + 1))
+    shard_lib.shard_model(model, mesh, rules)  # the new adapters onto their shardings
   return model
 
 

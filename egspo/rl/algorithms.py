@@ -86,13 +86,6 @@ def _split_micro(tree, micro_batch_size: int):
   return jax.tree.map(f, tree)
 
 
-def segment_step_sums(values, commit_step, steps):
-  """Σ over the positions committed at each selected step: values, commit_step [B, G]; steps
-  [B, K] → [B, K]. With `values` = rollout log-probs this is log π_old(a_t | s_t)."""
-  hit = commit_step[:, None, :] == steps[:, :, None]
-  return jnp.sum(jnp.where(hit, values[:, None, :], 0.0), axis=-1)
-
-
 @register("egspo", "egspo_sa")
 class EGSPO:
   """EGSPO / EGSPO-SA (REFERENCE §3): entropy-guided step selection, per-step clipped surrogate
@@ -145,7 +138,8 @@ class EGSPO:
     batch = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, tokens=ro.tokens,
                  commit_step=ro.commit_step, steps=steps, valid=valid,
                  adv=jnp.asarray(adv, jnp.float32),
-                 logp_old=segment_step_sums(ro.logprob, ro.commit_step, steps))
+                 # π_old = the rollout's own log-probs: no forward needed (REFERENCE §3.1).
+                 logp_old=loss_lib.step_logprobs(ro.logprob, ro.commit_step, steps))
     batch["logp_ref"] = self._ref_logps(self.ctx.ref_params, frozen, batch)
     metrics["selected_step_mean"] = float(jnp.mean(steps))
     metrics["adv_abs_mean"] = float(jnp.mean(jnp.abs(batch["adv"])))  # scalars: all hosts agree

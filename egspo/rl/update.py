@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from egspo import checkpoint as ckpt_lib
 from egspo.diffusion import rollout as rollout_lib
 
 
@@ -104,12 +105,6 @@ def step_logprobs(model, prompt_ids, prompt_mask, tokens, commit_step, steps, *,
   return jnp.sum(jnp.where(valid, tok_logp, 0.0), axis=-1)
 
 
-def all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
 
 
@@ -149,10 +144,10 @@ def make_update_step(policy: Policy, tx: optax.GradientTransformation, loss_fn: 
     loss = l_sum / denom
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    ok = jnp.logical_and(all_finite(loss), all_finite(grads))
+    ok = jnp.logical_and(ckpt_lib.all_finite(loss), ckpt_lib.all_finite(grads))
     new_state = TrainState(step=state.step + ok.astype(state.step.dtype),
                            params=new_params, opt_state=new_opt)
-    new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+    new_state = ckpt_lib.select_if_finite(ok, new_state, state)  # refuse a non-finite update
     out = {k: jnp.mean(v) for k, v in metrics.items()}
     out.update(loss=loss, grad_norm=optax.global_norm(grads), update_ok=ok.astype(jnp.float32),
                denom=d_sum)
