@@ -12,7 +12,9 @@ from typing import Any
 
 import ml_collections
 
-ALGORITHMS = ("egspo", "egspo_sa", "diffu_grpo", "espo", "gdpo", "stabledrl")
+ALGORITHMS = ("egspo", "egspo_sa", "diffu_grpo", "espo", "gdpo", "stabledrl", "wd1")
+ELBO_ESTIMATORS = ("double_mc", "espo", "gauss_legendre")  # egspo.diffusion.masking.ESTIMATORS
+SEQ_NORMALIZATIONS = ("inside", "outside", "none")  # egspo.rl.losses.NORMALIZATIONS
 SELECTIONS = ("entropy", "uniform", "random", "adaptive")
 
 
@@ -66,6 +68,8 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.loss.eps_high = 0.5
   c.loss.beta = 0.04
 
+  _baseline_sections(c, task)
+
   c.rollout = ml_collections.ConfigDict()
   c.rollout.gen_length = 256
   c.rollout.block_length = 32
@@ -118,6 +122,52 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   elif variant not in ("", "8b"):
     raise ValueError(f"unknown config variant {variant!r}; known: '' (LLaDA-8B), 'tiny'")
   return c
+
+
+def _baseline_sections(c: ml_collections.ConfigDict, task: str) -> None:
+  """The baselines' sections (REFERENCE §4; egspo/rl/baselines.py), published values where known.
+
+  `num_iterations` is μ, the number of optimizer steps taken on one rollout, each with its own
+  masking key (old/reference likelihoods are computed at rollout time for every one of them).
+  """
+  c.diffu_grpo = ml_collections.ConfigDict()
+  c.diffu_grpo.num_iterations = 12  # μ (d1: 8-12)
+  c.diffu_grpo.p_mask_prompt = 0.15  # prompt-token masking probability, a fresh key per μ step
+  c.diffu_grpo.eps = 0.5  # d1's released runs
+  c.diffu_grpo.beta = 0.04  # k3 KL to the reference
+  c.diffu_grpo.reduction = "token"  # 'token' (d1) | 'sequence'
+
+  c.espo = ml_collections.ConfigDict()
+  c.espo.num_iterations = 8  # ESPO recipes: NUM_ITER=8
+  c.espo.num_mc = 2  # stratified draws (each with its coupled complement)
+  c.espo.coupled = True
+  c.espo.eps = 0.2  # recipes/train.yaml
+  c.espo.beta = 3e-3 if task == "countdown" else 0.01  # k2 KL; Countdown script overrides to 3e-3
+
+  c.gdpo = ml_collections.ConfigDict()
+  c.gdpo.num_iterations = 1
+  c.gdpo.num_nodes = 3  # Gauss-Legendre nodes (GDPO: 2-3), one mask draw per node
+  c.gdpo.normalize = "inside"  # length normalisation: inside | outside the exponent | none
+  c.gdpo.eps = 0.2
+  c.gdpo.beta = 0.0  # GDPO trains without a KL term by default
+
+  c.stabledrl = ml_collections.ConfigDict()
+  c.stabledrl.num_iterations = 2  # released configs: num_iterations 2
+  c.stabledrl.estimator = "espo"  # any of ELBO_ESTIMATORS
+  c.stabledrl.num_mc = 2  # draws for 'espo'/'double_mc' (released: num_mc_samples 2)
+  c.stabledrl.num_nodes = 3  # for 'gauss_legendre'
+  c.stabledrl.clip_iw = 5.0  # unconditional clip of the importance weight (released: 5.0)
+  # 'group': self-normalise over each prompt's G completions; 'micro_batch': over the whole
+  # micro-batch (the released code normalises over the per-device batch).
+  c.stabledrl.normalize_over = "group"
+  c.stabledrl.log_iw_scale = 1.0  # 1/L gives a per-token importance weight; released: 1
+
+  c.wd1 = ml_collections.ConfigDict()
+  c.wd1.num_iterations = 1
+  c.wd1.estimator = "espo"
+  c.wd1.num_mc = 2
+  c.wd1.num_nodes = 3
+  c.wd1.temperature = 1.0  # softmax(A / τ) weights
 
 
 def _tiny(c: ml_collections.ConfigDict) -> None:
@@ -214,7 +264,42 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "eval.gen_length", c.eval.gen_length, "must be divisible by eval.block_length")
   _check(e_blocks and c.eval.steps % e_blocks == 0, "eval.steps", c.eval.steps,
          f"must be divisible by the number of eval blocks ({e_blocks})")
+  _validate_baselines(c)
   if c.model.preset == "llada_8b" and not c.model.checkpoint:
     raise ValueError("bad config field model.checkpoint='': the llada_8b preset needs the "
                      "converted or HF checkpoint directory (--config.model.checkpoint=DIR); "
                      "random 8B weights would only waste a pod")
+
+
+def _validate_baselines(c: ml_collections.ConfigDict) -> None:
+  for sec in ("diffu_grpo", "espo", "gdpo", "stabledrl", "wd1"):
+    _check(c[sec].num_iterations >= 1, f"{sec}.num_iterations", c[sec].num_iterations,
+           "must be >= 1")
+  d = c.diffu_grpo
+  _check(0.0 <= d.p_mask_prompt < 1.0, "diffu_grpo.p_mask_prompt", d.p_mask_prompt,
+         "must be in [0, 1)")
+  _check(d.reduction in ("token", "sequence"), "diffu_grpo.reduction", d.reduction,
+         "must be 'token' or 'sequence'")
+  _check(c.espo.num_mc >= 1, "espo.num_mc", c.espo.num_mc, "must be >= 1")
+  _check(c.gdpo.num_nodes >= 1, "gdpo.num_nodes", c.gdpo.num_nodes, "must be >= 1")
+  _check(c.gdpo.normalize in SEQ_NORMALIZATIONS, "gdpo.normalize", c.gdpo.normalize,
+         f"must be one of {SEQ_NORMALIZATIONS}")
+  for sec in ("diffu_grpo", "espo", "gdpo"):
+    _check(c[sec].eps > 0, f"{sec}.eps", c[sec].eps, "must be > 0")
+    _check(c[sec].beta >= 0, f"{sec}.beta", c[sec].beta, "must be >= 0")
+  for sec in ("stabledrl", "wd1"):
+    _check(c[sec].estimator in ELBO_ESTIMATORS, f"{sec}.estimator", c[sec].estimator,
+           f"must be one of {ELBO_ESTIMATORS}")
+    _check(c[sec].num_mc >= 1, f"{sec}.num_mc", c[sec].num_mc, "must be >= 1")
+    _check(c[sec].num_nodes >= 1, f"{sec}.num_nodes", c[sec].num_nodes, "must be >= 1")
+  s = c.stabledrl
+  _check(s.clip_iw > 0, "stabledrl.clip_iw", s.clip_iw, "must be > 0")
+  _check(s.normalize_over in ("group", "micro_batch"), "stabledrl.normalize_over",
+         s.normalize_over, "must be 'group' or 'micro_batch'")
+  _check(c.wd1.temperature > 0, "wd1.temperature", c.wd1.temperature, "must be > 0")
+  if c.algorithm in ("stabledrl", "wd1"):
+    # Their losses normalise over whole groups, so a micro-batch must not split a group.
+    _check(c.batch.micro_batch_size % c.batch.group_size == 0, "batch.micro_batch_size",
+           c.batch.micro_batch_size,
+           f"{c.algorithm} needs whole groups per micro-batch: a multiple of batch.group_size="
+           f"{c.batch.group_size}")
