@@ -98,6 +98,8 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.sft.batch_size = 64
   c.sft.learning_rate = 1e-3
   c.sft.warmup_steps = 50
+  c.sft.checkpoint_every = 500
+  c.sft.time_budget_s = 0.0  # >0: end SFT after this many seconds (continued-SFT control runs)
 
   c.train = ml_collections.ConfigDict()
   c.train.num_iterations = 1000
@@ -255,6 +257,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.loss.eps > 0 and c.loss.eps_high > 0, "loss.eps", c.loss.eps, "eps and eps_high > 0")
   _check(c.loss.beta >= 0, "loss.beta", c.loss.beta, "must be >= 0")
   _check(c.sft.steps >= 0, "sft.steps", c.sft.steps, "must be >= 0")
+  _check(c.sft.checkpoint_every >= 1, "sft.checkpoint_every", c.sft.checkpoint_every,
+         "must be >= 1")
   _check(c.train.num_iterations >= 0, "train.num_iterations", c.train.num_iterations, ">= 0")
   _check(c.train.checkpoint_every >= 1, "train.checkpoint_every", c.train.checkpoint_every,
          "must be >= 1")

@@ -287,13 +287,13 @@ def sft_stage(tr: Trainer):
                                  max_grad_norm=1.0, warmup_steps=c.sft.warmup_steps)
   state = tr.new_state(tr.params, tx)
   stream = tr.train_stream(c.sft.batch_size, 1, seed=c.seed + 17, held_out=tr.eval_examples())
-  start = 0
+  start, finished = 0, False
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(target=state, fallback=True)
     stream.load_state(meta["data"])
-    start = int(meta["step"])
+    start, finished = int(meta["step"]), bool(meta.get("finished", False))
     logging.info("SFT: resumed at step %d", start)
-  if start >= c.sft.steps:
+  if start >= c.sft.steps or finished:
     ckpt.close()
     return state.params
 
@@ -329,11 +329,17 @@ def sft_stage(tr: Trainer):
         tr.writer.write_scalars(done, m)
         logging.info("sft %d/%d loss %.4f", done, c.sft.steps, m["sft/loss"])
       stop = guard.should_stop(done)
-      if done % c.train.checkpoint_every == 0 or done == c.sft.steps or stop:
-        ckpt.save(done, state, {"step": done, "data": stream.state()}, force=True)
+      # A time budget ends SFT for good (the "continue SFT for the same wall time" control).
+      out_of_time = bool(c.sft.time_budget_s) and time.time() - t0 > c.sft.time_budget_s
+      if done % c.sft.checkpoint_every == 0 or done == c.sft.steps or stop or out_of_time:
+        ckpt.save(done, state, {"step": done, "data": stream.state(), "finished": out_of_time},
+                  force=True)
       if stop:
         ckpt.close()
         raise SystemExit(0)
+      if out_of_time:
+        logging.info("SFT: time budget of %.0f s reached at step %d", c.sft.time_budget_s, done)
+        break
   ckpt.close()
   return state.params
 
@@ -411,6 +417,8 @@ def rl_stage(tr: Trainer, init_params) -> dict:
       m.update(reward=float(rewards.mean()), reward_std=float(rewards.std()),
                completion_tokens=float(np.mean([len(t) for t in texts])))
       m.update(timer.seconds(prefix="time/"))
+      # Training wall time without evaluation: the budget of the continued-SFT control.
+      history["rl_train_seconds"] = history.get("rl_train_seconds", 0.0) + timer.total()
       timer.reset()
       tr.writer.write_scalars(c.sft.steps + done, {f"rl/{k}": v for k, v in m.items()})
       if done % c.train.log_every == 0:

@@ -38,6 +38,7 @@ def micro_config(**overrides):
   c.task.num_eval_examples = 0
   c.train.num_iterations = 3
   c.train.checkpoint_every = 1
+  c.sft.checkpoint_every = 1
   c.eval.before_training = False
   c.mesh.num_devices = 1
   c.optim.learning_rate = 1e-3
@@ -91,7 +92,7 @@ def _run_main(workdir, extra=(), env_extra=None):
             "batch.group_size", "batch.micro_batch_size", "rollout.gen_length",
             "rollout.block_length", "rollout.steps", "rollout.max_prompt_length",
             "egspo.num_selected_steps", "task.num_eval_examples", "train.num_iterations",
-            "train.checkpoint_every", "eval.before_training", "mesh.num_devices",
+            "train.checkpoint_every", "sft.checkpoint_every", "eval.before_training", "mesh.num_devices",
             "optim.learning_rate"):
     node = c
     for p in k.split("."):
