@@ -101,3 +101,28 @@ pinned_jax_version() {
 require_uint() {
   [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$2'"
 }
+
+# parse_args ARGS...: sets SUBCOMMAND (exactly one) and DRY_RUN (--dry-run); -h/--help prints the
+# calling script's `usage` and exits. Shared by tpu_pod.sh and gpu_node.sh.
+parse_args() {
+  SUBCOMMAND=""
+  while (($# > 0)); do
+    case "$1" in
+      --dry-run) DRY_RUN=1 ;;
+      -h | --help)
+        usage
+        exit 0
+        ;;
+      -*) die "unknown option '$1' (see --help)" ;;
+      *)
+        [[ -z "${SUBCOMMAND}" ]] || die "one subcommand at a time, got '${SUBCOMMAND}' and '$1'"
+        SUBCOMMAND="$1"
+        ;;
+    esac
+    shift
+  done
+  [[ -n "${SUBCOMMAND}" ]] || {
+    usage >&2
+    die "missing subcommand"
+  }
+}

@@ -109,26 +109,7 @@ POLL_INTERVAL="${POLL_INTERVAL:-60}"
 DRY_RUN="${DRY_RUN:-0}"
 
 # ---- arguments -------------------------------------------------------------------------------
-SUBCOMMAND=""
-while (($# > 0)); do
-  case "$1" in
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help)
-      usage
-      exit 0
-      ;;
-    -*) die "unknown option '$1' (see --help)" ;;
-    *)
-      [[ -z "${SUBCOMMAND}" ]] || die "one subcommand at a time, got '${SUBCOMMAND}' and '$1'"
-      SUBCOMMAND="$1"
-      ;;
-  esac
-  shift
-done
-[[ -n "${SUBCOMMAND}" ]] || {
-  usage >&2
-  die "missing subcommand"
-}
+parse_args "$@"
 
 require_uint MAX_RESTARTS "${MAX_RESTARTS}"
 require_uint RETRY_DELAY "${RETRY_DELAY}"
