@@ -161,3 +161,8 @@ class EGSPO:
     return loss_lib.egspo_step_loss(logp, mb["logp_old"], mb["adv"], mb["valid"], mb["logp_ref"],
                                     epsilon=c.loss.eps, epsilon_high=c.loss.eps_high,
                                     beta=c.loss.beta)
+
+
+# The baselines register themselves (diffu_grpo, espo, gdpo, stabledrl, wd1); imported last because
+# they build on the names above.
+from egspo.rl import baselines as _baselines  # noqa: E402,F401  pylint: disable=wrong-import-position

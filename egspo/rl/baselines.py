@@ -1,0 +1,266 @@
+"""The seed papers' baselines as registered algorithms: diffu-GRPO, ESPO, GDPO, StableDRL, wd1.
+
+Each is a class with the `plan`/`loss` contract of `egspo.rl.algorithms` (REFERENCE §4), so it runs
+on the same rollouts, with the same loop, as EGSPO. What they share:
+
+  * the likelihood quantity is a function of the policy and a masking key: one-step token
+    log-probs [b, L] (diffu-GRPO) or a sequence ELBO estimate [b] (the others);
+  * `plan` draws μ = `num_iterations` masking keys (one per optimizer step on this rollout) and,
+    with no gradient, evaluates the quantity under the rollout-time policy (old = the `params`
+    passed to `plan`) and the frozen reference (`ctx.ref_params`) with the *same* key (common
+    random numbers), micro-batched by `lax.map` like EGSPO's reference pass;
+  * the key of micro-batch a travels inside the batch (`mask_key`, the key data repeated on every
+    row of the micro-batch), so `loss` recomputes the current policy's quantity on exactly the
+    masks old and ref were computed with, whatever key the update step passes;
+  * `loss` then calls the tested loss function of `egspo.rl.losses`.
+
+Forward counts per rollout of B completions (F = forwards of one estimator call per row):
+plan μ·B·F (old) + μ·B·F (reference, only when β > 0), update μ·B·F forward+backward.
+diffu-GRPO F = 1; ESPO F = 2·num_mc (coupled) or num_mc; GDPO F = num_nodes; StableDRL/wd1: that
+of their estimator.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from egspo.diffusion import masking
+from egspo.diffusion import sampler as sampler_lib
+from egspo.rl import advantages as adv_lib
+from egspo.rl import losses as loss_lib
+from egspo.rl.algorithms import Context, Iteration, _split_micro, register
+
+
+def micro_batch_keys(key, batch_size: int, micro_batch_size: int):
+  """[B, K] uint32 key data: every row of micro-batch a holds the data of fold_in(key, a).
+
+  Stored in the batch so that old, reference and current quantities of a micro-batch use one key
+  (ESPO's stratified mask counts are spread across the rows of one micro-batch, so the key must
+  be per micro-batch, not per row).
+  """
+  if batch_size % micro_batch_size:
+    raise ValueError(f"batch {batch_size} is not divisible by micro_batch_size {micro_batch_size}")
+  num_micro = batch_size // micro_batch_size
+  data = jnp.stack([jax.random.key_data(jax.random.fold_in(key, a)) for a in range(num_micro)])
+  return jnp.repeat(data, micro_batch_size, axis=0)
+
+
+def micro_batch_key(mb):
+  """The masking key of a micro-batch built by `micro_batch_keys` (the first row's)."""
+  return jax.random.wrap_key_data(mb["mask_key"][0])
+
+
+class _Baseline:
+  """Shared plan: advantages, μ masking keys, old/reference quantities under common keys.
+
+  Subclasses set `section` (their config section) and implement `quantity`, `advantages` and
+  `loss_from`; `needs_old` / `needs_ref` say which no-grad passes `plan` must run.
+  """
+
+  section = ""
+  needs_old = True
+
+  def __init__(self, ctx: Context):
+    self.ctx = ctx
+    c = ctx.config
+    self.cfg = c[self.section]
+    self.group_size = c.batch.group_size
+    self.micro = c.batch.micro_batch_size
+    self.num_iterations = int(self.cfg.num_iterations)
+    self._quantity_all = jax.jit(self._quantity_all_impl)
+
+  @property
+  def needs_ref(self) -> bool:
+    return float(self.cfg.get("beta", 0.0)) > 0.0
+
+  # -- to implement --------------------------------------------------------------------------
+
+  def quantity(self, model, mb, key):
+    """The policy's likelihood quantity for one micro-batch ([b] or [b, L] float32)."""
+    raise NotImplementedError
+
+  def advantages(self, rewards):
+    """[B] rewards → [B] advantages."""
+    raise NotImplementedError
+
+  def loss_from(self, cur, mb):
+    raise NotImplementedError
+
+  def extra_fields(self, params, frozen, ro) -> dict:
+    """Per-row batch fields beyond prompt/tokens/adv (e.g. diffu-GRPO's valid-token mask)."""
+    del params, frozen, ro
+    return {}
+
+  # -- shared --------------------------------------------------------------------------------
+
+  def logits_fn(self, model, gen_length: int):
+    """Completion logits only: the LM head runs on the last `gen_length` positions."""
+    return sampler_lib.model_logits_fn(model, gen_length)
+
+  def _quantity_all_impl(self, params, frozen, batch):
+    """The quantity for all B rows, micro-batch by micro-batch (memory of one micro-batch)."""
+    model = self.ctx.policy.model(params, frozen)
+    out = jax.lax.map(lambda mb: self.quantity(model, mb, micro_batch_key(mb)),
+                      _split_micro(batch, self.micro))
+    return out.reshape((-1,) + out.shape[2:])
+
+  def plan(self, params, frozen, it: Iteration):
+    ro = it.rollout
+    rewards = jnp.asarray(np.asarray(it.rewards, np.float32))
+    adv = self.advantages(rewards)
+    base = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, tokens=ro.tokens,
+                adv=jnp.asarray(adv, jnp.float32))
+    base.update(self.extra_fields(params, frozen, ro))
+    b = ro.tokens.shape[0]
+    batches, old_means = [], []
+    for j in range(self.num_iterations):
+      # One masking key per optimizer step on this rollout (d1: a fixed seed per inner
+      # iteration), shared by old, reference and current policies.
+      batch = dict(base, mask_key=micro_batch_keys(jax.random.fold_in(it.key, 1000 + j), b,
+                                                   self.micro))
+      if self.needs_old:
+        batch["old"] = self._quantity_all(params, frozen, batch)
+        old_means.append(float(jnp.mean(batch["old"])))
+      if self.needs_ref:
+        batch["ref"] = self._quantity_all(self.ctx.ref_params, frozen, batch)
+      batches.append(_split_micro(batch, self.micro))
+    metrics = {"adv_abs_mean": float(jnp.mean(jnp.abs(base["adv"]))),
+               "inner_iterations": float(self.num_iterations)}
+    if old_means:
+      metrics["likelihood_old_mean"] = float(np.mean(old_means))
+    return batches, metrics
+
+  def loss(self, model, mb, key):
+    del key  # the masks come from the batch's own key (common random numbers with plan)
+    return self.loss_from(self.quantity(model, mb, micro_batch_key(mb)), mb)
+
+
+@register("diffu_grpo")
+class DiffuGRPO(_Baseline):
+  """diffu-GRPO (d1, REFERENCE §4): one-step token log-probs of the fully masked completion with
+  the prompt masked w.p. p (a fresh key per inner iteration), per-token clip, k3 KL, token mean
+  over the completion through its first EOS, A = r − mean_G r, μ optimizer steps per rollout."""
+
+  section = "diffu_grpo"
+
+  def quantity(self, model, mb, key):
+    toks = mb["tokens"]
+    return masking.one_step_token_logprobs(
+        self.logits_fn(model, toks.shape[-1]), key, mb["prompt_ids"], mb["prompt_mask"], toks,
+        mask_token_id=self.ctx.mask_token_id, p_mask_prompt=float(self.cfg.p_mask_prompt))
+
+  def advantages(self, rewards):
+    return adv_lib.group_baseline_advantages(rewards, self.group_size)
+
+  def extra_fields(self, params, frozen, ro):
+    eos = self.ctx.policy.model(params, frozen).cfg.eos_token_id
+    return {"valid": loss_lib.completion_mask_through_eos(ro.tokens, eos)}
+
+  def loss_from(self, cur, mb):
+    return loss_lib.diffu_grpo_token_loss(
+        cur, mb["old"], mb["adv"], mb["valid"], mb.get("ref"), epsilon=float(self.cfg.eps),
+        beta=float(self.cfg.beta), reduction=self.cfg.reduction)
+
+
+class _SequenceELBO(_Baseline):
+  """Methods on a sequence-level ELBO estimate [b] of the whole completion (length L = gen
+  length, EOS padding included, as in ESPO)."""
+
+  estimator = "espo"
+
+  def estimator_name(self) -> str:
+    return self.cfg.get("estimator", self.estimator)
+
+  def estimator_kwargs(self) -> dict:
+    name = self.estimator_name()
+    if name == "espo":
+      return {"num_mc": int(self.cfg.num_mc), "coupled": bool(self.cfg.get("coupled", True))}
+    if name == "gauss_legendre":
+      return {"num_nodes": int(self.cfg.num_nodes)}
+    if name == "double_mc":
+      # LLaDA's ε = 1e-3 floor on the masking rate: ε = 0 has infinite variance (1/t weights).
+      return {"num_samples": int(self.cfg.num_mc), "eps": 1e-3}
+    raise ValueError(f"{self.section}.estimator={name!r}: must be one of "
+                     f"{sorted(masking.ESTIMATORS)}")
+
+  def quantity(self, model, mb, key):
+    toks = mb["tokens"]
+    est = masking.ESTIMATORS[self.estimator_name()]
+    return est(self.logits_fn(model, toks.shape[-1]), key, mb["prompt_ids"], mb["prompt_mask"],
+               toks, mask_token_id=self.ctx.mask_token_id, **self.estimator_kwargs())
+
+  def advantages(self, rewards):
+    return adv_lib.group_baseline_advantages(rewards, self.group_size)
+
+
+@register("espo")
+class ESPO(_SequenceELBO):
+  """ESPO (REFERENCE §4): stratified ELBO with the coupled complement draw (`num_mc` draws),
+  ratio exp((ELBO_θ − ELBO_old)/L), PPO clip, k2 KL β·½(ELBO_θ − ELBO_ref)²/L, leave-one-out
+  advantages."""
+
+  section = "espo"
+  estimator = "espo"
+
+  def estimator_name(self) -> str:
+    return "espo"
+
+  def advantages(self, rewards):
+    return adv_lib.leave_one_out_advantages(rewards, self.group_size)
+
+  def loss_from(self, cur, mb):
+    return loss_lib.espo_loss(cur, mb["old"], mb["adv"], mb["tokens"].shape[-1], mb.get("ref"),
+                              epsilon=float(self.cfg.eps), beta=float(self.cfg.beta))
+
+
+@register("gdpo")
+class GDPO(_SequenceELBO):
+  """GDPO (REFERENCE §4): Gauss–Legendre ELBO (N nodes, one mask draw each), sequence-level
+  clipped ratio with configurable length normalisation, A = r − mean_G r."""
+
+  section = "gdpo"
+
+  def estimator_name(self) -> str:
+    return "gauss_legendre"
+
+  def loss_from(self, cur, mb):
+    return loss_lib.gdpo_loss(cur, mb["old"], mb["adv"], mb["tokens"].shape[-1], mb.get("ref"),
+                              normalize=self.cfg.normalize, epsilon=float(self.cfg.eps),
+                              beta=float(self.cfg.beta))
+
+
+@register("stabledrl")
+class StableDRL(_SequenceELBO):
+  """StableDRL (REFERENCE §4): any ELBO estimator; importance weights clipped unconditionally at
+  `clip_iw` and self-normalised over the group (or the micro-batch); loss −Σ w_i A_i ELBO_i, no KL;
+  A = r − mean_G r."""
+
+  section = "stabledrl"
+
+  @property
+  def needs_ref(self) -> bool:
+    return False  # no KL term
+
+  def loss_from(self, cur, mb):
+    n = self.group_size if self.cfg.normalize_over == "group" else cur.shape[0]
+    return loss_lib.stabledrl_loss(cur, mb["old"], mb["adv"], n, clip_iw=float(self.cfg.clip_iw),
+                                   log_iw_scale=float(self.cfg.log_iw_scale))
+
+
+@register("wd1")
+class WD1(_SequenceELBO):
+  """wd1 (REFERENCE §4, related work): ratio-free −Σ softmax(A/τ)_i ℓ_i + Σ softmax(−A/τ)_i ℓ_i on
+  an ELBO estimate ℓ; needs neither old nor reference passes."""
+
+  section = "wd1"
+  needs_old = False
+
+  @property
+  def needs_ref(self) -> bool:
+    return False
+
+  def loss_from(self, cur, mb):
+    return loss_lib.wd1_loss(cur, mb["adv"], self.group_size,
+                             temperature=float(self.cfg.temperature))

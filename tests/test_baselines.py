@@ -1,0 +1,306 @@
+"""The baselines as registered algorithms (issue 5): plan shapes, common random numbers (ratio 1
+and KL 0 at the rollout parameters), loss == a direct slow computation, one update raises a
+positive-advantage sample's likelihood, registry and config, end-to-end runs."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from egspo import config as config_lib
+from egspo.diffusion import masking
+from egspo.diffusion.rollout import Rollout
+from egspo.model import llada
+from egspo.rl import algorithms as algo_lib
+from egspo.rl import baselines
+from egspo.rl import losses as loss_lib
+from egspo.rl import update as U
+
+METHODS = ("diffu_grpo", "espo", "gdpo", "stabledrl", "wd1")
+NP, G, P, L, MICRO = 2, 4, 6, 8, 4  # 2 prompts × G=4 = 8 rows, 2 micro-batches of 4
+B = NP * G
+
+
+@pytest.fixture(scope="module")
+def model():
+  return llada.init_model(llada.get_config("tiny"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def split(model):
+  return U.split_policy(model)
+
+
+def _config(name, **over):
+  c = config_lib.base_config("copy", "tiny")
+  c.algorithm = name
+  c.batch.num_prompts, c.batch.group_size, c.batch.micro_batch_size = NP, G, MICRO
+  c.rollout.gen_length, c.rollout.block_length, c.rollout.steps = L, L, 4
+  for sec in METHODS:
+    c[sec].num_iterations = 2
+  # Non-zero KL weights everywhere they exist, so the reference pass is exercised.
+  c.gdpo.beta = 0.05
+  c.espo.beta = 0.02
+  for k, v in over.items():
+    sec, field = k.split(".")
+    c[sec][field] = v
+  return c
+
+
+def _rollout(seed=0, eos_id=1):
+  rng = np.random.default_rng(seed)
+  prompt = rng.integers(10, 90, (B, P))
+  pmask = np.ones((B, P), bool)
+  pmask[0, :2] = False  # a left-padded row
+  tokens = rng.integers(10, 90, (B, L))
+  tokens[1, 5:] = eos_id  # EOS then padding: diffu-GRPO's valid tokens stop after position 5
+  tokens[2, 0] = eos_id
+  z = np.zeros((B, L), np.float32)
+  return Rollout(prompt_ids=jnp.asarray(prompt, jnp.int32), prompt_mask=jnp.asarray(pmask),
+                 tokens=jnp.asarray(tokens, jnp.int32), commit_step=jnp.zeros((B, L), jnp.int32),
+                 logprob=jnp.asarray(z), entropy=jnp.asarray(z), step_entropy=jnp.zeros((B, 4)),
+                 x0_hat=jnp.zeros((B, 4, L), jnp.int32))
+
+
+REWARDS = np.array([1.0, 0.0, 0.5, 0.0, 0.2, 0.2, 0.9, 0.1], np.float32)
+
+
+def _algo(name, split, ref_params=None, **over):
+  policy, params, frozen = split
+  ctx = algo_lib.Context(config=_config(name, **over), policy=policy,
+                         ref_params=params if ref_params is None else ref_params,
+                         mask_token_id=2, max_commit=1, reward_fn=None, decode_fn=None)
+  return algo_lib.get_algorithm(name)(ctx)
+
+
+def _plan(algo, split, rewards=REWARDS, seed=0):
+  _, params, frozen = split
+  it = algo_lib.Iteration(_rollout(seed), rewards, [None] * B, jax.random.key(seed))
+  return algo.plan(params, frozen, it)
+
+
+def _perturbed(params, scale=0.05, seed=9):
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
+                                      for x, k in zip(leaves, keys)])
+
+
+def _micro(batch, a):
+  return jax.tree.map(lambda x: x[a], batch)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_registry_and_config(name):
+  assert algo_lib.get_algorithm(name).__module__ == "egspo.rl.baselines"
+  assert name in algo_lib.registered()
+  for task in ("countdown", "sudoku", "gsm8k", "math500", "code", "copy"):
+    c = config_lib.base_config(task, "tiny")
+    c.algorithm = name
+    config_lib.validate(c)
+
+
+def test_config_rejects_bad_baseline_fields():
+  def bad(match, **over):
+    c = _config("stabledrl")
+    for k, v in over.items():
+      sec, field = k.split(".")
+      c[sec][field] = v
+    with pytest.raises(ValueError, match=match):
+      config_lib.validate(c)
+
+  bad("diffu_grpo.p_mask_prompt", **{"diffu_grpo.p_mask_prompt": 1.0})
+  bad("espo.num_iterations", **{"espo.num_iterations": 0})
+  bad("gdpo.normalize", **{"gdpo.normalize": "sideways"})
+  bad("stabledrl.estimator", **{"stabledrl.estimator": "exact"})
+  bad("batch.micro_batch_size", **{"batch.micro_batch_size": 2})  # splits a group of 4
+  assert config_lib.base_config("countdown").espo.beta == pytest.approx(3e-3)  # ESPO's script
+  assert config_lib.base_config("gsm8k").espo.beta == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_plan_shapes_keys_and_advantages(name, split):
+  algo = _algo(name, split)
+  batches, metrics = _plan(algo, split)
+  assert len(batches) == 2  # num_iterations optimizer steps on one rollout
+  a = B // MICRO
+  for batch in batches:
+    assert batch["tokens"].shape == (a, MICRO, L)
+    assert batch["prompt_ids"].shape == (a, MICRO, P)
+    assert batch["adv"].shape == (a, MICRO)
+    want_q = (a, MICRO, L) if name == "diffu_grpo" else (a, MICRO)
+    if name != "wd1":
+      assert batch["old"].shape == want_q and np.all(np.isfinite(batch["old"]))
+    else:
+      assert "old" not in batch
+    assert ("ref" in batch) == (name in ("diffu_grpo", "espo", "gdpo"))
+    k = np.asarray(batch["mask_key"])
+    assert (k == k[:, :1]).all()  # one key per micro-batch
+    assert not (k[0, 0] == k[1, 0]).all()  # different micro-batches, different masks
+  # A fresh masking key per inner iteration (d1: a new seed per μ step).
+  assert not np.array_equal(batches[0]["mask_key"], batches[1]["mask_key"])
+  # Advantages by hand.
+  r = REWARDS.reshape(NP, G)
+  if name == "espo":
+    want = r - (r.sum(1, keepdims=True) - r) / (G - 1)
+  else:
+    want = r - r.mean(1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(batches[0]["adv"]).reshape(-1), want.reshape(-1),
+                             atol=1e-6)
+  if name == "diffu_grpo":
+    valid = np.asarray(batches[0]["valid"]).reshape(B, L)
+    assert valid[1].tolist() == [True] * 6 + [False] * 2  # through the first EOS
+    assert valid[2].tolist() == [True] + [False] * 7
+    assert valid[0].all()
+  assert metrics["adv_abs_mean"] == pytest.approx(float(np.abs(want).mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_ratio_one_and_kl_zero_at_rollout_params(name, split, model):
+  """Old = current with common random numbers: the recomputed quantity equals `old`, the ratio
+  is 1 and the KL to an identical reference is 0."""
+  algo = _algo(name, split)
+  batches, _ = _plan(algo, split)
+  for batch in batches:
+    for a in range(B // MICRO):
+      mb = _micro(batch, a)
+      cur = algo.quantity(model, mb, baselines.micro_batch_key(mb))
+      if name != "wd1":
+        np.testing.assert_allclose(np.asarray(cur), np.asarray(mb["old"]), rtol=1e-5, atol=1e-4)
+      _, _, m = algo.loss(model, mb, jax.random.key(123))  # the update's key is ignored
+      if "ratio/mean" in m:
+        assert float(m["ratio/mean"]) == pytest.approx(1.0, abs=1e-5)
+      if "kl" in m:
+        assert abs(float(m["kl"])) < 1e-6
+      if name == "stabledrl":
+        assert float(m["iw/mean"]) == pytest.approx(1.0, abs=1e-5)
+        assert float(m["iw/ess_frac"]) == pytest.approx(1.0, abs=1e-5)  # uniform weights
+
+
+def _direct_quantity(name, cfg, model, mb):
+  """The estimator called by hand, with the full-canvas logits of `model(ids, mask)` (an
+  independent path from the LM-head-only logits function)."""
+  key = jax.random.wrap_key_data(mb["mask_key"][0])
+  fn = lambda ids, attn: model(ids, attn)  # noqa: E731
+  args = (fn, key, mb["prompt_ids"], mb["prompt_mask"], mb["tokens"])
+  if name == "diffu_grpo":
+    return masking.one_step_token_logprobs(*args, mask_token_id=2,
+                                           p_mask_prompt=cfg.diffu_grpo.p_mask_prompt)
+  if name == "espo":
+    return masking.elbo_espo(*args, mask_token_id=2, num_mc=cfg.espo.num_mc)
+  if name == "gdpo":
+    return masking.elbo_gauss_legendre(*args, mask_token_id=2, num_nodes=cfg.gdpo.num_nodes)
+  s = cfg[name]
+  assert s.estimator == "espo"
+  return masking.elbo_espo(*args, mask_token_id=2, num_mc=s.num_mc)
+
+
+def _direct_loss(name, cfg, cur, old, ref, mb):
+  adv, tokens = mb["adv"], mb["tokens"]
+  if name == "diffu_grpo":
+    valid = loss_lib.completion_mask_through_eos(tokens, 1)
+    return loss_lib.diffu_grpo_token_loss(cur, old, adv, valid, ref, epsilon=0.5, beta=0.04)
+  if name == "espo":
+    return loss_lib.espo_loss(cur, old, adv, L, ref, epsilon=0.2, beta=cfg.espo.beta)
+  if name == "gdpo":
+    return loss_lib.gdpo_loss(cur, old, adv, L, ref, normalize="inside", epsilon=0.2,
+                              beta=cfg.gdpo.beta)
+  if name == "stabledrl":
+    return loss_lib.stabledrl_loss(cur, old, adv, G, clip_iw=5.0)
+  return loss_lib.wd1_loss(cur, adv, G, temperature=1.0)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_loss_equals_direct_computation(name, split, model):
+  """At moved parameters (old ≠ current ≠ reference) the registered loss equals the estimator and
+  loss function called by hand."""
+  _, params, frozen = split
+  ref = _perturbed(params, seed=11)
+  algo = _algo(name, split, ref_params=ref)
+  batches, _ = _plan(algo, split, seed=1)
+  policy = split[0]
+  moved = policy.model(_perturbed(params, 0.03, seed=5), frozen)
+  ref_model = policy.model(ref, frozen)
+  old_model = policy.model(params, frozen)
+  cfg = algo.ctx.config
+  mb = _micro(batches[1], 1)  # 2nd inner iteration, 2nd micro-batch
+  old = _direct_quantity(name, cfg, old_model, mb)
+  if name != "wd1":
+    np.testing.assert_allclose(np.asarray(mb["old"]), np.asarray(old), rtol=1e-5, atol=1e-4)
+  has_ref = name in ("diffu_grpo", "espo", "gdpo")
+  if has_ref:
+    ref_q = _direct_quantity(name, cfg, ref_model, mb)
+    np.testing.assert_allclose(np.asarray(mb["ref"]), np.asarray(ref_q), rtol=1e-5, atol=1e-4)
+  cur = _direct_quantity(name, cfg, moved, mb)
+  want_sum, want_den, want_m = _direct_loss(name, cfg, cur, old, ref_q if has_ref else None, mb)
+  got_sum, got_den, got_m = algo.loss(moved, mb, jax.random.key(0))
+  assert float(got_den) == float(want_den)
+  assert float(got_sum) == pytest.approx(float(want_sum), rel=1e-4, abs=1e-5)
+  if "ratio/mean" in got_m:
+    assert abs(float(got_m["ratio/mean"]) - 1.0) > 1e-4  # the policy really moved
+    assert float(got_m["ratio/mean"]) == pytest.approx(float(want_m["ratio/mean"]), rel=1e-4)
+  if has_ref and cfg[name].beta > 0:
+    assert float(got_m["kl"]) > 0
+    assert float(got_m["kl"]) == pytest.approx(float(want_m["kl"]), rel=1e-3)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_update_raises_positive_advantage_likelihood(name, split):
+  """One `make_update_step` step on the first planned batch: the only positive-advantage sample
+  (row 0) becomes more likely under the same masks."""
+  policy, params, frozen = split
+  algo = _algo(name, split)
+  rewards = np.zeros(B, np.float32)
+  rewards[0] = 1.0
+  batches, _ = _plan(algo, split, rewards=rewards, seed=2)
+  batch = batches[0]
+  tx = optax.adam(3e-3)
+  state = U.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.copy, params),
+                       opt_state=tx.init(params))
+  step = U.make_update_step(policy, tx, algo.loss)
+  new, m = step(state, frozen, batch, jax.random.key(0))
+  assert float(m["update_ok"]) == 1.0 and np.isfinite(float(m["loss"]))
+
+  def likelihood(p):
+    mb = _micro(batch, 0)
+    q = algo.quantity(policy.model(p, frozen), mb, baselines.micro_batch_key(mb))
+    if q.ndim == 2:  # token log-probs: the sample's sum over its valid tokens
+      q = jnp.sum(jnp.where(mb["valid"], q, 0.0), -1)
+    return float(q[0])
+
+  before, after = likelihood(params), likelihood(new.params)
+  assert after > before + 1e-3, (before, after)
+
+
+def test_plan_rejects_a_micro_batch_that_does_not_divide(split):
+  with pytest.raises(ValueError, match="micro_batch_size"):
+    baselines.micro_batch_keys(jax.random.key(0), 8, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: each method through `egspo.train.run` on the micro copy config of test_train.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", METHODS)
+def test_end_to_end_micro_run(name, tmp_path):
+  from egspo import train
+  from test_train import micro_config
+
+  over = {"algorithm": name}
+  for sec in METHODS:
+    over[f"{sec}.num_iterations"] = 2
+  c = micro_config(**over)
+  train.run(c, tmp_path)
+  recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  rl = [r for r in recs if "rl/loss" in r]
+  assert len(rl) == c.train.num_iterations
+  for r in rl:
+    assert np.isfinite(r["rl/loss"]) and r["rl/update_ok"] == 1.0
+    assert r["rl/inner_iterations"] == 2.0
