@@ -346,8 +346,16 @@ class LLaDA(nnx.Module):
     if cfg.remat:
       # scan already stops XLA from merging the recomputation with the forward pass (CSE),
       # so the extra barrier is only needed for the unrolled list of blocks (JAX remat docs).
-      block_fn = nnx.remat(block_fn, prevent_cse=not cfg.scan_layers,
-                           policy=REMAT_POLICIES[cfg.remat_policy])
+      checkpointed = jax.checkpoint(
+          lambda graphdef, state, x: nnx.merge(graphdef, state)(x, cos, sin, key_mask),
+          prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat_policy],
+          static_argnums=(0,))
+
+      def block_fn(block, x):
+        # A pure jax.checkpoint over the block's state: nnx.remat would write the state back
+        # into Variables of an outer trace, which fails for models rebuilt by `nnx.merge`
+        # inside jax.grad with LoRA adapters (flax TraceContextError).
+        return checkpointed(*nnx.split(block), x)
     if cfg.scan_layers:
       @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
       def run(block, x):
