@@ -305,3 +305,65 @@ def test_end_to_end_micro_run(name, tmp_path):
   for r in rl:
     assert np.isfinite(r["rl/loss"]) and r["rl/update_ok"] == 1.0
     assert r["rl/inner_iterations"] == 2.0
+
+
+# ----------------------------------------------------------------------------------------------
+# scripts/compare_methods.py: the analytic FLOPs it reports.
+
+
+def _compare_script():
+  import importlib.util
+  import pathlib
+
+  path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "compare_methods.py"
+  spec = importlib.util.spec_from_file_location("compare_methods", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_compare_methods_forward_flops_match_xla(model):
+  """F(S, h) against XLA's cost analysis of the compiled forward (norms, RoPE and softmax are
+  not counted by the formula, so it may only be a little lower)."""
+  cm = _compare_script()
+  cfg = model.cfg
+  s, h = 40, 16
+  policy, params, frozen = U.split_policy(model)
+
+  def fwd(params, ids):
+    m = policy.model(params, frozen)
+    return m.logits(m.hidden_states(ids, jnp.ones(ids.shape, bool))[:, -h:])
+
+  ca = jax.jit(fwd).lower(params, jnp.zeros((1, s), jnp.int32)).compile().cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  xla = float(ca["flops"])
+  ours = cm.forward_flops(cfg, s, h)
+  assert 0.8 * xla <= ours <= 1.0 * xla, (ours, xla)
+
+
+def test_compare_methods_iteration_flops_counts():
+  """Forward counts per method, by hand, in units of F = F(S, G)."""
+  cm = _compare_script()
+  over = ["--config.batch.num_prompts=2", "--config.batch.group_size=4"]
+  c = cm.resolved_config(over + ["--config.algorithm=diffu_grpo",
+                                 "--config.diffu_grpo.num_iterations=3"])
+  cfg = llada.get_config(c.model.preset)
+  s, g, b = c.rollout.max_prompt_length + c.rollout.gen_length, c.rollout.gen_length, 8
+  f = cm.forward_flops(cfg, s, g)
+  got = cm.iteration_flops(c)
+  assert got["rollout"] == pytest.approx(b * c.rollout.steps * f)
+  assert got["plan"] == pytest.approx(2 * 3 * b * f)  # old + reference (β = 0.04 > 0)
+  assert got["update"] == pytest.approx(3 * 3 * b * f)  # forward + backward = 3 forwards
+  c = cm.resolved_config(over + ["--config.algorithm=espo", "--config.espo.num_iterations=2",
+                                 "--config.espo.num_mc=2"])
+  got = cm.iteration_flops(c)
+  assert got["plan"] == pytest.approx(2 * 2 * b * 4 * f)  # coupled: 2·num_mc forwards per ELBO
+  assert got["update"] == pytest.approx(3 * 2 * b * 4 * f)
+  c = cm.resolved_config(over + ["--config.algorithm=stabledrl",
+                                 "--config.stabledrl.estimator=gauss_legendre",
+                                 "--config.stabledrl.num_nodes=3"])
+  got = cm.iteration_flops(c)
+  mu = c.stabledrl.num_iterations
+  assert got["plan"] == pytest.approx(mu * b * 3 * f)  # old only: no KL
+  assert got["update"] == pytest.approx(3 * mu * b * 3 * f)
+  assert got["total"] == pytest.approx(got["rollout"] + got["plan"] + got["update"])
