@@ -357,11 +357,15 @@ class LLaDA(nnx.Module):
         # inside jax.grad with LoRA adapters (flax TraceContextError).
         return checkpointed(*nnx.split(block), x)
     if cfg.scan_layers:
-      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-      def run(block, x):
-        return block_fn(block, x)
+      # A plain lax.scan over the stacked block state (one slice per layer). nnx.scan rejects
+      # modules whose variables hold tracers of an enclosing trace, e.g. a model rebuilt by
+      # `nnx.merge` inside the micro-batch scan of `rl.update.make_update_step`.
+      graphdef, stacked = nnx.split(self.blocks)
 
-      x = run(self.blocks, x)
+      def layer(x, layer_state):
+        return block_fn(nnx.merge(graphdef, layer_state), x), None
+
+      x, _ = jax.lax.scan(layer, x, stacked)
     else:
       for block in self.blocks:
         x = block_fn(block, x)
