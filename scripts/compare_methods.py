@@ -35,7 +35,8 @@ forward / backward counts each method does per iteration; evaluation and rewards
 μ = the method's `num_iterations` (optimizer steps per rollout).
 
 Wall time: `rl_train_seconds` of the run's history (rollout + reward + plan + update, no
-evaluation), mean over seeds. Spread: the sample standard deviation over seeds (ddof = 1).
+evaluation; compilation included), mean over seeds; and seconds per iteration, the median over
+iterations of the same phases from metrics.jsonl (compilation excluded), mean over seeds. Spread: the sample standard deviation over seeds (ddof = 1).
 """
 
 from __future__ import annotations
@@ -179,6 +180,17 @@ def final_eval(history: dict) -> dict:
   return evals[-1][1]
 
 
+def median_iteration_seconds(metrics_file: pathlib.Path) -> float:
+  """Median over RL iterations of rollout + reward + plan + update seconds (the median keeps the
+  first iterations' compilation out)."""
+  per_it = []
+  for line in metrics_file.read_text().splitlines():
+    r = json.loads(line)
+    if "rl/time/update" in r:
+      per_it.append(sum(r.get(f"rl/time/{k}", 0.0) for k in ("rollout", "reward", "plan", "update")))
+  return statistics.median(per_it) if per_it else float("nan")
+
+
 def slug(method: str) -> str:
   return method.replace("/", "_")
 
@@ -212,6 +224,7 @@ def run_seed(out: pathlib.Path, seed: int, methods: list[str], common: list[str]
     flops = iteration_flops(resolved_config(args))
     rows.append({"method": method, "seed": seed, "accuracy": final_eval(h)["accuracy"],
                  "rl_train_seconds": float(h.get("rl_train_seconds", float("nan"))),
+                 "seconds_per_iteration": median_iteration_seconds(wd / "metrics.jsonl"),
                  "wall_seconds": wall, "flops_per_iteration": flops})
   return rows
 
@@ -223,14 +236,15 @@ def table(rows: list[dict], methods: list[str], iterations: int | None) -> str:
     return m, sd
 
   lines = ["| method | held-out accuracy % (mean ± sd) | per seed | Δ vs SFT | "
-           "GFLOP / iteration (rollout + plan + update) | RL train s (mean) |",
-           "|---|---|---|---|---|---|"]
+           "GFLOP / iteration (rollout + plan + update) | s / iteration (median) | "
+           "RL train s (mean) |",
+           "|---|---|---|---|---|---|---|"]
   sft = [r["accuracy"] for r in rows if r["method"] == "sft"]
   sft_mean = statistics.fmean(sft) if sft else float("nan")
   if sft:
     m, sd = stats(sft)
     lines.append(f"| SFT (start of every method) | {100 * m:.1f} ± {100 * sd:.1f} | "
-                 f"{', '.join(f'{100 * x:.1f}' for x in sft)} | | | |")
+                 f"{', '.join(f'{100 * x:.1f}' for x in sft)} | | | | |")
   for method in methods:
     rs = [r for r in rows if r["method"] == method]
     if not rs:
@@ -239,10 +253,11 @@ def table(rows: list[dict], methods: list[str], iterations: int | None) -> str:
     m, sd = stats(acc)
     f = rs[0]["flops_per_iteration"]
     secs = statistics.fmean(r["rl_train_seconds"] for r in rs)
+    per_it = statistics.fmean(r["seconds_per_iteration"] for r in rs)
     lines.append(f"| {method} | {100 * m:.1f} ± {100 * sd:.1f} | "
                  f"{', '.join(f'{100 * x:.1f}' for x in acc)} | {100 * (m - sft_mean):+.1f} | "
                  f"{f['total'] / 1e9:.2f} ({f['rollout'] / 1e9:.2f} + {f['plan'] / 1e9:.2f} + "
-                 f"{f['update'] / 1e9:.2f}) | {secs:.0f} |")
+                 f"{f['update'] / 1e9:.2f}) | {per_it:.2f} | {secs:.0f} |")
   n_seeds = len(sft)
   note = (f"\n{n_seeds} seed(s), {CONFIG}"
           + (f", train.num_iterations={iterations}" if iterations is not None else "")
