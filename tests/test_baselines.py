@@ -367,3 +367,23 @@ def test_compare_methods_iteration_flops_counts():
   assert got["plan"] == pytest.approx(mu * b * 3 * f)  # old only: no KL
   assert got["update"] == pytest.approx(3 * mu * b * 3 * f)
   assert got["total"] == pytest.approx(got["rollout"] + got["plan"] + got["update"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["diffu_grpo", "espo"])
+def test_sharded_training_equals_single_device(name, tmp_path):
+  """The masking key travels in the batch, so a (2, 2, 2) data/fsdp/tensor mesh trains exactly
+  like one device (ESPO's stratified counts span the global micro-batch, not a shard of it)."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices")
+  from egspo import train
+  from test_train import assert_same_metrics, assert_trees_equal, final_params, micro_config
+
+  over = {"algorithm": name, f"{name}.num_iterations": 2, "train.num_iterations": 2}
+  train.run(micro_config(**over), tmp_path / "single")
+  train.run(micro_config(**over, **{"mesh.num_devices": 8, "mesh.data": 2, "mesh.fsdp": 2,
+                                    "mesh.tensor": 2}), tmp_path / "sharded")
+  a, _ = final_params(tmp_path / "single")
+  b, _ = final_params(tmp_path / "sharded")
+  assert_trees_equal(a["params"], b["params"], atol=1e-4)
+  assert_same_metrics(tmp_path / "single", tmp_path / "sharded")
