@@ -202,7 +202,6 @@ class ESPO(_SequenceELBO):
   advantages."""
 
   section = "espo"
-  estimator = "espo"
 
   def estimator_name(self) -> str:
     return "espo"
