@@ -28,6 +28,11 @@ The analytic count is 2·(matmul parameters)·tokens + attention 4·n_layers·L�
 2·d·V per LM-head position, times (1 forward + 1 activation-gradient + 1 weight-gradient for full
 fine-tuning only + 1 recompute with remat) in the update.
 
+The 8B model is built with `scan_layers=True` (one scanned block: the 32-layer program compiles
+in about a minute here instead of tens of minutes) and the 8B numerics (bf16 parameters and
+matmuls, float32 norms/logits, remat unless a plan turns it off). The full T-step rollout scan
+is compiled, not a single step. Buffers are per device; "-1" mesh axes take the remaining devices.
+
 Each device count runs in its own subprocess (`XLA_FLAGS=--xla_force_host_platform_device_count=N`
 must be set before jax is imported).
 
@@ -56,7 +61,6 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
@@ -109,11 +113,13 @@ class Plan:
   trainable: str = "lora"  # 'lora' | 'full'
   remat: bool = True
   param_dtype: str = "bfloat16"
+  rules: tuple = ()  # (logical_axis, mesh_axes) overrides of egspo.sharding.RULES
 
   def label(self, n: int) -> str:
     d, f, t = self.mesh_shape(n)
     return (f"d{d}·f{f}·t{t} {self.trainable} {'remat' if self.remat else 'no-remat'} "
-            f"{'bf16' if self.param_dtype == 'bfloat16' else 'f32'}")
+            f"{'bf16' if self.param_dtype == 'bfloat16' else 'f32'}"
+            + "".join(f" {k}→{v}" for k, v in self.rules))
 
   def mesh_shape(self, n: int) -> tuple[int, int, int]:
     shape = [self.data, self.fsdp, self.tensor]
@@ -131,9 +137,13 @@ PLANS = {
     "fsdp_tp4": Plan(data=1, fsdp=-1, tensor=4),
     "fsdp_tp4_full": Plan(data=1, fsdp=-1, tensor=4, trainable="full"),
     "data": Plan(data=-1, fsdp=1, tensor=1),
+    # LoRA factors split along their rank too (B [rank, out] is otherwise replicated when its
+    # output axis is a tensor axis of size 1).
+    "fsdp_rank": Plan(data=1, fsdp=-1, tensor=1, rules=(("lora_rank", "fsdp"),)),
 }
-QUICK_PLANS = ("fsdp",)
-DEFAULT_PLANS = ("fsdp", "fsdp_noremat", "fsdp_full", "fsdp_tp4", "fsdp_tp4_full", "data")
+QUICK_PLANS = ("fsdp", "fsdp_rank")
+DEFAULT_PLANS = ("fsdp_rank", "fsdp", "fsdp_noremat", "fsdp_full", "fsdp_tp4", "fsdp_tp4_full",
+                 "data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,25 +244,6 @@ def _egspo(policy, ref_params, model_cfg, wl: Workload):
   return algo_lib.EGSPO(ctx)
 
 
-def ref_logps(algo, ref_params, frozen, batch):
-  """`EGSPO._ref_logps_impl` with the model rebuilt inside the micro-batch loop: [B, K].
-
-  The same computation (`step_logprobs` of π_ref, `lax.map` over micro-batches). The library
-  version merges the module outside `lax.map`, which NNX rejects for the scanned layer stack
-  (`scan_layers=True`, used here to keep the 8B compile short).
-  """
-  def one(carry, mb):
-    model = algo.ctx.policy.model(*carry)
-    return carry, update_lib.step_logprobs(model, mb["prompt_ids"], mb["prompt_mask"],
-                                           mb["tokens"], mb["commit_step"], mb["steps"],
-                                           mask_token_id=algo.ctx.mask_token_id,
-                                           max_commit=algo.ctx.max_commit)
-
-  # The parameters ride in the scan carry (an operand), as `sampler.generate` does.
-  _, out = jax.lax.scan(one, (ref_params, frozen), algo_lib._split_micro(batch, algo.micro))
-  return out.reshape((-1,) + out.shape[2:])
-
-
 def _batch_struct(wl: Workload, rows: int, k: int, lead: tuple[int, ...] = ()):
   """Abstract EGSPO batch: `lead` + [rows, ...] leaves (what `EGSPO.plan` builds)."""
   i32, f32 = jnp.int32, jnp.float32
@@ -289,6 +280,7 @@ def compile_iteration(model_cfg: llada.ModelConfig, plan: Plan, wl: Workload, de
   """
   devices = list(jax.devices() if devices is None else devices)
   mesh = shard_lib.make_mesh(data=plan.data, fsdp=plan.fsdp, tensor=plan.tensor, devices=devices)
+  rules = shard_lib.merge_rules(rules, plan.rules)
   batch_div = shard_lib.batch_size_multiple(mesh)
   for name, rows in (("num_prompts × group_size", wl.batch), ("micro_batch_size",
                                                                 wl.micro_batch_size)):
@@ -336,7 +328,7 @@ def compile_iteration(model_cfg: llada.ModelConfig, plan: Plan, wl: Workload, de
   full_batch = with_shardings(_batch_struct(wl, wl.batch, wl.num_selected),
                               jax.tree.map(lambda _: batch_sh,
                                            _batch_struct(wl, wl.batch, wl.num_selected)))
-  run("ref", jax.jit(functools.partial(ref_logps, algo)), ref_a, frozen_a, full_batch)
+  run("ref", jax.jit(algo._ref_logps_impl), ref_a, frozen_a, full_batch)
 
   # update: one optimizer step of the per_step schedule (one selected step per sample).
   mb = _batch_struct(wl, wl.micro_batch_size, 1, lead=(wl.num_micro,))
@@ -451,40 +443,42 @@ def compiled_flops(model_cfg: llada.ModelConfig, plan: Plan, wl: Workload,
 # Driver
 
 
-def model_config_8b(scan_layers: bool = False) -> llada.ModelConfig:
+def model_config_8b(scan_layers: bool = True) -> llada.ModelConfig:
   return llada.get_config("llada_8b", scan_layers=scan_layers)
 
 
 def child(n: int, chips: list[str], plans: list[str], wl: Workload, flops: bool) -> None:
-  """Runs in a subprocess with n fake devices; prints one JSON line per (chip, plan)."""
+  """Runs in a subprocess with n fake devices; prints one JSON line per (chip, plan).
+
+  Chips with the same device count share one compile per plan (only the HBM differs)."""
   assert jax.device_count() == n, (jax.device_count(), n)
   cfg = model_config_8b()
   flop_cache = {}
-  for chip in chips:
-    for name in plans:
-      plan = PLANS[name]
-      row = dict(chip=chip, plan=name, label=plan.label(n), hbm=CHIPS[chip].hbm_gib * GIB)
-      try:
-        row.update(compile_iteration(cfg, plan, wl))
-      except Exception as e:  # noqa: BLE001 — a plan that cannot be built is a table row too
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-      fkey = (plan.trainable, plan.remat, plan.param_dtype)
-      if flops and fkey not in flop_cache:
-        flop_cache[fkey] = (compiled_flops(cfg, plan, wl), analytic_flops(cfg, plan, wl))
-      if flops:
-        row["flops_compiled"], row["flops_analytic"] = flop_cache[fkey]
-      print("ROW " + json.dumps(row), flush=True)
+  for name in plans:
+    plan = PLANS[name]
+    row = dict(plan=name, label=plan.label(n))
+    try:
+      row.update(compile_iteration(cfg, plan, wl))
+    except Exception as e:  # noqa: BLE001 — a plan that cannot be built is a table row too
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    fkey = (plan.trainable, plan.remat, plan.param_dtype)
+    if flops and fkey not in flop_cache:
+      flop_cache[fkey] = (compiled_flops(cfg, plan, wl), analytic_flops(cfg, plan, wl))
+    if flops:
+      row["flops_compiled"], row["flops_analytic"] = flop_cache[fkey]
+    for chip in chips:
+      print("ROW " + json.dumps(dict(row, chip=chip, hbm=CHIPS[chip].hbm_gib * GIB)), flush=True)
 
 
 def format_table(rows: list[dict]) -> str:
   g = lambda b: f"{b / GIB:7.1f}"  # noqa: E731
-  head = (f"{'slice':8} {'plan':32} {'program':8} {'args':>7} {'out':>7} {'temp':>7} "
+  head = (f"{'slice':8} {'plan':48} {'program':8} {'args':>7} {'out':>7} {'temp':>7} "
           f"{'total':>7} {'+resid':>7} {'peak':>7} {'HBM':>6}  fits   {'TFLOP/it cmp':>12} "
           f"{'analytic':>9}")
   lines = [head, "-" * len(head)]
   for r in rows:
     if "error" in r:
-      lines.append(f"{r['chip']:8} {r['label']:32} ERROR {r['error']}")
+      lines.append(f"{r['chip']:8} {r['label']:48} ERROR {r['error']}")
       continue
     for i, (name, p) in enumerate(r["programs"].items()):
       fits = "yes" if r["peak"] <= r["hbm"] else "NO"
@@ -494,7 +488,7 @@ def format_table(rows: list[dict]) -> str:
         if "flops_compiled" in r:
           tail += (f"  {r['flops_compiled']['iteration'] / 1e12:12.0f} "
                    f"{r['flops_analytic']['iteration'] / 1e12:9.0f}")
-      lines.append(f"{r['chip'] if i == 0 else '':8} {r['label'] if i == 0 else '':32} {name:8} "
+      lines.append(f"{r['chip'] if i == 0 else '':8} {r['label'] if i == 0 else '':48} {name:8} "
                    f"{g(p['arguments'])} {g(p['outputs'])} {g(p['temporaries'])} {g(p['total'])} "
                    f"{g(p['resident'])} {g(p['peak'])} {r['hbm'] / GIB:6.1f}{tail}")
   return "\n".join(lines)
