@@ -449,8 +449,10 @@ def rl_stage(tr: Trainer, init_params) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """SFT warm start (if `sft.steps`), then RL; returns the evaluation history."""
   tr = Trainer.create(config, workdir)
-  params = sft_stage(tr)
-  history = rl_stage(tr, params)
+  # Under the mesh context the model's activation sharding hints (llada.constrain) take effect.
+  with jax.set_mesh(tr.mesh):
+    params = sft_stage(tr)
+    history = rl_stage(tr, params)
   tr.writer.close()
   if jax.process_index() == 0:
     (tr.workdir / "history.json").write_text(json.dumps(history, indent=1, default=float))

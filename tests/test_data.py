@@ -111,9 +111,10 @@ def test_plain_prompts_fit_the_char_tokenizer(name, example):
 
 def test_registry_and_max_rewards():
   from egspo.tasks import task_names
-  assert task_names() == ["countdown", "gsm8k", "humaneval", "kodcode", "math500", "mbpp", "sudoku"]
+  assert task_names() == ["copy", "countdown", "gsm8k", "humaneval", "kodcode", "math500", "mbpp",
+                          "sudoku"]
   assert {n: get_task(n).max_reward for n in task_names()} == {
-      "countdown": 1.0, "gsm8k": 4.0, "humaneval": 1.5, "kodcode": 1.5, "math500": 3.0,
+      "copy": 1.0, "countdown": 1.0, "gsm8k": 4.0, "humaneval": 1.5, "kodcode": 1.5, "math500": 3.0,
       "mbpp": 1.5, "sudoku": 1.0}
   assert get_task("math").name == "math500" and get_task("GSM8K").name == "gsm8k"
   with pytest.raises(ValueError, match="unknown task"):
