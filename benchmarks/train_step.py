@@ -263,12 +263,7 @@ def main(argv=None):
       jax.block_until_ready(batches)
     times["plan"] = ck
     with Clock() as ck:
-      ms = []
-      for j, batch in enumerate(batches):
-        state, m = update(state, tr.frozen, tr.put_batch(batch, micro_axis=True),
-                          jax.random.fold_in(key, 100 + j))
-        ms.append(m)
-      ms = jax.device_get(ms)
+      state, _ = train_lib.apply_updates(tr, update, state, batches, key)
     times["update"] = ck
     return state, times, batches, key
 

@@ -348,6 +348,16 @@ def sft_stage(tr: Trainer):
 # RL
 
 
+def apply_updates(tr: Trainer, update, state, batches, key):
+  """One optimizer step per planned batch (the update schedule) → (state, per-step metrics)."""
+  ms = []
+  for j, batch in enumerate(batches):
+    state, m = update(state, tr.frozen, tr.put_batch(batch, micro_axis=True),
+                      jax.random.fold_in(key, 100 + j))
+    ms.append(m)
+  return state, jax.device_get(ms)
+
+
 def rl_stage(tr: Trainer, init_params) -> dict:
   c = tr.config
   tx = update_lib.make_optimizer(
@@ -405,12 +415,7 @@ def rl_stage(tr: Trainer, init_params) -> dict:
         batches, pm = algo.plan(state.params, tr.frozen,
                                 algo_lib.Iteration(ro, rewards, examples, key))
       with timer("update"):
-        ms = []
-        for j, batch in enumerate(batches):
-          state, m = update(state, tr.frozen, tr.put_batch(batch, micro_axis=True),
-                            jax.random.fold_in(key, 100 + j))
-          ms.append(m)
-        ms = jax.device_get(ms)
+        state, ms = apply_updates(tr, update, state, batches, key)
       done = it + 1
       m = {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
       m.update(pm)
