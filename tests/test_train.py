@@ -58,6 +58,18 @@ def final_params(workdir, stage="rl"):
   return state, meta
 
 
+def assert_params_close(a, b, atol=1e-4, max_outlier_frac=1e-3, outlier_atol=5e-3):
+  """Sharded vs single-device parameters. Adam normalises each coordinate, so a coordinate whose
+  gradient is ~0 (an embedding row no sample used) can move by up to lr per step on float noise
+  alone: allow a few such outliers (bounded by `outlier_atol`), and check everything else tightly.
+  The scale-sensitive figures (loss, grad norm, KL) are compared by `assert_same_metrics`."""
+  x = np.concatenate([np.ravel(np.asarray(l)) for l in jax.tree.leaves(a)])
+  y = np.concatenate([np.ravel(np.asarray(l)) for l in jax.tree.leaves(b)])
+  diff = np.abs(x - y)
+  assert diff.max() <= outlier_atol, diff.max()
+  assert np.mean(diff > atol) <= max_outlier_frac, np.mean(diff > atol)
+
+
 def assert_trees_equal(a, b, atol=0.0):
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(la) == len(lb)
@@ -154,7 +166,7 @@ def test_sharded_training_equals_single_device(tmp_path, mesh):
   b, _ = final_params(tmp_path / "sharded")
   # The copy task's dense reward gives real gradients: with all advantages zero, Adam would turn
   # float noise into lr-sized steps and any two runs would differ.
-  assert_trees_equal(a["params"], b["params"], atol=1e-4)
+  assert_params_close(a["params"], b["params"])
   assert_same_metrics(tmp_path / "single", tmp_path / "sharded")
 
 
@@ -187,7 +199,7 @@ def test_two_processes_equal_one_process(tmp_path):
     assert p.returncode == 0, out[-3000:]
   a = final_params(tmp_path / "single")[0]
   b = final_params(tmp_path / "multi")[0]
-  assert_trees_equal(a["params"], b["params"], atol=1e-4)
+  assert_params_close(a["params"], b["params"])
   assert_same_metrics(tmp_path / "single", tmp_path / "multi")
 
 
