@@ -400,6 +400,8 @@ def rl_stage(tr: Trainer, init_params) -> dict:
   base_key = jax.random.fold_in(jax.random.key(c.seed), 2)
   t_start = time.time()
   timer = metrics_lib.Timer()
+  bar = metrics_lib.ProgressBar(c.train.num_iterations, initial=start, desc="rl",
+                                is_main_process=jax.process_index() == 0)
   with ckpt_lib.PreemptionGuard() as guard:
     for it in range(start, c.train.num_iterations):
       key = jax.random.fold_in(base_key, it)
@@ -426,6 +428,8 @@ def rl_stage(tr: Trainer, init_params) -> dict:
       history["rl_train_seconds"] = history.get("rl_train_seconds", 0.0) + timer.total()
       timer.reset()
       tr.writer.write_scalars(c.sft.steps + done, {f"rl/{k}": v for k, v in m.items()})
+      # Throughput: generated completion tokens (B × G) per second of the iteration.
+      bar.update(done, m, num_tokens=int(np.prod(ro.tokens.shape)))
       if done % c.train.log_every == 0:
         logging.info("rl %d/%d reward %.3f loss %.4f kl %.4f", done, c.train.num_iterations,
                      m["reward"], m["loss"], m.get("kl", float("nan")))
@@ -446,6 +450,7 @@ def rl_stage(tr: Trainer, init_params) -> dict:
           history[f"eval_{done}"] = tr.evaluate(state.params, eval_examples, "eval",
                                                 c.sft.steps + done)
         break
+  bar.close()
   ckpt.close()
   tr.params = state.params
   return history
