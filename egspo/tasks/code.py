@@ -167,7 +167,7 @@ def read_humaneval(path: str | None = None) -> list[dict]:
 
 
 CHAT_TRAIN = "{system}\n\nYou are a coding expert. You will be given a coding problem to solve. Solve it step by step. \n\n{question}"
-CHAT_EVAL_MBPP = """You are a coding expert. You will be given a coding problem to solve. Solve it step by step. Ensure you wrap the answer in ```python````
+_EVAL_FORMAT = """
 
 Respond in the following format:
 <reasoning>
@@ -179,18 +179,10 @@ Your code here
 ```
 </answer>
 """
-CHAT_EVAL_HUMANEVAL = """You are a coding expert. You will be given a coding problem to solve. Solve it step by step.
-
-Respond in the following format:
-<reasoning>
-Your reasoning here
-</reasoning>
-<answer>
-```python
-Your code here
-```
-</answer>
-"""
+_EVAL_INTRO = ("You are a coding expert. You will be given a coding problem to solve. "
+               "Solve it step by step.")
+CHAT_EVAL_MBPP = _EVAL_INTRO + " Ensure you wrap the answer in ```python````" + _EVAL_FORMAT
+CHAT_EVAL_HUMANEVAL = _EVAL_INTRO + _EVAL_FORMAT
 
 
 def _ascii(text: str) -> str:
