@@ -71,6 +71,26 @@ def _expose_python():
   _bind(stash, prefix)
 
 
+def _hold_dirs_under(root, paths):
+  """O_PATH fds of the existing directories among `paths` that lie under `root`, taken before a
+  tmpfs covers `root`, so `_rebind_read_only` can put them back (e.g. a virtualenv in /tmp)."""
+  held = {}
+  for p in paths:
+    rp = os.path.realpath(p)
+    if (rp + "/").startswith(root.rstrip("/") + "/") and os.path.isdir(rp) and rp not in held:
+      held[rp] = os.open(rp, os.O_PATH)
+  return held
+
+
+def _rebind_read_only(held):
+  for rp, fd in sorted(held.items()):
+    os.makedirs(rp, mode=0o755, exist_ok=True)
+    _bind(f"/proc/self/fd/{fd}", rp)
+    # MS_REMOUNT | MS_BIND | MS_RDONLY: the program can read these packages, never write them.
+    _libc().mount(None, rp.encode(), None, 32 | 4096 | 1, None)
+    os.close(fd)
+
+
 def _reap_all():
   while True:
     try:
@@ -252,7 +272,9 @@ def main():
     try:
       # /tmp is not writable by the dropped uid (jobs cannot leave files for later jobs); each job
       # gets its own tmpfs work directory and TMPDIR.
+      held = _hold_dirs_under("/tmp", list(common.get("sys_path", [])) + [sys.prefix])
       _mount_tmpfs("/tmp", common["tmpfs_mb"], mode="0755" if common.get("drop") else "1777")
+      _rebind_read_only(held)
       if os.path.isdir("/dev/shm"):
         _mount_tmpfs("/dev/shm", common["tmpfs_mb"])
       if common.get("drop"):
