@@ -107,7 +107,13 @@ def test_chat_prompts_get_template_and_prefill():
   assert p.startswith("<user>You are a math expert") and p.endswith("<assistant><reasoning>")
 
 
-def test_generation_mode_preset_and_checkpoint_agree(tmp_path):
+def test_generation_mode_preset_and_checkpoint_agree(tmp_path, monkeypatch):
+  from conftest import SHARED_DATA
+  if not (SHARED_DATA / "sudoku_4x4_test.csv").exists():
+    # A checkout without shared/ beside it: a two-puzzle file in the standard csv format.
+    (tmp_path / "sudoku_4x4_test.csv").write_text(
+        "Puzzle,Solution\n3102200002100320,3142243142131324\n0140432014020000,2143432114323214\n")
+    monkeypatch.setenv("EGSPO_DATA_DIR", str(tmp_path))
   out = tmp_path / "gen.json"
   res = ev.main(["--task", "sudoku", "--preset", "tiny", "--gen_lengths", "16", "--limit", "2",
                  "--batch_size", "2", "--output", str(out)])
