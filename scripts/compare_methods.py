@@ -10,6 +10,9 @@ For each seed S:
      workdir, where the SFT stage finds it complete and skips to RL; all methods then train for
      the same `train.num_iterations` (the same number of rollouts) and are evaluated on the same
      held-out problems (generated from the seed stream reserved for evaluation).
+With `--sft_from OUT_OF_TINY_COUNTDOWN`, step 1 is skipped and the SFT checkpoint (and its held-out
+accuracy) of `scripts/tiny_countdown.py`'s run of the same seed is reused: the same config and seed
+give the same SFT stage, so this only saves its minutes.
 Finished runs (a `history.json` in the workdir) are not re-run, so an interrupted comparison
 resumes where it stopped. Results: OUT/results.json (raw) and OUT/results.md (the table).
 
@@ -195,11 +198,27 @@ def slug(method: str) -> str:
   return method.replace("/", "_")
 
 
+def adopt_sft(src: pathlib.Path, sft_dir: pathlib.Path) -> None:
+  """Reuse the SFT stage of an earlier run of the same config and seed (e.g. a
+  `scripts/tiny_countdown.py` run): its `checkpoints/sft` and the SFT model's held-out accuracy."""
+  ckpt, hist = src / "checkpoints" / "sft", src / "history.json"
+  if not (ckpt.is_dir() and hist.exists()):
+    raise SystemExit(f"--sft_from: {src} holds no checkpoints/sft and history.json")
+  before = json.loads(hist.read_text()).get("before")
+  if not before:
+    raise SystemExit(f"--sft_from: {hist} has no 'before' (SFT model) evaluation")
+  shutil.rmtree(sft_dir, ignore_errors=True)
+  shutil.copytree(ckpt, sft_dir / "checkpoints" / "sft")
+  (sft_dir / "history.json").write_text(json.dumps({"before": before, "copied_from": str(src)}))
+
+
 def run_seed(out: pathlib.Path, seed: int, methods: list[str], common: list[str],
-             dry_run: bool) -> list[dict]:
+             dry_run: bool, sft_from: pathlib.Path | None = None) -> list[dict]:
   base = out / f"seed{seed}"
   sft_dir = base / "sft"
   seed_args = [f"--config.seed={seed}"]
+  if sft_from is not None and not (sft_dir / "history.json").exists() and not dry_run:
+    adopt_sft(sft_from / f"seed{seed}" / "egspo_sa", sft_dir)
   if not (sft_dir / "history.json").exists():
     sft_common = [x for x in common if not x.startswith("--config.train.num_iterations=")]
     run_main(sft_dir, seed_args + sft_common + ["--config.train.num_iterations=0",
@@ -274,6 +293,10 @@ def main():
                   help="train.num_iterations for every method (default: the config's)")
   ap.add_argument("--out", default="runs/compare_methods")
   ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+  ap.add_argument("--sft_from", default=None,
+                  help="OUT of a scripts/tiny_countdown.py run with the same seeds and SFT "
+                       "settings: reuse its SFT checkpoints (OUT/seedS/egspo_sa) instead of "
+                       "training SFT again")
   ap.add_argument("extra", nargs="*", help="extra --config.x=y overrides for every run")
   a = ap.parse_args()
   methods = [m for m in a.methods.split(",") if m]
@@ -287,7 +310,8 @@ def main():
   out = pathlib.Path(a.out).resolve()
   rows = []
   for seed in [int(s) for s in a.seeds.split(",")]:
-    rows += run_seed(out, seed, methods, common, a.dry_run)
+    rows += run_seed(out, seed, methods, common, a.dry_run,
+                     pathlib.Path(a.sft_from).resolve() if a.sft_from else None)
     if not a.dry_run:
       out.mkdir(parents=True, exist_ok=True)
       (out / "results.json").write_text(json.dumps(rows, indent=1))

@@ -369,6 +369,24 @@ def test_compare_methods_iteration_flops_counts():
   assert got["total"] == pytest.approx(got["rollout"] + got["plan"] + got["update"])
 
 
+def test_compare_methods_adopts_sft_of_a_tiny_countdown_run(tmp_path):
+  """--sft_from: the SFT checkpoint and the SFT model's accuracy are taken over; a source without
+  them is refused with its path named."""
+  import json
+
+  cm = _compare_script()
+  src = tmp_path / "tc" / "seed3" / "egspo_sa"
+  (src / "checkpoints" / "sft" / "100").mkdir(parents=True)
+  (src / "checkpoints" / "sft" / "100" / "blob").write_text("weights")
+  (src / "history.json").write_text(json.dumps({"before": {"accuracy": 0.07}, "eval_450": {}}))
+  dst = tmp_path / "cmp" / "seed3" / "sft"
+  cm.adopt_sft(src, dst)
+  assert (dst / "checkpoints" / "sft" / "100" / "blob").read_text() == "weights"
+  assert json.loads((dst / "history.json").read_text())["before"] == {"accuracy": 0.07}
+  with pytest.raises(SystemExit, match="holds no checkpoints/sft"):
+    cm.adopt_sft(tmp_path / "nowhere", tmp_path / "x")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["diffu_grpo", "espo"])
 def test_sharded_training_equals_single_device(name, tmp_path):
