@@ -100,6 +100,7 @@ class Trainer:
   model_cfg: llada.ModelConfig
   writer: Any
   trainable: str
+  sft_steps_done: int = 0  # SFT steps behind `params` (set by sft_stage; RL's step labels start there)
 
   @classmethod
   def create(cls, config, workdir) -> "Trainer":
@@ -295,6 +296,7 @@ def sft_stage(tr: Trainer):
     logging.info("SFT: resumed at step %d", start)
   if start >= c.sft.steps or finished:
     ckpt.close()
+    tr.sft_steps_done = start
     return state.params
 
   gen_len, eos = c.rollout.gen_length, tr.tokenizer.eos_id
@@ -341,6 +343,7 @@ def sft_stage(tr: Trainer):
         logging.info("SFT: time budget of %.0f s reached at step %d", c.sft.time_budget_s, done)
         break
   ckpt.close()
+  tr.sft_steps_done = done
   return state.params
 
 
@@ -395,7 +398,8 @@ def rl_stage(tr: Trainer, init_params) -> dict:
   update = tr.make_update(tx, algo.loss, state)
 
   if start == 0 and c.eval.before_training and eval_examples:
-    history["before"] = tr.evaluate(state.params, eval_examples, "eval", c.sft.steps)
+    history["before"] = tr.evaluate(state.params, eval_examples, "eval", tr.sft_steps_done)
+  history["sft_steps"] = tr.sft_steps_done
 
   base_key = jax.random.fold_in(jax.random.key(c.seed), 2)
   t_start = time.time()
@@ -427,7 +431,7 @@ def rl_stage(tr: Trainer, init_params) -> dict:
       # Training wall time without evaluation: the budget of the continued-SFT control.
       history["rl_train_seconds"] = history.get("rl_train_seconds", 0.0) + timer.total()
       timer.reset()
-      tr.writer.write_scalars(c.sft.steps + done, {f"rl/{k}": v for k, v in m.items()})
+      tr.writer.write_scalars(tr.sft_steps_done + done, {f"rl/{k}": v for k, v in m.items()})
       # Throughput: generated completion tokens (B × G) per second of the iteration.
       bar.update(done, m, num_tokens=int(np.prod(ro.tokens.shape)))
       if done % c.train.log_every == 0:
@@ -435,7 +439,7 @@ def rl_stage(tr: Trainer, init_params) -> dict:
                      m["reward"], m["loss"], m.get("kl", float("nan")))
       if eval_examples and (done % c.train.eval_every == 0 or done == c.train.num_iterations):
         history[f"eval_{done}"] = tr.evaluate(state.params, eval_examples, "eval",
-                                                c.sft.steps + done)
+                                                tr.sft_steps_done + done)
       out_of_time = c.train.time_budget_s and time.time() - t_start > c.train.time_budget_s
       stop = guard.should_stop(done)
       if (done % c.train.checkpoint_every == 0 or done == c.train.num_iterations or stop
@@ -448,7 +452,7 @@ def rl_stage(tr: Trainer, init_params) -> dict:
       if out_of_time:
         if eval_examples:
           history[f"eval_{done}"] = tr.evaluate(state.params, eval_examples, "eval",
-                                                c.sft.steps + done)
+                                                tr.sft_steps_done + done)
         break
   bar.close()
   ckpt.close()
