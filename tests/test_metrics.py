@@ -186,3 +186,52 @@ def test_flatten_config_handles_configdict():
   assert metrics_lib.flatten_config(cfg) == {"model.d": 64, "model.dtype": "float32",
                                              "seeds": "[0, 1]"}
   assert math.isclose(metrics_lib._to_scalar("x", np.float16(0.5)), 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Remote workdirs (gs://...): a local mirror copied over whole files. The "remote" here is a local
+# directory that `is_remote` is told to treat as remote; the copies go through etils.epath as they
+# would to GCS.
+
+
+def test_is_remote():
+  assert metrics_lib.is_remote("gs://bucket/run") and metrics_lib.is_remote("s3://b/r")
+  assert not metrics_lib.is_remote("/tmp/run") and not metrics_lib.is_remote("runs/tiny")
+
+
+@pytest.fixture
+def remote(tmp_path, monkeypatch):
+  root = tmp_path / "remote"
+  monkeypatch.setattr(metrics_lib, "is_remote", lambda p: str(p).startswith(str(root)))
+  return root
+
+
+def test_remote_workdir_mirrored_and_resumed_on_a_new_machine(tmp_path, remote):
+  with MetricsWriter(remote, local_dir=tmp_path / "vm1", sync_every_s=1e9) as w:
+    w.write_hparams({"k": 4})
+    for step in (1, 2, 3):
+      w.write_scalars(step, {"loss": float(step)})
+    assert not (remote / "metrics.jsonl").exists()  # nothing copied before a sync is due
+    w.flush()
+    assert [r["step"] for r in read_jsonl(remote / "metrics.jsonl")] == [1, 2, 3]
+  assert json.loads((remote / "hparams.json").read_text()) == {"k": 4}
+  files, _ = _read_events(remote / "tensorboard")
+  assert len(files) == 1
+  # Preempted after the checkpoint at step 2; the run resumes on a new VM (empty local mirror).
+  with MetricsWriter(remote, local_dir=tmp_path / "vm2", resume_step=2, sync_every_s=0) as w:
+    w.write_scalars(3, {"loss": 30.0})
+    # sync_every_s=0: every record is copied as it is written
+    assert [(r["step"], r["loss"]) for r in read_jsonl(remote / "metrics.jsonl")] == [
+        (1, 1.0), (2, 2.0), (3, 30.0)]
+  files, events = _read_events(remote / "tensorboard")
+  assert len(files) == 2 and _scalars(events)["loss"][-1] == (3, 30.0)
+
+
+def test_remote_fresh_start_keeps_the_old_log(tmp_path, remote):
+  with MetricsWriter(remote, local_dir=tmp_path / "vm1") as w:
+    w.write_scalars(1, {"loss": 1.0})
+  with MetricsWriter(remote, local_dir=tmp_path / "vm2") as w:  # no resume step: a new run
+    w.write_scalars(1, {"loss": 5.0})
+  assert read_jsonl(remote / "metrics.jsonl")[0]["loss"] == 5.0
+  (backup,) = remote.glob("metrics.jsonl.bak-*")
+  assert read_jsonl(backup)[0]["loss"] == 1.0
