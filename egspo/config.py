@@ -103,6 +103,14 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.sft.warmup_steps = 50
   c.sft.checkpoint_every = 500
   c.sft.time_budget_s = 0.0  # >0: end SFT after this many seconds (continued-SFT control runs)
+  # Learning-rate schedule (rl.update.make_schedule): 'constant' or 'wsd' (warmup-stable-decay:
+  # linear decay over the last `decay_steps` of `schedule_steps` to final_lr_fraction × lr, then
+  # held). schedule_steps 0 = sft.steps; a continued-SFT control sets it to the original run's
+  # sft.steps, so it trains on at the rate that run ended with.
+  c.sft.schedule = "constant"
+  c.sft.schedule_steps = 0
+  c.sft.decay_steps = 0
+  c.sft.final_lr_fraction = 0.1
 
   c.train = ml_collections.ConfigDict()
   c.train.num_iterations = 1000
@@ -270,6 +278,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.loss.eps > 0 and c.loss.eps_high > 0, "loss.eps", c.loss.eps, "eps and eps_high > 0")
   _check(c.loss.beta >= 0, "loss.beta", c.loss.beta, "must be >= 0")
   _check(c.sft.steps >= 0, "sft.steps", c.sft.steps, "must be >= 0")
+  _check(c.sft.schedule in ("constant", "wsd"), "sft.schedule", c.sft.schedule,
+         "must be 'constant' or 'wsd'")
+  if c.sft.schedule == "wsd" and c.sft.steps:
+    span = c.sft.schedule_steps or c.sft.steps
+    _check(0 < c.sft.decay_steps <= span - c.sft.warmup_steps, "sft.decay_steps",
+           c.sft.decay_steps, f"must be in (0, {span - c.sft.warmup_steps}] for schedule 'wsd' "
+           f"over {span} steps with {c.sft.warmup_steps} warm-up steps")
+  _check(0.0 <= c.sft.final_lr_fraction <= 1.0, "sft.final_lr_fraction", c.sft.final_lr_fraction,
+         "must be in [0, 1]")
   _check(c.sft.checkpoint_every >= 1, "sft.checkpoint_every", c.sft.checkpoint_every,
          "must be >= 1")
   _check(c.train.num_iterations >= 0, "train.num_iterations", c.train.num_iterations, ">= 0")

@@ -59,7 +59,10 @@ def main():
     # The control starts from the very SFT checkpoint the RL run started from.
     shutil.rmtree(ctl_dir, ignore_errors=True)
     shutil.copytree(rl_dir / "checkpoints" / "sft", ctl_dir / "checkpoints" / "sft")
+    # SFT goes on where it stopped: same data stream position, optimizer state and, past the end
+    # of the original schedule (sft.schedule_steps), at the learning rate that schedule ended with.
     run_main(ctl_dir, [f"--config.seed={seed}", "--config.sft.steps=100000000",
+                       f"--config.sft.schedule_steps={int(h['sft_steps'])}",
                        f"--config.sft.time_budget_s={budget}", "--config.train.num_iterations=0"]
              + a.extra)
     hc = json.loads((ctl_dir / "history.json").read_text())

@@ -211,6 +211,8 @@ def test_two_processes_equal_one_process(tmp_path):
     ("egspo.num_selected_steps", 99, "egspo.num_selected_steps"),
     ("egspo.selection", "max", "egspo.selection"),
     ("task.prompt_style", "fancy", "task.prompt_style"),
+    ("sft.schedule", "cosine", "sft.schedule"),
+    ("sft.final_lr_fraction", 2.0, "sft.final_lr_fraction"),
 ])
 def test_bad_config_names_the_field(field, value, msg):
   c = micro_config()
@@ -221,6 +223,19 @@ def test_bad_config_names_the_field(field, value, msg):
   node[last] = value
   with pytest.raises(ValueError, match=msg.replace(".", r"\.")):
     config_lib.validate(c)
+
+
+def test_wsd_sft_schedule_needs_decay_steps():
+  c = micro_config()
+  c.sft.steps, c.sft.warmup_steps, c.sft.schedule = 100, 10, "wsd"
+  for bad in (0, 91):
+    c.sft.decay_steps = bad
+    with pytest.raises(ValueError, match=r"sft\.decay_steps"):
+      config_lib.validate(c)
+  c.sft.decay_steps = 90
+  config_lib.validate(c)
+  c.sft.schedule_steps, c.sft.steps = 100, 10**8  # a control trains on past the schedule
+  config_lib.validate(c)
 
 
 def test_8b_config_needs_a_checkpoint():

@@ -1,5 +1,7 @@
 """The batched per-step log-probs and the jitted update step (issue 4)."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,5 +118,23 @@ def test_optimizer_clips_and_skips_decay_on_norms():
   # Zero gradient: only decoupled weight decay moves w (by lr·wd·w); the 1-D norm weight is not decayed.
   np.testing.assert_allclose(np.asarray(upd["w"]), -0.5 * np.ones((2, 2)), atol=1e-6)
   np.testing.assert_allclose(np.asarray(upd["norm"]), 0.0, atol=1e-7)
-  with pytest.raises(ValueError, match="optim.schedule"):
+  with pytest.raises(ValueError, match="schedule must be"):
     U.make_optimizer(1.0, schedule="bogus")
+
+
+def test_schedules_by_hand():
+  wsd = U.make_schedule(2.0, warmup_steps=10, total_steps=100, schedule="wsd", decay_steps=40,
+                        final_lr_fraction=0.1)
+  # warm-up 0 → 2 over 10 steps; stable to step 60; linear 2 → 0.2 over 60..100; then held.
+  for step, want in [(0, 0.0), (5, 1.0), (10, 2.0), (59, 2.0), (60, 2.0), (80, 1.1), (100, 0.2),
+                     (10_000, 0.2)]:
+    assert float(wsd(step)) == pytest.approx(want, rel=1e-6), step
+  cos = U.make_schedule(1.0, warmup_steps=0, total_steps=100, schedule="cosine",
+                        final_lr_fraction=0.5)
+  # one warm-up step (optax's minimum), then cosine from 1 to 0.5 over steps 1..100
+  assert float(cos(50)) == pytest.approx(0.5 + 0.25 * (1 + math.cos(math.pi * 49 / 99)), rel=1e-5)
+  assert float(cos(1000)) == pytest.approx(0.5)
+  const = U.make_schedule(3.0, warmup_steps=4)
+  assert [float(const(s)) for s in (0, 2, 4, 99)] == pytest.approx([0.0, 1.5, 3.0, 3.0])
+  with pytest.raises(ValueError, match="decay_steps"):
+    U.make_schedule(1.0, total_steps=100, schedule="wsd", decay_steps=0)

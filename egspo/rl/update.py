@@ -159,21 +159,53 @@ def make_update_step(policy: Policy, tx: optax.GradientTransformation, loss_fn: 
                  donate_argnums=(0,))
 
 
-def make_optimizer(learning_rate, *, b1=0.9, b2=0.99, weight_decay=0.1, max_grad_norm=0.2,
-                   warmup_steps=0, total_steps=None, schedule="constant"):
-  """AdamW with global-norm clipping (REFERENCE §3.8). No weight decay on norm weights (1-D)."""
+def make_schedule(learning_rate, *, warmup_steps=0, total_steps=None, schedule="constant",
+                  decay_steps=0, final_lr_fraction=0.0):
+  """The learning rate per step: linear warm-up from 0 over `warmup_steps`, then
+
+    constant : `learning_rate`;
+    cosine   : cosine decay to `final_lr_fraction · learning_rate` at `total_steps`;
+    wsd      : warmup-stable-decay: constant until `total_steps - decay_steps`, linear decay to
+               `final_lr_fraction · learning_rate` at `total_steps`;
+
+  after `total_steps` the rate stays at its final value (so training on past the schedule, e.g. a
+  continued-SFT control, goes on at the rate the schedule ended with).
+  """
   if schedule == "constant":
     lr = (optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps else
           learning_rate)
     if warmup_steps:
       lr = optax.join_schedules([lr, optax.constant_schedule(learning_rate)], [warmup_steps])
-  elif schedule == "cosine":
-    if not total_steps:
-      raise ValueError("optim.schedule='cosine' needs optim.total_steps > 0")
-    lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
-                                            total_steps)
-  else:
-    raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
+    return lr
+  if schedule not in ("cosine", "wsd"):
+    raise ValueError(f"schedule must be 'constant', 'cosine' or 'wsd', got {schedule!r}")
+  if not total_steps:
+    raise ValueError(f"schedule={schedule!r} needs total_steps > 0")
+  final = final_lr_fraction * learning_rate
+  if schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
+                                              total_steps, end_value=final)
+  if not 0 < decay_steps <= total_steps - warmup_steps:
+    raise ValueError(f"schedule='wsd' needs 0 < decay_steps <= total_steps - warmup_steps, got "
+                     f"decay_steps={decay_steps}, total_steps={total_steps}, "
+                     f"warmup_steps={warmup_steps}")
+  stable_end = total_steps - decay_steps
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
+       optax.constant_schedule(learning_rate),
+       optax.linear_schedule(learning_rate, final, decay_steps),
+       optax.constant_schedule(final)],
+      [max(warmup_steps, 1), stable_end, total_steps])
+
+
+def make_optimizer(learning_rate, *, b1=0.9, b2=0.99, weight_decay=0.1, max_grad_norm=0.2,
+                   warmup_steps=0, total_steps=None, schedule="constant", decay_steps=0,
+                   final_lr_fraction=0.0):
+  """AdamW with global-norm clipping (REFERENCE §3.8). No weight decay on norm weights (1-D).
+  The learning-rate schedule: `make_schedule`."""
+  lr = make_schedule(learning_rate, warmup_steps=warmup_steps, total_steps=total_steps,
+                     schedule=schedule, decay_steps=decay_steps,
+                     final_lr_fraction=final_lr_fraction)
 
   def decay_mask(params):
     return jax.tree.map(lambda x: x.ndim > 1, params)
