@@ -285,11 +285,13 @@ def sft_stage(tr: Trainer):
   if c.sft.steps == 0:
     return tr.params
   ckpt = ckpt_lib.Checkpointer(tr.workdir / "checkpoints" / "sft", max_to_keep=2)
+  span = c.sft.schedule_steps or c.sft.steps
+  decay_steps = min(max(1, round(c.sft.decay_fraction * span)),
+                    max(span - c.sft.warmup_steps, 1))
   tx = update_lib.make_optimizer(c.sft.learning_rate, b1=0.9, b2=0.99, weight_decay=0.0,
                                  max_grad_norm=1.0, warmup_steps=c.sft.warmup_steps,
-                                 schedule=c.sft.schedule,
-                                 total_steps=c.sft.schedule_steps or c.sft.steps,
-                                 decay_steps=c.sft.decay_steps,
+                                 schedule=c.sft.schedule, total_steps=span,
+                                 decay_steps=decay_steps,
                                  final_lr_fraction=c.sft.final_lr_fraction)
   state = tr.new_state(tr.params, tx)
   stream = tr.train_stream(c.sft.batch_size, 1, seed=c.seed + 17, held_out=tr.eval_examples())

@@ -225,15 +225,19 @@ def test_bad_config_names_the_field(field, value, msg):
     config_lib.validate(c)
 
 
-def test_wsd_sft_schedule_needs_decay_steps():
+def test_wsd_sft_schedule_fields():
   c = micro_config()
   c.sft.steps, c.sft.warmup_steps, c.sft.schedule = 100, 10, "wsd"
-  for bad in (0, 91):
-    c.sft.decay_steps = bad
-    with pytest.raises(ValueError, match=r"sft\.decay_steps"):
+  for bad in (0.0, 1.5):
+    c.sft.decay_fraction = bad
+    with pytest.raises(ValueError, match=r"sft\.decay_fraction"):
       config_lib.validate(c)
-  c.sft.decay_steps = 90
+  c.sft.decay_fraction = 1.0
   config_lib.validate(c)
+  c.sft.warmup_steps = 100
+  with pytest.raises(ValueError, match=r"sft\.warmup_steps"):
+    config_lib.validate(c)
+  c.sft.warmup_steps = 10
   c.sft.schedule_steps, c.sft.steps = 100, 10**8  # a control trains on past the schedule
   config_lib.validate(c)
 
