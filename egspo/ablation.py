@@ -60,7 +60,7 @@ def ablation_config(small: bool = True, task: str = "countdown", seed: int = 0):
 
   small=True: a short SFT warm start, 6 RL iterations of 4 prompts × G=4, 32 held-out
   problems evaluated every 2 iterations (for the notebook's test). small=False: the 'tiny'
-  variant as configured (1500 SFT steps, 150 RL iterations), one device.
+  variant as configured (6000 SFT steps, 450 RL iterations), one device.
   """
   c = config_lib.base_config(task, "tiny")
   c.seed = seed
