@@ -307,11 +307,11 @@ def main():
   if a.iterations is not None:
     common.append(f"--config.train.num_iterations={a.iterations}")
   resolved_config(common)  # fail fast on a bad override
-  out = pathlib.Path(a.out).resolve()
+  out = pathlib.Path(a.out).expanduser().resolve()
   rows = []
   for seed in [int(s) for s in a.seeds.split(",")]:
     rows += run_seed(out, seed, methods, common, a.dry_run,
-                     pathlib.Path(a.sft_from).resolve() if a.sft_from else None)
+                     pathlib.Path(a.sft_from).expanduser().resolve() if a.sft_from else None)
     if not a.dry_run:
       out.mkdir(parents=True, exist_ok=True)
       (out / "results.json").write_text(json.dumps(rows, indent=1))

@@ -46,7 +46,7 @@ def main():
   ap.add_argument("--out", default="runs/tiny_countdown")
   ap.add_argument("extra", nargs="*", help="extra --config.x=y overrides for both runs")
   a = ap.parse_args()
-  out = pathlib.Path(a.out).resolve()
+  out = pathlib.Path(a.out).expanduser().resolve()
   out.mkdir(parents=True, exist_ok=True)
   rows = []
   for seed in [int(s) for s in a.seeds.split(",")]:
