@@ -2,7 +2,7 @@
 
 Used by `notebooks/small_model_ablation.ipynb` (the notebook only calls these functions):
 
-    config = ablation.ablation_config(small=True)             # the 'tiny' countdown config
+    config = ablation.ablation_config("colab")                # the 'tiny' countdown config
     sft_dir = ablation.warm_start(config, root / "sft")       # SFT only, checkpointed
     runs = ablation.run_variants(config, sft_dir, root, ablation.VARIANTS)
     ablation.plot_curves(runs, "rl/reward", "reward.png")
@@ -11,7 +11,8 @@ Every variant starts from the same SFT checkpoint (copied into its workdir, wher
 resume logic picks it up) and uses the same seed, so the variants differ only in what they
 ablate: the step selection (entropy top-K vs uniform vs random, REFERENCE §3.3) and the stepwise
 advantage weight λ (0 = EGSPO's sequence advantage, 0.5 = EGSPO-SA, REFERENCE §3.5–3.6).
-Curves are read back from each run's `metrics.jsonl` (`egspo.metrics`).
+Curves are read back from each run's `metrics.jsonl` (`egspo.metrics`). Run directories are
+local; relative ones are resolved against the current directory.
 """
 
 from __future__ import annotations
@@ -35,6 +36,25 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "entropy, λ=0.5": {"algorithm": "egspo_sa", "egspo.selection": "entropy", "egspo.lam": 0.5},
 }
 
+# The notebook's run sizes: overrides of the 'tiny' config ("section.field": value).
+SIZES: dict[str, dict[str, Any]] = {
+    # A few minutes on a CPU (tests/test_notebook.py): checks that everything runs; 60 SFT steps
+    # and 6 RL iterations are far too few for the curves to mean anything.
+    "test": {
+        "sft.steps": 60, "sft.batch_size": 32, "sft.warmup_steps": 10,
+        "batch.num_prompts": 4, "batch.group_size": 4, "batch.micro_batch_size": 16,
+        "task.num_eval_examples": 32, "eval.batch_size": 32,
+        "train.num_iterations": 6, "train.eval_every": 2, "train.checkpoint_every": 10**6,
+    },
+    # The notebook's default: the tiny SFT warm start as configured (6000 steps, 5-6 min on the
+    # README's 2-core machine), then 150 RL iterations per variant (~0.45 s each) evaluated every
+    # 25 on the 1024 held-out problems: ~12-13 min in all there (estimated from the tiny run's
+    # measured parts, not run end to end); more on a free Colab CPU runtime (not measured).
+    "colab": {"train.num_iterations": 150, "train.eval_every": 25},
+    # The ':tiny' schedule as configured: 450 RL iterations per variant, evaluated every 75.
+    "full": {},
+}
+
 # The metrics plotted by the notebook (written by `egspo.train`).
 REWARD = "rl/reward"
 ACCURACY = "eval/accuracy"
@@ -55,24 +75,14 @@ def set_fields(config, overrides: Mapping[str, Any]):
   return c
 
 
-def ablation_config(small: bool = True, task: str = "countdown", seed: int = 0):
-  """The CPU ('tiny') config of `task`, shrunk for a few-minute notebook run when `small`.
-
-  small=True: a short SFT warm start, 6 RL iterations of 4 prompts × G=4, 32 held-out
-  problems evaluated every 2 iterations (for the notebook's test). small=False: the 'tiny'
-  variant as configured (6000 SFT steps, 450 RL iterations), one device.
-  """
+def ablation_config(size: str = "colab", task: str = "countdown", seed: int = 0):
+  """The CPU ('tiny') config of `task` with the overrides of `SIZES[size]`, on one device."""
+  if size not in SIZES:
+    raise ValueError(f"unknown ablation size {size!r}; known: {', '.join(SIZES)}")
   c = config_lib.base_config(task, "tiny")
   c.seed = seed
   c.mesh.num_devices = 1
-  c.train.checkpoint_every = 10**6  # only the final checkpoint: the runs are short
-  if small:
-    c = set_fields(c, {
-        "sft.steps": 60, "sft.batch_size": 32, "sft.warmup_steps": 10,
-        "batch.num_prompts": 4, "batch.group_size": 4, "batch.micro_batch_size": 16,
-        "task.num_eval_examples": 32, "eval.batch_size": 32,
-        "train.num_iterations": 6, "train.eval_every": 2,
-    })
+  c = set_fields(c, SIZES[size])
   config_lib.validate(c)
   return c
 
@@ -87,8 +97,9 @@ def warm_start(config, workdir) -> pathlib.Path:
   c = set_fields(config, {"train.num_iterations": 0, "eval.before_training": False})
   if c.sft.steps <= 0:
     raise ValueError("warm_start needs sft.steps > 0")
+  workdir = local_dir(workdir)
   train.run(c, str(workdir))
-  return pathlib.Path(workdir)
+  return workdir
 
 
 def run_variant(config, sft_dir, workdir, overrides: Mapping[str, Any] | None = None) -> dict:
@@ -99,12 +110,16 @@ def run_variant(config, sft_dir, workdir, overrides: Mapping[str, Any] | None = 
   """
   from egspo import train
 
-  src = pathlib.Path(sft_dir) / "checkpoints" / "sft"
+  src = local_dir(sft_dir) / "checkpoints" / "sft"
   if not src.is_dir():
     raise ValueError(f"no SFT checkpoint under {src} (run warm_start first)")
-  dst = pathlib.Path(workdir) / "checkpoints" / "sft"
-  if not dst.exists():
-    shutil.copytree(src, dst)
+  workdir = local_dir(workdir)
+  dst = workdir / "checkpoints" / "sft"
+  if not dst.exists():  # copied under a temporary name: an interrupted copy is redone
+    tmp = dst.with_name(dst.name + ".copying")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    tmp.rename(dst)
   return train.run(set_fields(config, overrides or {}), str(workdir))
 
 
@@ -113,10 +128,18 @@ def run_variants(config, sft_dir, root, variants: Mapping[str, Mapping[str, Any]
   """Runs every variant in `root/<slug of its name>`; returns {name: workdir}."""
   runs = {}
   for name, overrides in variants.items():
-    workdir = pathlib.Path(root) / slug(name)
+    workdir = local_dir(root) / slug(name)
     run_variant(config, sft_dir, workdir, overrides)
     runs[name] = workdir
   return runs
+
+
+def local_dir(path) -> pathlib.Path:
+  """`path` as an absolute local directory name ('~' expanded, relative to the current one)."""
+  s = str(path)
+  if "://" in s:
+    raise ValueError(f"ablation run directories are local; got {s!r}")
+  return pathlib.Path(s).expanduser().absolute()
 
 
 def slug(name: str) -> str:
@@ -193,6 +216,6 @@ def summary(runs: Mapping[str, Any], last: int = 3) -> list[dict[str, Any]]:
   return rows
 
 
-__all__ = ["VARIANTS", "REWARD", "ACCURACY", "set_fields", "ablation_config", "warm_start",
-           "run_variant", "run_variants", "slug", "load_curve", "moving_average", "plot_curves",
-           "summary"]
+__all__ = ["VARIANTS", "SIZES", "REWARD", "ACCURACY", "set_fields", "ablation_config",
+           "warm_start", "run_variant", "run_variants", "local_dir", "slug", "load_curve",
+           "moving_average", "plot_curves", "summary"]

@@ -1,9 +1,14 @@
-"""notebooks/small_model_ablation.ipynb runs top to bottom with its small settings (nbclient,
-kernel python3) and writes its plots as PNG next to it; `egspo.ablation`'s helpers (issue 6)."""
+"""notebooks/small_model_ablation.ipynb runs top to bottom with its 'test' size (nbclient,
+kernel python3) and writes its plots as PNG next to it; its install and settings cells;
+`egspo.ablation`'s helpers (issues 6, 11)."""
 
+import importlib.util
 import json
 import os
+import pathlib
+import re
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -12,6 +17,16 @@ from conftest import REPO_ROOT
 from egspo import ablation
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "small_model_ablation.ipynb"
+_FIND_SPEC = importlib.util.find_spec
+
+
+def _code_cells():
+  return [c["source"] for c in json.loads(NOTEBOOK.read_text())["cells"]
+          if c["cell_type"] == "code"]
+
+
+def _source(cell) -> str:
+  return "".join(cell) if isinstance(cell, list) else cell
 
 
 def _write_metrics(workdir, records):
@@ -27,7 +42,7 @@ def test_moving_average_hand_computed():
 
 
 def test_set_fields_copies_and_rejects_unknown_fields():
-  c = ablation.ablation_config(small=True)
+  c = ablation.ablation_config("test")
   d = ablation.set_fields(c, {"egspo.lam": 0.25, "algorithm": "egspo_sa"})
   assert (d.egspo.lam, d.algorithm) == (0.25, "egspo_sa")
   assert c.egspo.lam == 0.5 and c.algorithm == "egspo_sa"  # the original is untouched
@@ -36,7 +51,7 @@ def test_set_fields_copies_and_rejects_unknown_fields():
 
 
 def test_variants_ablate_selection_and_lambda_only():
-  c = ablation.ablation_config(small=True)
+  c = ablation.ablation_config("test")
   cfgs = {n: ablation.set_fields(c, o) for n, o in ablation.VARIANTS.items()}
   assert {x.egspo.selection for x in cfgs.values()} == {"entropy", "uniform", "random"}
   lams = {n: (0.0 if x.algorithm == "egspo" else x.egspo.lam) for n, x in cfgs.items()}
@@ -64,7 +79,103 @@ def test_curves_summary_and_plot_from_metrics_jsonl(tmp_path):
 
 def test_run_variant_needs_a_warm_start(tmp_path):
   with pytest.raises(ValueError, match="no SFT checkpoint"):
-    ablation.run_variant(ablation.ablation_config(), tmp_path / "none", tmp_path / "run")
+    ablation.run_variant(ablation.ablation_config("test"), tmp_path / "none", tmp_path / "run")
+
+
+def test_sizes_keep_the_tiny_warm_start_and_differ_in_rl_length():
+  from egspo import config as config_lib
+
+  tiny = config_lib.base_config("countdown", "tiny")
+  test, colab, full = (ablation.ablation_config(s) for s in ("test", "colab", "full"))
+  # The default shares the measured tiny SFT warm start and rollout shape, with fewer RL
+  # iterations; 'test' is the short check; 'full' is the tiny schedule as configured.
+  for field in ("steps", "batch_size", "learning_rate", "schedule", "decay_fraction"):
+    assert colab.sft[field] == tiny.sft[field] == full.sft[field], field
+  assert (colab.batch.num_prompts, colab.batch.group_size) == (16, 8)
+  assert colab.task.num_eval_examples == tiny.task.num_eval_examples
+  assert test.train.num_iterations < colab.train.num_iterations < full.train.num_iterations
+  assert full.train.num_iterations == tiny.train.num_iterations
+  assert colab.train.num_iterations // colab.train.eval_every >= 5  # a curve, not two points
+  assert test.sft.steps < 100 and test.train.num_iterations < 10
+  with pytest.raises(ValueError, match="unknown ablation size 'huge'; known: test, colab, full"):
+    ablation.ablation_config("huge")
+
+
+def test_relative_run_directories_are_made_absolute(tmp_path, monkeypatch):
+  from egspo import train
+
+  calls = []
+  monkeypatch.setattr(train, "run", lambda config, workdir: calls.append((config, workdir)) or {})
+  monkeypatch.chdir(tmp_path)
+  config = ablation.ablation_config("test")
+  assert ablation.warm_start(config, "runs/sft") == tmp_path / "runs" / "sft"
+  c, workdir = calls[-1]
+  assert workdir == str(tmp_path / "runs" / "sft") and c.train.num_iterations == 0
+  (tmp_path / "runs" / "sft" / "checkpoints" / "sft" / "60").mkdir(parents=True)
+  runs = ablation.run_variants(config, "runs/sft", "runs", {"uniform, λ=0.5": {"egspo.lam": 0.5}})
+  assert runs == {"uniform, λ=0.5": tmp_path / "runs" / "uniform_lam0.5"}
+  c, workdir = calls[-1]
+  assert workdir == str(tmp_path / "runs" / "uniform_lam0.5") and c.egspo.lam == 0.5
+  assert (tmp_path / "runs" / "uniform_lam0.5" / "checkpoints" / "sft" / "60").is_dir()
+  assert ablation.local_dir("~/x") == pathlib.Path.home() / "x"
+  with pytest.raises(ValueError, match="local"):
+    ablation.local_dir("gs://bucket/runs")
+
+
+def test_settings_cell_defaults_to_the_colab_size(tmp_path, monkeypatch):
+  """Without the test's environment variables the notebook runs the meaningful size."""
+  settings = next(_source(c) for c in _code_cells() if _source(c).startswith("# Settings"))
+  monkeypatch.delenv("EGSPO_ABLATION_SIZE", raising=False)
+  monkeypatch.delenv("EGSPO_ABLATION_WORKDIR", raising=False)
+  monkeypatch.chdir(tmp_path)
+  ns = {}
+  exec(settings, ns)  # pylint: disable=exec-used
+  assert ns["SIZE"] == "colab" and ns["SMOOTH"] > 1
+  assert ns["WORKDIR"] == tmp_path / "ablation_runs"  # relative default, made absolute
+  monkeypatch.setenv("EGSPO_ABLATION_SIZE", "test")
+  exec(settings, ns)  # pylint: disable=exec-used
+  assert ns["SIZE"] == "test"
+
+
+def _run_install_cell(monkeypatch, *, colab: bool, installed: bool):
+  """Executes the first code cell with subprocess.run recorded instead of run."""
+  install = _source(_code_cells()[0])
+  commands = []
+  monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: commands.append(cmd))
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: (_FIND_SPEC(name, *a)
+                                        if installed or name != "egspo" else None))
+  for k in [k for k in os.environ if k.startswith("COLAB_")]:
+    monkeypatch.delenv(k)
+  if colab:
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab_20260101-060000_RC00")
+  ns = {}
+  exec(install, ns)  # pylint: disable=exec-used
+  return commands, ns
+
+
+def test_install_cell_installs_from_the_repository_only_in_colab(monkeypatch):
+  commands, ns = _run_install_cell(monkeypatch, colab=True, installed=False)
+  src = ns["SRC_DIR"]
+  assert commands[0] == ["git", "clone", "--depth", "1", ns["REPO_URL"], src]
+  assert commands[1][1:] == ["-m", "pip", "install", "-q", "-c",
+                             f"{src}/requirements/constraints.txt", f"{src}[notebook]"]
+  assert len(commands) == 2
+  # Installed already (a second run in Colab, or a local checkout): nothing is run.
+  assert _run_install_cell(monkeypatch, colab=True, installed=True)[0] == []
+  assert _run_install_cell(monkeypatch, colab=False, installed=True)[0] == []
+  with pytest.raises(ModuleNotFoundError, match="egspo is not installed: run `pip install"):
+    _run_install_cell(monkeypatch, colab=False, installed=False)
+
+
+def test_colab_link_and_repo_url_name_the_same_repository():
+  """The placeholder owner/repo is the same in REPO_URL, the notebook's and README's links."""
+  repo_url = re.search(r'REPO_URL = "https://github.com/([^"]+)"', _source(_code_cells()[0]))[1]
+  colab = r"colab\.research\.google\.com/github/([^/]+/[^/]+)/blob/main/notebooks/" + NOTEBOOK.name
+  readme = re.findall(colab, (REPO_ROOT / "notebooks" / "README.md").read_text())
+  in_notebook = re.findall(colab, NOTEBOOK.read_text())
+  assert readme and in_notebook
+  assert set(readme) == set(in_notebook) == {repo_url}
 
 
 @pytest.mark.slow
@@ -76,10 +187,15 @@ def test_notebook_runs_top_to_bottom_and_writes_pngs(tmp_path):
   nb_path = tmp_path / NOTEBOOK.name
   shutil.copy(NOTEBOOK, nb_path)
   nb = nbformat.read(nb_path, as_version=4)
-  env = {"EGSPO_ABLATION_SMALL": "1", "EGSPO_ABLATION_WORKDIR": str(tmp_path / "runs"),
+  # The default, relative run directory: taken from the kernel's directory (tmp_path).
+  env = {"EGSPO_ABLATION_SIZE": "test", "EGSPO_ABLATION_WORKDIR": None,
          "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
   old = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)  # the kernel inherits this process's environment
+  for k, v in env.items():  # the kernel inherits this process's environment
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
   try:
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
@@ -97,7 +213,7 @@ def test_notebook_runs_top_to_bottom_and_writes_pngs(tmp_path):
     data = (tmp_path / name).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
   # Every variant trained for the configured iterations from the shared SFT checkpoint.
-  runs = {n: tmp_path / "runs" / ablation.slug(n) for n in ablation.VARIANTS}
+  runs = {n: tmp_path / "ablation_runs" / ablation.slug(n) for n in ablation.VARIANTS}
   for name, workdir in runs.items():
     steps, reward = ablation.load_curve(workdir, ablation.REWARD)
     assert len(reward) == 6 and np.all((reward >= 0) & (reward <= 1)), name
