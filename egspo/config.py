@@ -3,11 +3,19 @@
 `configs/<task>.py:get_config(arg)` calls `base_config(task, variant)`: variant '' is the paper's
 LLaDA-8B setting (REFERENCE §3.8), 'tiny' runs the whole pipeline (SFT warm start, then RL) on a
 2-core CPU with a ~0.1M-parameter model over the built-in character tokenizer. `validate` checks
-every field the code reads and names the bad one.
+every field the code reads (type, range, finiteness, choices) and raises `ConfigError` naming the
+bad one; `load_config` and `check_field` give `egspo.main` one-line errors for a broken config
+file or an unknown override.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import math
+import numbers
+import os
+import re
 from typing import Any
 
 import ml_collections
@@ -15,7 +23,11 @@ import ml_collections
 ALGORITHMS = ("egspo", "egspo_sa", "diffu_grpo", "espo", "gdpo", "stabledrl", "wd1")
 ELBO_ESTIMATORS = ("double_mc", "espo", "gauss_legendre")  # egspo.diffusion.masking.ESTIMATORS
 SEQ_NORMALIZATIONS = ("inside", "outside", "none")  # egspo.rl.losses.NORMALIZATIONS
-SELECTIONS = ("entropy", "uniform", "random", "adaptive")
+SELECTIONS = ("entropy", "uniform", "random", "adaptive")  # egspo.rl.selection.METHODS
+REMASKINGS = ("low_confidence", "random")  # egspo.diffusion.sampler.REMASKING
+DTYPES = ("float32", "bfloat16", "float16")  # egspo.model.llada._DTYPES
+VARIANTS = ("", "8b", "tiny")
+RANDOM_INIT = "random"  # model.checkpoint value: the preset with seeded random weights
 
 
 def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
@@ -36,7 +48,9 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "llada_8b"
-  c.model.checkpoint = ""  # HF directory or converted orbax directory ('' = random init)
+  # HF or converted orbax directory; 'random' = the preset with seeded random weights ('' means
+  # the same for the CPU presets; for llada_8b validate insists on a checkpoint or 'random').
+  c.model.checkpoint = ""
   c.model.param_dtype = "bfloat16"
   c.model.dtype = "bfloat16"
   c.model.remat = True
@@ -122,6 +136,8 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.train.eval_every = 100
   c.train.checkpoint_every = 50
   c.train.keep_checkpoints = 3
+  # Stop the run (SFT or RL) with an error after this many non-finite updates refused in a row.
+  c.train.max_refused_updates = 10
 
   c.eval = ml_collections.ConfigDict()
   c.eval.gen_length = 256
@@ -132,8 +148,9 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
 
   if variant == "tiny":
     _tiny(c)
-  elif variant not in ("", "8b"):
-    raise ValueError(f"unknown config variant {variant!r}; known: '' (LLaDA-8B), 'tiny'")
+  elif variant not in VARIANTS:
+    raise ConfigError(f"unknown config variant {variant!r}; known: '' or '8b' (LLaDA-8B), "
+                      "'tiny' (CPU)")
   return c
 
 
@@ -235,110 +252,337 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.eval.batch_size = 256
 
 
+# ----------------------------------------------------------------------------------------------
+# Validation: every field the code reads, checked before anything is built.
+
+
+class ConfigError(ValueError):
+  """A bad experiment config; the message is one line naming the field, its value and what is
+  allowed (`egspo.main` prints it as `error: ...` and exits with status 2)."""
+
+
+def _get(c: ml_collections.ConfigDict, field: str) -> Any:
+  node = c
+  for i, part in enumerate(field.split(".")):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+      raise ConfigError(f"missing config field {field} (the config has no "
+                        f"{'.'.join(field.split('.')[:i + 1])})")
+    node = node[part]
+  return node
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+  raise ConfigError(f"bad config field {field}={value!r}: {allowed}")
+
+
 def _check(cond: bool, field: str, value: Any, why: str) -> None:
   if not cond:
-    raise ValueError(f"bad config field {field}={value!r}: {why}")
+    _fail(field, value, why)
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _int(c, field: str, lo: int | None = None, hi: int | None = None, also: tuple = ()) -> int:
+  """An integer field in [lo, hi] (or one of the special values `also`, e.g. -1 = all)."""
+  v = _get(c, field)
+  ok = _is_int(v) and (v in also or ((lo is None or v >= lo) and (hi is None or v <= hi)))
+  if not ok:
+    rng = (f">= {lo}" if hi is None else f"in [{lo}, {hi}]") if lo is not None else ""
+    extra = " or ".join(str(a) for a in also)
+    _fail(field, v, f"must be an integer {rng}{' or ' + extra if extra else ''}".rstrip())
+  return v
+
+
+def _real(c, field: str, lo: float | None = None, hi: float | None = None, *,
+          lo_open: bool = False, hi_open: bool = False) -> float:
+  """A finite real field in the interval given by lo/hi (open ends where asked)."""
+  v = _get(c, field)
+  ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+  if ok and lo is not None:
+    ok = v > lo if lo_open else v >= lo
+  if ok and hi is not None:
+    ok = v < hi if hi_open else v <= hi
+  if not ok:
+    if lo is not None and hi is not None:
+      rng = f" in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+      rng = f" {'>' if lo_open else '>='} {lo:g}"
+    elif hi is not None:
+      rng = f" {'<' if hi_open else '<='} {hi:g}"
+    else:
+      rng = ""
+    _fail(field, v, f"must be a finite number{rng}")
+  return float(v)
+
+
+def _choice(c, field: str, choices) -> Any:
+  v = _get(c, field)
+  if not isinstance(v, str) or v not in choices:
+    _fail(field, v, f"must be one of {tuple(choices)}")
+  return v
+
+
+def _bool(c, field: str) -> bool:
+  v = _get(c, field)
+  _check(isinstance(v, bool), field, v, "must be True or False")
+  return v
+
+
+def _str(c, field: str) -> str:
+  v = _get(c, field)
+  _check(isinstance(v, str), field, v, "must be a string")
+  return v
+
+
+def _local_file(c, field: str) -> None:
+  """'' or an existing local file (read with egspo.tasks.data.read_records)."""
+  v = _str(c, field)
+  if v and not os.path.isfile(os.path.expanduser(v)):
+    _fail(field, v, f"no such file (cwd {os.getcwd()})")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first bad field."""
-  _check(c.algorithm in ALGORITHMS, "algorithm", c.algorithm, f"must be one of {ALGORITHMS}")
-  _check(c.task.eval_source in ("file", "generated"), "task.eval_source", c.task.eval_source,
-         "must be 'file' or 'generated'")
-  _check(c.task.prompt_style in ("chat", "plain"), "task.prompt_style", c.task.prompt_style,
-         "must be 'chat' or 'plain'")
-  _check(c.egspo.selection in SELECTIONS, "egspo.selection", c.egspo.selection,
-         f"must be one of {SELECTIONS}")
-  _check(c.egspo.num_selected_steps >= 1, "egspo.num_selected_steps", c.egspo.num_selected_steps,
-         "must be >= 1")
-  _check(c.egspo.num_selected_steps <= c.rollout.steps, "egspo.num_selected_steps",
-         c.egspo.num_selected_steps, f"must be <= rollout.steps={c.rollout.steps}")
-  _check(0.0 < c.egspo.adaptive_alpha <= 1.0, "egspo.adaptive_alpha", c.egspo.adaptive_alpha,
-         "must be in (0, 1]")
-  _check(c.egspo.lam >= 0.0, "egspo.lam", c.egspo.lam, "must be >= 0")
-  for name in ("gen_length", "block_length", "steps", "max_prompt_length"):
-    _check(c.rollout[name] > 0, f"rollout.{name}", c.rollout[name], "must be positive")
-  _check(c.rollout.gen_length % c.rollout.block_length == 0, "rollout.gen_length",
-         c.rollout.gen_length, f"must be divisible by rollout.block_length={c.rollout.block_length}")
-  blocks = c.rollout.gen_length // c.rollout.block_length
-  _check(c.rollout.steps % blocks == 0, "rollout.steps", c.rollout.steps,
-         f"must be divisible by the number of blocks ({blocks})")
-  _check(c.rollout.temperature >= 0, "rollout.temperature", c.rollout.temperature, "must be >= 0")
-  _check(c.rollout.remasking in ("low_confidence", "random"), "rollout.remasking",
-         c.rollout.remasking, "must be 'low_confidence' or 'random'")
-  _check(c.batch.group_size >= 2, "batch.group_size", c.batch.group_size,
-         "must be >= 2 (advantages are relative to the group)")
-  _check(c.batch.num_prompts >= 1, "batch.num_prompts", c.batch.num_prompts, "must be >= 1")
-  total = c.batch.num_prompts * c.batch.group_size
-  _check(c.batch.micro_batch_size >= 1 and total % c.batch.micro_batch_size == 0,
-         "batch.micro_batch_size", c.batch.micro_batch_size,
-         f"must divide num_prompts*group_size={total}")
-  _check(c.train.update_schedule in ("per_step", "joint"), "train.update_schedule",
-         c.train.update_schedule,
-         "must be 'per_step' or 'joint'")
-  _check(c.optim.learning_rate > 0, "optim.learning_rate", c.optim.learning_rate, "must be > 0")
-  _check(c.optim.schedule in ("constant", "cosine"), "optim.schedule", c.optim.schedule,
-         "must be 'constant' or 'cosine'")
-  _check(c.loss.eps > 0 and c.loss.eps_high > 0, "loss.eps", c.loss.eps, "eps and eps_high > 0")
-  _check(c.loss.beta >= 0, "loss.beta", c.loss.beta, "must be >= 0")
-  _check(c.sft.steps >= 0, "sft.steps", c.sft.steps, "must be >= 0")
-  _check(c.sft.schedule in ("constant", "wsd"), "sft.schedule", c.sft.schedule,
-         "must be 'constant' or 'wsd'")
-  _check(0.0 < c.sft.decay_fraction <= 1.0, "sft.decay_fraction", c.sft.decay_fraction,
-         "must be in (0, 1]")
-  if c.sft.schedule == "wsd" and c.sft.steps:
-    span = c.sft.schedule_steps or c.sft.steps
-    _check(span > c.sft.warmup_steps, "sft.warmup_steps", c.sft.warmup_steps,
-           f"must be < the {span} steps of the 'wsd' schedule")
-  _check(0.0 <= c.sft.final_lr_fraction <= 1.0, "sft.final_lr_fraction", c.sft.final_lr_fraction,
-         "must be in [0, 1]")
-  _check(c.sft.checkpoint_every >= 1, "sft.checkpoint_every", c.sft.checkpoint_every,
-         "must be >= 1")
-  _check(c.train.num_iterations >= 0, "train.num_iterations", c.train.num_iterations, ">= 0")
-  _check(c.train.checkpoint_every >= 1, "train.checkpoint_every", c.train.checkpoint_every,
-         "must be >= 1")
-  _check(c.lora.rank >= 1, "lora.rank", c.lora.rank, "must be >= 1")
-  e_blocks = c.eval.gen_length // c.eval.block_length if c.eval.block_length else 0
-  _check(c.eval.block_length > 0 and c.eval.gen_length % c.eval.block_length == 0,
-         "eval.gen_length", c.eval.gen_length, "must be divisible by eval.block_length")
-  _check(e_blocks and c.eval.steps % e_blocks == 0, "eval.steps", c.eval.steps,
-         f"must be divisible by the number of eval blocks ({e_blocks})")
+  """Checks type, range, finiteness and choices of every field the code reads; raises
+  `ConfigError` naming the first bad field, its value and the allowed values."""
+  _int(c, "seed", 0, 2**31 - 1)
+  _choice(c, "variant", VARIANTS)
+  _choice(c, "algorithm", ALGORITHMS)
+  _validate_task(c)
+  _validate_model(c)
+  _validate_mesh(c)
+
+  _choice(c, "egspo.selection", SELECTIONS)
+  k = _int(c, "egspo.num_selected_steps", 1)
+  _real(c, "egspo.adaptive_alpha", 0.0, 1.0, lo_open=True)
+  _real(c, "egspo.lam", 0.0)
+  _real(c, "loss.eps", 0.0, 1.0, lo_open=True, hi_open=True)
+  _real(c, "loss.eps_high", 0.0, lo_open=True)
+  _real(c, "loss.beta", 0.0)
+
+  steps = _sampling(c, "rollout")
+  _check(k <= steps, "egspo.num_selected_steps", k, f"must be <= rollout.steps={steps}")
+  _real(c, "rollout.temperature", 0.0)
+  _choice(c, "rollout.remasking", REMASKINGS)
+  prompt_len = _int(c, "rollout.max_prompt_length", 1)
+  _sampling(c, "eval")
+  _int(c, "eval.batch_size", 1)
+  _bool(c, "eval.before_training")
+  _check_sequence_length(c, prompt_len)
+
+  prompts = _int(c, "batch.num_prompts", 1)
+  group = _int(c, "batch.group_size", 2)  # advantages are relative to the group
+  micro = _int(c, "batch.micro_batch_size", 1)
+  _check(prompts * group % micro == 0, "batch.micro_batch_size", micro,
+         f"must divide batch.num_prompts*batch.group_size={prompts * group}")
+
+  _real(c, "optim.learning_rate", 0.0, lo_open=True)
+  _real(c, "optim.b1", 0.0, 1.0, hi_open=True)
+  _real(c, "optim.b2", 0.0, 1.0, hi_open=True)
+  _real(c, "optim.weight_decay", 0.0)
+  _real(c, "optim.max_grad_norm", 0.0, lo_open=True)
+  warmup = _int(c, "optim.warmup_steps", 0)
+  schedule = _choice(c, "optim.schedule", ("constant", "cosine"))
+
+  _validate_sft(c)
+
+  iters = _int(c, "train.num_iterations", 0)
+  if schedule == "cosine":
+    _check(iters > warmup, "train.num_iterations", iters,
+           f"optim.schedule='cosine' decays over the RL iterations: must be > "
+           f"optim.warmup_steps={warmup}")
+  _choice(c, "train.update_schedule", ("per_step", "joint"))
+  _real(c, "train.time_budget_s", 0.0)
+  for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+               "max_refused_updates"):
+    _int(c, f"train.{name}", 1)
   _validate_baselines(c)
-  if c.model.preset == "llada_8b" and not c.model.checkpoint:
-    raise ValueError("bad config field model.checkpoint='': the llada_8b preset needs the "
-                     "converted or HF checkpoint directory (--config.model.checkpoint=DIR); "
-                     "random 8B weights would only waste a pod")
 
 
-def _validate_baselines(c: ml_collections.ConfigDict) -> None:
+def _validate_task(c) -> None:
+  from egspo import tasks as tasks_lib  # pylint: disable=import-outside-toplevel  (no JAX)
+
+  _choice(c, "task.name", tasks_lib.task_names())
+  _choice(c, "task.prompt_style", ("chat", "plain"))
+  _choice(c, "task.eval_source", ("file", "generated"))
+  _int(c, "task.num_eval_examples", 0)
+  options = _get(c, "task.options")
+  _check(isinstance(options, (ml_collections.ConfigDict, dict)), "task.options", options,
+         "must be a ConfigDict of keyword arguments of the task")
+  _local_file(c, "task.train_file")
+  _local_file(c, "task.eval_file")
+
+
+def _validate_model(c) -> None:
+  from egspo.model import llada  # pylint: disable=import-outside-toplevel  (starts no backend)
+
+  preset = _choice(c, "model.preset", sorted(llada.PRESETS))
+  ckpt = _str(c, "model.checkpoint")
+  for name in ("param_dtype", "dtype"):
+    _choice(c, f"model.{name}", DTYPES)
+  _bool(c, "model.remat")
+  _bool(c, "model.scan_layers")
+  tok = _str(c, "tokenizer")
+  if preset == "llada_8b" and not ckpt:
+    _fail("model.checkpoint", ckpt, "the llada_8b preset needs a converted or HF checkpoint "
+          "(--config.model.checkpoint=DIR); random 8B weights only with model.checkpoint=random")
+  if ckpt in ("", RANDOM_INIT):  # the preset's architecture with seeded random weights
+    _check(tok != "", "tokenizer", tok, f"must be 'char' or a tokenizer directory when "
+           f"model.checkpoint={ckpt!r} (there is no checkpoint to take it from)")
+    if preset == "llada_8b":
+      _check(tok != "char", "tokenizer", tok, "the llada_8b preset needs LLaDA's tokenizer "
+             "directory, not the built-in 'char' tokenizer")
+    else:
+      _check(tok == "char", "tokenizer", tok, f"model.preset={preset!r} is built over the "
+             "built-in 'char' tokenizer; must be 'char'")
+  _bool(c, "lora.enabled")
+  _int(c, "lora.rank", 1)
+  _real(c, "lora.alpha", 0.0, lo_open=True)
+  targets = _str(c, "lora.targets")
+  try:
+    re.compile(targets)
+    ok = bool(targets)
+  except re.error:
+    ok = False
+  _check(ok, "lora.targets", targets, "must be a non-empty regular expression of module names")
+
+
+def _validate_mesh(c) -> None:
+  _int(c, "mesh.num_devices", 1, also=(-1,))
+  axes = [_int(c, f"mesh.{a}", 1, also=(-1,)) for a in ("data", "fsdp", "tensor")]
+  _check(axes.count(-1) <= 1, "mesh.fsdp", axes[1],
+         f"at most one of mesh.data/fsdp/tensor may be -1 (got {tuple(axes)})")
+  rules = _get(c, "mesh.rules")
+  ok = isinstance(rules, (tuple, list)) and all(
+      isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str) for r in rules)
+  _check(ok, "mesh.rules", rules, "must be a tuple of (logical_axis, mesh_axes) pairs")
+
+
+def _sampling(c, section: str) -> int:
+  """gen_length / block_length / steps of `rollout` or `eval` (egspo.diffusion.sampler)."""
+  gen = _int(c, f"{section}.gen_length", 1)
+  block = _int(c, f"{section}.block_length", 1)
+  steps = _int(c, f"{section}.steps", 1)
+  _check(gen % block == 0, f"{section}.gen_length", gen,
+         f"must be divisible by {section}.block_length={block}")
+  blocks = gen // block
+  _check(steps % blocks == 0, f"{section}.steps", steps,
+         f"must be divisible by the number of blocks {section}.gen_length/block_length={blocks}")
+  _check(steps // blocks <= block, f"{section}.steps", steps,
+         f"gives {steps // blocks} steps per block, more than {section}.block_length={block} "
+         "(a step would commit no token)")
+  return steps
+
+
+def _check_sequence_length(c, prompt_len: int) -> None:
+  """Prompt + completion fit the preset's positions (a checkpoint brings its own config)."""
+  if c.model.checkpoint not in ("", RANDOM_INIT):
+    return
+  from egspo.model import llada  # pylint: disable=import-outside-toplevel
+
+  max_len = llada.get_config(c.model.preset).max_sequence_length
+  for sec in ("rollout", "eval"):
+    gen = c[sec].gen_length
+    _check(prompt_len + gen <= max_len, f"{sec}.gen_length", gen,
+           f"rollout.max_prompt_length={prompt_len} + {sec}.gen_length must be <= "
+           f"model.preset={c.model.preset!r}'s max_sequence_length={max_len}")
+
+
+def _validate_sft(c) -> None:
+  steps = _int(c, "sft.steps", 0)
+  _int(c, "sft.batch_size", 1)
+  _real(c, "sft.learning_rate", 0.0, lo_open=True)
+  warmup = _int(c, "sft.warmup_steps", 0)
+  _int(c, "sft.checkpoint_every", 1)
+  _real(c, "sft.time_budget_s", 0.0)
+  schedule = _choice(c, "sft.schedule", ("constant", "wsd"))
+  span = _int(c, "sft.schedule_steps", 0) or steps
+  _real(c, "sft.decay_fraction", 0.0, 1.0, lo_open=True)
+  _real(c, "sft.final_lr_fraction", 0.0, 1.0)
+  if schedule == "wsd" and steps:
+    _check(span > warmup, "sft.warmup_steps", warmup,
+           f"must be < the {span} steps of the 'wsd' schedule")
+
+
+def _validate_baselines(c) -> None:
   for sec in ("diffu_grpo", "espo", "gdpo", "stabledrl", "wd1"):
-    _check(c[sec].num_iterations >= 1, f"{sec}.num_iterations", c[sec].num_iterations,
-           "must be >= 1")
-  d = c.diffu_grpo
-  _check(0.0 <= d.p_mask_prompt < 1.0, "diffu_grpo.p_mask_prompt", d.p_mask_prompt,
-         "must be in [0, 1)")
-  _check(d.reduction in ("token", "sequence"), "diffu_grpo.reduction", d.reduction,
-         "must be 'token' or 'sequence'")
-  _check(c.espo.num_mc >= 1, "espo.num_mc", c.espo.num_mc, "must be >= 1")
-  _check(c.gdpo.num_nodes >= 1, "gdpo.num_nodes", c.gdpo.num_nodes, "must be >= 1")
-  _check(c.gdpo.normalize in SEQ_NORMALIZATIONS, "gdpo.normalize", c.gdpo.normalize,
-         f"must be one of {SEQ_NORMALIZATIONS}")
+    _int(c, f"{sec}.num_iterations", 1)
+  _real(c, "diffu_grpo.p_mask_prompt", 0.0, 1.0, hi_open=True)
+  _choice(c, "diffu_grpo.reduction", ("token", "sequence"))
+  _int(c, "espo.num_mc", 1)
+  _bool(c, "espo.coupled")
+  _int(c, "gdpo.num_nodes", 1)
+  _choice(c, "gdpo.normalize", SEQ_NORMALIZATIONS)
   for sec in ("diffu_grpo", "espo", "gdpo"):
-    _check(c[sec].eps > 0, f"{sec}.eps", c[sec].eps, "must be > 0")
-    _check(c[sec].beta >= 0, f"{sec}.beta", c[sec].beta, "must be >= 0")
+    _real(c, f"{sec}.eps", 0.0, 1.0, lo_open=True, hi_open=True)
+    _real(c, f"{sec}.beta", 0.0)
   for sec in ("stabledrl", "wd1"):
-    _check(c[sec].estimator in ELBO_ESTIMATORS, f"{sec}.estimator", c[sec].estimator,
-           f"must be one of {ELBO_ESTIMATORS}")
-    _check(c[sec].num_mc >= 1, f"{sec}.num_mc", c[sec].num_mc, "must be >= 1")
-    _check(c[sec].num_nodes >= 1, f"{sec}.num_nodes", c[sec].num_nodes, "must be >= 1")
-  s = c.stabledrl
-  _check(s.clip_iw > 0, "stabledrl.clip_iw", s.clip_iw, "must be > 0")
-  _check(s.normalize_over in ("group", "micro_batch"), "stabledrl.normalize_over",
-         s.normalize_over, "must be 'group' or 'micro_batch'")
-  _check(c.wd1.temperature > 0, "wd1.temperature", c.wd1.temperature, "must be > 0")
+    _choice(c, f"{sec}.estimator", ELBO_ESTIMATORS)
+    _int(c, f"{sec}.num_mc", 1)
+    _int(c, f"{sec}.num_nodes", 1)
+  _real(c, "stabledrl.clip_iw", 0.0, lo_open=True)
+  _choice(c, "stabledrl.normalize_over", ("group", "micro_batch"))
+  _real(c, "stabledrl.log_iw_scale", 0.0, lo_open=True)
+  _real(c, "wd1.temperature", 0.0, lo_open=True)
   if c.algorithm in ("stabledrl", "wd1"):
     # Their losses normalise over whole groups, so a micro-batch must not split a group.
     _check(c.batch.micro_batch_size % c.batch.group_size == 0, "batch.micro_batch_size",
            c.batch.micro_batch_size,
            f"{c.algorithm} needs whole groups per micro-batch: a multiple of batch.group_size="
            f"{c.batch.group_size}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a config file and checking override names (egspo.main's one-line errors).
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """`path.py[:arg]` → `get_config(arg)` of that file, as `--config=` loads it; `ConfigError`
+  with one line naming the file on a missing or broken file or a bad variant."""
+  path, sep, arg = spec.partition(":")
+  full = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isfile(full):
+    raise ConfigError(f"config file {path} not found (looked for {full})")
+  try:
+    module_spec = importlib.util.spec_from_file_location("_egspo_config_file", full)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except  (the user's file: any error)
+    raise ConfigError(f"config file {path} failed to load: {_one_line(e)}") from e
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"config file {path} defines no get_config()")
+  try:
+    config = module.get_config(*([arg] if sep else []))
+  except ConfigError as e:
+    raise ConfigError(f"config {spec}: {e}") from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"config {spec}: get_config({arg!r}) failed: {_one_line(e)}") from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"config {spec}: get_config returned a {type(config).__name__}, not a "
+                      "ConfigDict")
+  return config
+
+
+def check_field(c: ml_collections.ConfigDict, field: str) -> None:
+  """Raises `ConfigError` unless the dotted `field` exists (an override may only set those)."""
+  node, parts = c, field.split(".")
+  for i, part in enumerate(parts):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)):
+      return  # inside a leaf value (e.g. a tuple): its own parser reports the error
+    if part not in node:
+      parent = ".".join(parts[:i])
+      known = sorted(node.keys())
+      close = difflib.get_close_matches(part, known, n=1)
+      hint = f"; did you mean {'.'.join(parts[:i] + close)}?" if close else ""
+      where = f"of {parent}" if parent else "at the top level"
+      raise ConfigError(f"unknown config field {'.'.join(parts[:i + 1])} (known fields {where}: "
+                        f"{', '.join(known)}){hint}")
+    node = node[part]
+
+
+def _one_line(e: BaseException) -> str:
+  if isinstance(e, SyntaxError):
+    return f"SyntaxError: {e.msg} (line {e.lineno})"
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return f"{type(e).__name__}: {lines[-1] if lines else ''}".rstrip(": ")

@@ -114,7 +114,7 @@ def _micro(batch, a):
 def test_registry_and_config(name):
   assert algo_lib.get_algorithm(name).__module__ == "egspo.rl.baselines"
   assert name in algo_lib.registered()
-  for task in ("countdown", "sudoku", "gsm8k", "math500", "code", "copy"):
+  for task in ("countdown", "sudoku", "gsm8k", "math500", "kodcode", "copy"):
     c = config_lib.base_config(task, "tiny")
     c.algorithm = name
     config_lib.validate(c)
