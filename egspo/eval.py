@@ -4,29 +4,40 @@
     # "<reasoning>" prefill), writing every generation and the metrics:
     python -m egspo.eval --task countdown --checkpoint DIR --gen_lengths 128,256,512 --output out.json
     # the same on a randomly initialised CPU preset with the character tokenizer (smoke runs):
-    python -m egspo.eval --task countdown --preset tiny --gen_lengths 32 --limit 8 --output out.json
-    # rescore a saved generations file in d1's JSON format, no model needed:
-    python -m egspo.eval --task sudoku --generations sudoku_generations.json
+    python -m egspo.eval --task countdown --preset tiny --gen_lengths 16 --limit 8 --output runs/eval_tiny.json
+    # rescore a saved generations file (d1's, this harness's, or a training run's eval/*.json),
+    # no model needed; --output writes the per-example results:
+    python -m egspo.eval --task countdown --generations runs/eval_tiny.json --output rescored.json
 
 d1's file format: {"generations": [{"question", "generations", "ground_truth", ...}, ...]}.
-Files written here hold one such list per generation length:
-{"task", "protocol", "results": {"128": {"metrics": {...}, "generations": [...]}, ...}}; the
-rescoring mode reads both layouts. Metrics: `accuracy` (fraction correct); Sudoku adds
-`cell_accuracy` (the number d1/EGSPO report as Sudoku accuracy); code tasks add `mean_passed`.
+Files written here (and by the training loop, `workdir/eval/{tag}_{step}.json`) hold one such
+list per generation length: {"task", "protocol", "results": {"128": {"metrics", "generations"}}};
+each record adds "prompt_input" and the task's "score" ("correct", "extracted", ...). The
+rescoring mode reads both layouts; an item whose ground_truth is null (some of d1's GSM8K files)
+counts as incorrect and is reported in `missing_ground_truth`. Metrics: `accuracy` (fraction
+correct); Sudoku adds `cell_accuracy` (the number d1/EGSPO report as Sudoku accuracy); code tasks
+add `mean_passed`.
 
-`evaluate(model, tokenizer, task, examples, gen_lengths, batch_size)` is the library entry the
-training loop calls for periodic evaluation; the model/sampler calls live in `generate_texts`
-only. Checkpoints are evaluated one at a time: picking the best checkpoint per length on the test
-set (a REFERENCE §5 defect of the reference scripts) is left to an explicit, fixed rule upstream.
+`evaluate(model, tokenizer, task, examples, gen_lengths, batch_size)` is the library entry;
+`generation_records` builds the per-example records for it, for the training loop's evaluation
+and for rescoring, so every file re-grades the same way. The model/sampler calls live in
+`generate_texts` only. Checkpoints are evaluated one at a time: picking the best checkpoint per
+length on the test set (a REFERENCE §5 defect of the reference scripts) is left to an explicit,
+fixed rule upstream.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import numbers
+import os
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
+
+import numpy as np
+from etils import epath
 
 from egspo.tasks import get_task
 
@@ -75,15 +86,28 @@ def score_generations(task, completions: Sequence[str], examples: Sequence[dict]
   return scores, task.aggregate(scores)
 
 
+def generation_records(task, examples: Sequence[dict], prompts: Sequence[str],
+                       texts: Sequence[str], scores: Sequence[dict]) -> list[dict]:
+  """d1's per-example records {"question", "prompt_input", "generations", "ground_truth"} plus the
+  task's "score" (with "correct" and the "extracted" answer): the one layout every file uses."""
+  return [{"question": task.question(ex), "prompt_input": p, "generations": t,
+           "ground_truth": task.ground_truth(ex), "score": dict(s)}
+          for ex, p, t, s in zip(examples, prompts, texts, scores)]
+
+
+def protocol(task, style: str, block_length: int, temperature: float, steps: Any = "gen_length/2") -> dict:
+  return {"temperature": temperature, "block_length": block_length, "steps": steps,
+          "prefill": task.eval_prefill(style), "style": style, "remasking": "low_confidence"}
+
+
 def evaluate(model, tokenizer, task, examples: Sequence[dict], gen_lengths: Sequence[int] = (128, 256, 512),
              batch_size: int = 8, *, style: str = "chat", block_length: int = 32,
              temperature: float = 0.0, seed: int = 0, generate_fn=None) -> dict:
   """Generate for every example at every length with the d1 protocol and score.
 
-  Returns {"protocol": {...}, "results": {str(L): {"metrics", "generations", "seconds"}}} where
-  each generation record is d1's {"question", "prompt_input", "generations", "ground_truth"} plus
-  this harness's "score". `generate_fn(prompts, gen_length) -> texts` replaces the model call
-  (tests, other samplers).
+  Returns {"task", "protocol", "results": {str(L): {"metrics", "generations", "seconds"}}} with
+  `generation_records` as the generations. `generate_fn(prompts, gen_length) -> texts` replaces
+  the model call (tests, other samplers).
   """
   if not examples:
     raise ValueError("evaluate got no examples")
@@ -99,33 +123,112 @@ def evaluate(model, tokenizer, task, examples: Sequence[dict], gen_lengths: Sequ
                              temperature=temperature, seed=seed, batch_size=batch_size,
                              pad_to=pad_to)
     scores, metrics = score_generations(task, texts, examples)
-    records = [{"question": task.question(ex), "prompt_input": p, "generations": t,
-                "ground_truth": task.ground_truth(ex),
-                "score": {k: v for k, v in s.items() if k != "extracted"}}
-               for ex, p, t, s in zip(examples, prompts, texts, scores)]
-    results[str(length)] = {"metrics": metrics, "generations": records,
+    results[str(length)] = {"metrics": metrics,
+                            "generations": generation_records(task, examples, prompts, texts, scores),
                             "seconds": round(time.time() - t0, 3)}
-  protocol = {"temperature": temperature, "block_length": block_length, "steps": "gen_length/2",
-              "prefill": task.eval_prefill(style), "style": style, "remasking": "low_confidence"}
-  return {"task": task.name, "protocol": protocol, "results": results}
+  return {"task": task.name, "protocol": protocol(task, style, block_length, temperature),
+          "results": results}
 
 
-def rescore(task, data: dict) -> dict:
-  """Metrics of a saved generations file (d1 layout or this harness's), per generation length."""
-  def one(items):
-    examples = [task.example_from_ground_truth(it.get("question", ""), it.get("ground_truth"))
-                for it in items]
-    _, metrics = score_generations(task, [it.get("generations", "") or "" for it in items], examples)
-    return metrics
+# --- rescoring saved files -----------------------------------------------------------------------
 
-  if isinstance(data.get("generations"), list):
-    out = one(data["generations"])
+def _zero_like(value):
+  if isinstance(value, (bool, np.bool_)):
+    return False
+  if isinstance(value, numbers.Number):
+    return type(value)(0)
+  return None
+
+
+def rescore_items(task, items: Sequence[Any]) -> tuple[list[dict], dict]:
+  """(per-example records, metrics) of one list of saved generation records.
+
+  An item whose "ground_truth" is missing or null counts as incorrect (zero in every count the
+  task's `aggregate` sums) and is counted in metrics["missing_ground_truth"].
+  """
+  if not isinstance(items, list):
+    raise ValueError(f"'generations' must be a list of records, got {type(items).__name__}")
+  if not items:
+    raise ValueError("the 'generations' list is empty")
+  examples, texts = [], []
+  for i, it in enumerate(items):
+    if not isinstance(it, dict):
+      raise ValueError(f"generations[{i}] is a {type(it).__name__}, not a JSON object")
+    text = it.get("generations")
+    if text is not None and not isinstance(text, str):
+      raise ValueError(f"generations[{i}]['generations'] must be a string, got {type(text).__name__}")
+    texts.append(text or "")
+    gt = it.get("ground_truth")
+    try:
+      examples.append(None if gt is None else task.example_from_ground_truth(it.get("question", ""), gt))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"generations[{i}]: {e}") from None
+  present = [i for i, ex in enumerate(examples) if ex is not None]
+  if not present:
+    raise ValueError(f"none of the {len(items)} items has a ground_truth; nothing to grade")
+  found = task.scores([texts[i] for i in present], [examples[i] for i in present])
+  zero = {k: _zero_like(v) for k, v in found[0].items()}
+  scores = [dict(zero, correct=False, extracted=None, missing_ground_truth=True) for _ in items]
+  for i, s in zip(present, found):
+    scores[i] = s
+  metrics = task.aggregate(scores)
+  metrics["missing_ground_truth"] = len(items) - len(present)
+  records = [{"question": it.get("question"), "prompt_input": it.get("prompt_input"),
+              "generations": t, "ground_truth": it.get("ground_truth"), "score": s}
+             for it, t, s in zip(items, texts, scores)]
+  return records, metrics
+
+
+def rescore(task, data: Any) -> dict:
+  """A saved generations file re-graded, in its own layout: d1's {"metrics", "generations"
+  (+ "gen_length")} or this harness's {"metrics": {L: ...}, "results": {L: {"metrics",
+  "generations"}}}, the generations being per-example records with the new scores."""
+  if not isinstance(data, dict):
+    raise ValueError(f"the file must hold a JSON object, got a {type(data).__name__}")
+  if "generations" in data:
+    records, metrics = rescore_items(task, data["generations"])
+    out = {"metrics": metrics, "generations": records}
     if "gen_length" in data:
-      out["gen_length"] = data["gen_length"]
+      out["gen_length"] = metrics["gen_length"] = data["gen_length"]
     return out
-  if isinstance(data.get("results"), dict):
-    return {length: one(r["generations"]) for length, r in data["results"].items()}
-  raise ValueError("generations file must hold a 'generations' list (d1) or 'results' by length")
+  if isinstance(data.get("results"), dict) and data["results"]:
+    results = {}
+    for length, r in data["results"].items():
+      if not isinstance(r, dict) or "generations" not in r:
+        raise ValueError(f"results[{length!r}] has no 'generations' list")
+      try:
+        records, metrics = rescore_items(task, r["generations"])
+      except ValueError as e:
+        raise ValueError(f"results[{length!r}]: {e}") from None
+      results[length] = {"metrics": metrics, "generations": records}
+    return {"metrics": {k: v["metrics"] for k, v in results.items()}, "results": results}
+  raise ValueError("the file must hold a 'generations' list (d1) or 'results' by generation length")
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+def resolve_path(path: str) -> epath.Path:
+  """A relative, `~/...` or absolute path made absolute (once, at the entry point); a
+  `scheme://` path (gs://) as given."""
+  if not path:
+    raise ValueError("empty path")
+  if "://" in path:
+    return epath.Path(path)
+  return epath.Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def _json_default(x):
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, (set, tuple)):
+    return list(x)
+  return str(x)
+
+
+def write_json(path: epath.Path, obj) -> None:
+  """`obj` as JSON at `path` (local or gs://, through etils.epath), parent directories created."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(obj, indent=1, default=_json_default))
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -134,7 +237,7 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m egspo.eval", description=__doc__.split("\n")[0])
   p.add_argument("--task", required=True, help="countdown, sudoku, gsm8k, math500, mbpp, humaneval")
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--generations", help="rescore this saved generations JSON (no model)")
+  src.add_argument("--generations", help="rescore this saved generations JSON (no model); path as --output")
   src.add_argument("--checkpoint", help="model directory (egspo.model.from_pretrained)")
   src.add_argument("--preset", help="randomly initialised model preset with the char tokenizer")
   p.add_argument("--seed", type=int, default=0, help="init seed of --preset")
@@ -148,7 +251,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="prompt style (default: chat for --checkpoint, plain for --preset)")
   p.add_argument("--reference_rewards", action="store_true",
                  help="score with the reference parsers, defects included")
-  p.add_argument("--output", help="write generations + metrics JSON here")
+  p.add_argument("--output", help="write the generations (with --generations: the re-graded "
+                 "per-example records) and the metrics as JSON here; relative, ~/, absolute or gs://")
   return p
 
 
@@ -174,15 +278,21 @@ def main(argv=None) -> dict:
     task = get_task(args.task, reference_rewards=args.reference_rewards)
   except ValueError as e:
     parser.error(str(e))
+  # Relative, ~/..., absolute or gs://: resolved once; written through etils.epath.
+  try:
+    output = resolve_path(args.output) if args.output is not None else None
+  except ValueError as e:
+    parser.error(f"--output: {e}")
 
-  if args.generations:
+  if args.generations is not None:
     try:
-      with open(args.generations, encoding="utf-8") as f:
-        data = json.load(f)
-      metrics = rescore(task, data)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      parser.error(f"cannot rescore {args.generations}: {e}")
-    out = {"task": task.name, "file": args.generations, "metrics": metrics}
+      source = resolve_path(args.generations)
+      regraded = rescore(task, json.loads(source.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as e:  # one line naming the file and the problem
+      raise SystemExit(f"{parser.prog}: error: cannot rescore {args.generations}: {e}") from None
+    out = {"task": task.name, "file": str(source), "metrics": regraded["metrics"]}
+    if output is not None:
+      write_json(output, {**out, **regraded})
     print(json.dumps(out, indent=2))
     return out
 
@@ -193,14 +303,15 @@ def main(argv=None) -> dict:
   examples = task.load_examples("test", args.data_path) if args.data_path else task.load_examples("test")
   if args.limit:
     examples = examples[:args.limit]
+  if output is not None:  # a path that cannot be written fails before any generation
+    output.parent.mkdir(parents=True, exist_ok=True)
   model, tokenizer = _load_model(args, parser)
   style = args.style or ("plain" if args.preset else "chat")
   result = evaluate(model, tokenizer, task, examples, gen_lengths, args.batch_size, style=style,
                     block_length=args.block_length, temperature=args.temperature)
   result["checkpoint"] = args.checkpoint or f"preset:{args.preset}:seed{args.seed}"
-  if args.output:
-    with open(args.output, "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=2)
+  if output is not None:
+    write_json(output, result)
   summary = {"task": task.name, "checkpoint": result["checkpoint"],
              "metrics": {k: v["metrics"] for k, v in result["results"].items()}}
   print(json.dumps(summary, indent=2))

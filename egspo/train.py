@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from egspo import checkpoint as ckpt_lib
 from egspo import config as config_lib
+from egspo import eval as eval_lib
 from egspo import metrics as metrics_lib
 from egspo import sharding as shard_lib
 from egspo import tokenizer as tok_lib
@@ -101,6 +102,8 @@ class Trainer:
   writer: Any
   trainable: str
   sft_steps_done: int = 0  # SFT steps behind `params` (set by sft_stage; RL's step labels start there)
+  # The jitted evaluation generate function per sampler config (compiled once per shape).
+  _eval_fns: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
   @classmethod
   def create(cls, config, workdir) -> "Trainer":
@@ -172,34 +175,42 @@ class Trainer:
   # -- evaluation --------------------------------------------------------------------------
 
   def evaluate(self, params, examples, tag: str, step: int) -> dict:
-    """Greedy decoding with the eval protocol; accuracy on held-out `examples`."""
+    """Greedy decoding with the eval protocol; accuracy on held-out `examples`.
+
+    Writes workdir/eval/{tag}_{step}.json in `egspo.eval`'s layout (d1's records per generation
+    length), which `python -m egspo.eval --generations` re-grades to the same metrics.
+    """
     c = self.config
     scfg = sampler_config(c, self.model_cfg, "eval")
     gen = self._eval_generate(scfg)
-    scores, texts = [], []
+    style = c.task.prompt_style
+    prompts = eval_lib.build_prompts(self.task, self.tokenizer, examples, style)
+    texts = []
     bs = c.eval.batch_size
-    for i in range(0, len(examples), bs):
-      chunk = list(examples[i:i + bs])
+    for i in range(0, len(prompts), bs):
+      chunk = prompts[i:i + bs]
       n = len(chunk)
       chunk += [chunk[-1]] * (bs - n)  # pad the last batch: one compiled shape
-      ids, mask = self.put_batch(self.encode_prompts(chunk, purpose="eval"))
-      tokens = to_host(gen(params, self.frozen, ids, mask))[:n]
-      for ex, text in zip(chunk[:n], self.decode(tokens)):
-        texts.append(text)
-        scores.append(self.task.score(text, ex))
-    metrics = self.task.aggregate(scores)
+      ids, mask = self.put_batch(self.tokenizer.encode_batch(
+          chunk, max_length=c.rollout.max_prompt_length, pad_to=c.rollout.max_prompt_length))
+      texts += self.decode(to_host(gen(params, self.frozen, ids, mask))[:n])
+    scores, metrics = eval_lib.score_generations(self.task, texts, examples)
     self.writer.write_scalars(step, {f"{tag}/{k}": float(v) for k, v in metrics.items()
                                      if isinstance(v, (int, float, np.floating))})
     if jax.process_index() == 0:
-      out = self.workdir / "eval" / f"{tag}_{step}.json"
-      out.parent.mkdir(parents=True, exist_ok=True)
-      out.write_text(json.dumps({"metrics": metrics, "generations": [
-          {"question": self.task.prompt(ex, c.task.prompt_style, "eval"), "generation": t,
-           "score": s} for ex, t, s in zip(examples, texts, scores)]}, default=str, indent=1))
+      records = eval_lib.generation_records(self.task, examples, prompts, texts, scores)
+      eval_lib.write_json(self.workdir / "eval" / f"{tag}_{step}.json", {
+          "task": self.task.name, "tag": tag, "step": step,
+          "protocol": eval_lib.protocol(self.task, style, scfg.block_length, scfg.temperature,
+                                        scfg.steps),
+          "results": {str(scfg.gen_length): {"metrics": metrics, "generations": records}}})
     logging.info("eval %s @%d: %s", tag, step, metrics)
     return metrics
 
   def _eval_generate(self, scfg):
+    """The jitted greedy generate of `scfg`, built once per config and cached on the Trainer."""
+    if scfg in self._eval_fns:
+      return self._eval_fns[scfg]
     key = jax.random.key(0)  # unused at temperature 0
 
     @jax.jit
@@ -208,6 +219,7 @@ class Trainer:
       return sampler_lib.generate(sampler_lib.model_logits_fn(model, scfg.gen_length), ids, mask,
                                   key, scfg).tokens
 
+    self._eval_fns[scfg] = gen
     return gen
 
   def eval_examples(self) -> list:
