@@ -27,6 +27,7 @@ setup(
         "numpy>=2.0",
         "safetensors>=0.6",
         "transformers>=4.50",
+        "huggingface_hub>=0.26",  # hub repo ids as checkpoints (egspo.hub.resolve_checkpoint)
         "tokenizers>=0.21",
         "tensorflow-datasets>=4.9.9",
         "tensorboardX>=2.6",

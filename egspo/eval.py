@@ -268,7 +268,13 @@ def _load_model(args, parser):
   from egspo import tokenizer as tok_pkg
   if not hasattr(tok_pkg, "load_tokenizer"):
     parser.error("--checkpoint needs egspo.tokenizer.load_tokenizer, which this install lacks")
-  return model_pkg.from_pretrained(args.checkpoint), tok_pkg.load_tokenizer(args.checkpoint)
+  from egspo import hub
+  try:  # a directory or a hub repo id, resolved once; eval's prompts are text: a tokenizer is needed
+    path = (args.checkpoint if hub.is_remote(args.checkpoint)
+            else hub.resolve_checkpoint(args.checkpoint))
+    return model_pkg.from_pretrained(path), tok_pkg.load_tokenizer(path)
+  except (OSError, ValueError) as e:
+    parser.error(f"--checkpoint {args.checkpoint}: {e}")
 
 
 def main(argv=None) -> dict:

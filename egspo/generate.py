@@ -5,9 +5,11 @@
     python -m egspo.generate --preset tiny --seed 0 --prompt_ids 10,11,12 --gen_length 16 \
         --steps 8 --block_length 8 --json
 
-`--checkpoint` loads a model with `egspo.model.from_pretrained` (HF or converted layout) and its
-tokenizer with `egspo.tokenizer.load_tokenizer`; `--preset NAME --seed S` builds a randomly
-initialised model over the built-in character tokenizer (for tests and smoke runs).
+`--checkpoint` (a directory or a hub repo id ORG/NAME) loads a model with
+`egspo.model.from_pretrained` (HF or converted layout) and, when the directory has one, its
+tokenizer with `egspo.tokenizer.load_tokenizer`. `--prompt_ids` needs only the model (mask and EOS
+ids come from its config.json); `--prompt` needs the tokenizer. `--preset NAME --seed S` builds a
+randomly initialised model over the built-in character tokenizer (for tests and smoke runs).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import numpy as np
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m egspo.generate", description=__doc__.split("\n")[0])
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--checkpoint", help="model directory (HF safetensors or converted orbax)")
+  src.add_argument("--checkpoint", help="model directory (HF safetensors or converted orbax) "
+                   "or hub repo id ORG/NAME[@REVISION]")
   src.add_argument("--preset", help="randomly initialised model preset (e.g. tiny)")
   p.add_argument("--seed", type=int, default=0, help="init seed of --preset models")
   prompt = p.add_mutually_exclusive_group(required=True)
@@ -40,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args, parser):
-  """(model, tokenizer or None)."""
+  """(model, tokenizer or None, why there is no tokenizer or None)."""
   from egspo import model as model_pkg
+  from egspo import hub
   from egspo import tokenizer as tok_pkg
 
   if args.preset is not None:
@@ -50,14 +54,17 @@ def _load(args, parser):
       cfg = llada.get_config(args.preset)
     except ValueError as e:
       parser.error(str(e))
-    return llada.init_model(cfg, args.seed), tok_pkg.CharTokenizer()
-  if not hasattr(model_pkg, "from_pretrained"):
-    parser.error("--checkpoint needs egspo.model.from_pretrained, which this install lacks")
-  model = model_pkg.from_pretrained(args.checkpoint)
-  tokenizer = None
-  if hasattr(tok_pkg, "load_tokenizer"):
-    tokenizer = tok_pkg.load_tokenizer(args.checkpoint)
-  return model, tokenizer
+    return llada.init_model(cfg, args.seed), tok_pkg.CharTokenizer(), None
+  try:
+    path = (args.checkpoint if hub.is_remote(args.checkpoint)
+            else hub.resolve_checkpoint(args.checkpoint))
+    model = model_pkg.from_pretrained(path)
+  except hub.CheckpointError as e:
+    parser.error(str(e))
+  try:
+    return model, tok_pkg.load_tokenizer(path), None
+  except (OSError, ValueError) as e:  # no tokenizer files, or unreadable ones
+    return model, None, str(e)
 
 
 def main(argv=None) -> dict:
@@ -67,7 +74,7 @@ def main(argv=None) -> dict:
   import jax
   from egspo.diffusion import sampler
 
-  model, tokenizer = _load(args, parser)
+  model, tokenizer, no_tokenizer = _load(args, parser)
   if args.prompt_ids is not None:
     try:
       ids = [int(s) for s in args.prompt_ids.split(",") if s.strip()]
@@ -80,7 +87,7 @@ def main(argv=None) -> dict:
       parser.error(f"--prompt_ids {bad} are outside the vocabulary [0, {model.cfg.vocab_size})")
   else:
     if tokenizer is None:
-      parser.error("--prompt needs a tokenizer; none was found, pass --prompt_ids instead")
+      parser.error(f"--prompt needs a tokenizer: {no_tokenizer}; pass --prompt_ids instead")
     text = tokenizer.chat_prompt(args.prompt) if args.chat else args.prompt
     ids = tokenizer.encode(text)
   try:

@@ -198,22 +198,29 @@ class HFTokenizer(TokenizerBase):
 
 
 def load_tokenizer(spec, config=None) -> TokenizerBase:
-  """`"char"` → the built-in CharTokenizer; anything else is a local directory.
+  """`"char"` → the built-in CharTokenizer; anything else is a local directory or a hub repo id.
 
-  A directory whose config.json says `"egspo_tokenizer": "char"` (a checkpoint of a CPU preset
-  saved with its tokenizer, see `egspo.model.convert.save_tokenizer`) gives the CharTokenizer;
-  otherwise the directory must hold a Hugging Face tokenizer.
+  A hub repo id (`ORG/NAME`, e.g. GSAI-ML/LLaDA-8B-Instruct) is fetched into the Hugging Face
+  cache without its weights (`egspo.hub.resolve_checkpoint`). A directory whose config.json
+  says `"egspo_tokenizer": "char"` (a checkpoint of a CPU preset saved with its tokenizer, see
+  `egspo.model.convert.save_tokenizer`) gives the CharTokenizer; otherwise the directory must
+  hold a Hugging Face tokenizer.
   """
   import json
-  import pathlib
+
+  from egspo import hub
 
   if str(spec) == "char":
     return CharTokenizer()
-  cfg_file = pathlib.Path(spec) / "config.json"
+  if str(spec) == "random":
+    raise ValueError("tokenizer 'random': a random model init (model.checkpoint=random) has no "
+                     "tokenizer; set tokenizer to a directory, a hub repo id or 'char'")
+  path = hub.resolve_checkpoint(spec, what="tokenizer", weights=False)
+  cfg_file = path / "config.json"
   if cfg_file.is_file():
     try:
       if json.loads(cfg_file.read_text()).get("egspo_tokenizer") == "char":
         return CharTokenizer()
     except (json.JSONDecodeError, AttributeError):
       pass  # HFTokenizer reports an unreadable config.json
-  return HFTokenizer(spec, config=config)
+  return HFTokenizer(path, config=config)

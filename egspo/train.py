@@ -49,10 +49,11 @@ from egspo.tasks import data as data_lib
 
 
 def build_model(config, tokenizer, mesh, rules):
-  """The policy: pretrained weights (HF or converted dir) or a seeded random init, sharded."""
+  """The policy, sharded: pretrained weights (HF or converted dir, or hub repo id ORG/NAME), or a
+  seeded random init of `model.preset` when `model.checkpoint` is '' or 'random'."""
   overrides = dict(param_dtype=config.model.param_dtype, dtype=config.model.dtype,
                    remat=config.model.remat, scan_layers=config.model.scan_layers)
-  if config.model.checkpoint:
+  if config.model.checkpoint not in ("", "random"):
     from egspo.model import from_pretrained
 
     model = from_pretrained(config.model.checkpoint, mesh=mesh, rules=rules, **overrides)

@@ -37,6 +37,10 @@ Two on-disk layouts, both readable by `from_pretrained`:
 `from_pretrained` builds the model abstractly (`nnx.eval_shape`, no random init), then fills its
 parameters group by group into the requested shardings; `export_hf` writes a model back to the HF
 layout (size-bounded shards + index + config.json), also tensor by tensor.
+
+A checkpoint to read is a local directory, a Hugging Face hub repo id (`ORG/NAME`, fetched into
+the hub cache by `egspo.hub.resolve_checkpoint`) or, in the orbax layout, a `gs://` URL; an
+output directory is local (made absolute: orbax refuses relative paths) or a `gs://` URL.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ import numpy as np
 from flax import nnx
 
 from egspo.model.llada import LLaDA, ModelConfig
+from egspo.hub import (TOKENIZER_FILES, CheckpointError, CheckpointNotFoundError, is_remote,
+                       resolve_checkpoint)
 
 FORMAT_NAME = "egspo-llada-orbax"
 FORMAT_VERSION = 1
@@ -73,10 +79,6 @@ _NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bf
 _PREFIX = "model.transformer."
 _BLOCK_NORMS = ("attn_norm", "ff_norm")
 _BLOCK_PROJS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint directory or file that cannot be read as a LLaDA checkpoint."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,11 +144,31 @@ def _model_path(cfg: ModelConfig, group: str, flax_path: tuple[str, ...]) -> tup
 
 
 # ----------------------------------------------------------------------------------------------
-# config.json
+# Locations and config.json
+
+
+def _checkpoint_dir(path, **kwargs) -> pathlib.Path:
+  """A checkpoint to read: a local dir or hub repo id (`egspo.hub.resolve_checkpoint`, with
+  `kwargs`), or a `scheme://` URL (read through etils.epath; the orbax layout only)."""
+  if is_remote(path):
+    from etils import epath
+
+    return epath.Path(path)
+  return resolve_checkpoint(path, **kwargs)
+
+
+def _output_dir(path):
+  """A directory to write: local → absolute `pathlib.Path` (`~` expanded); `scheme://` →
+  `epath.Path`."""
+  if is_remote(path):
+    from etils import epath
+
+    return epath.Path(path)
+  return pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
 def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
-  path = pathlib.Path(path) / CONFIG
+  path = _checkpoint_dir(path) / CONFIG
   if not path.is_file():
     raise CheckpointError(f"{path} not found: a LLaDA checkpoint directory needs config.json")
   try:
@@ -266,7 +288,10 @@ def read_tensor(entry: _StEntry, *, transpose: bool = False, dtype: np.dtype | N
 
 def index_hf_checkpoint(path: str | os.PathLike) -> dict[str, _StEntry]:
   """Name → entry over all shards of an HF checkpoint dir (headers only; no tensor data read)."""
-  path = pathlib.Path(path)
+  if is_remote(path):
+    raise CheckpointError(f"{path}: a Hugging Face checkpoint is read from a local directory or "
+                          "a hub repo id; convert it there first (python -m egspo.convert)")
+  path = _checkpoint_dir(path)
   index_file, single = path / INDEX, path / SINGLE
   if index_file.is_file():
     try:
@@ -342,7 +367,7 @@ def _write_safetensors(file: pathlib.Path, items: list[tuple[str, Callable[[], n
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the reference writer does
   tmp = file.with_suffix(".tmp")
-  with open(tmp, "wb") as fh:
+  with tmp.open("wb") as fh:
     fh.write(len(raw).to_bytes(8, "little"))
     fh.write(raw)
     for name, fetch, dt, shape in items:
@@ -397,13 +422,6 @@ def _save_group(out_dir: pathlib.Path, group: str, tree: dict) -> None:
   _release_freed_memory()
 
 
-# Files of a Hugging Face tokenizer directory, copied next to converted/exported weights so that
-# `egspo.tokenizer.load_tokenizer(checkpoint_dir)` finds the tokenizer of the model.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                   "chat_template.jinja", "generation_config.json")
-
-
 def save_tokenizer(tokenizer, out_dir: pathlib.Path, cfg_json: dict[str, Any]) -> None:
   """Put the model's tokenizer beside its weights.
 
@@ -418,12 +436,20 @@ def save_tokenizer(tokenizer, out_dir: pathlib.Path, cfg_json: dict[str, Any]) -
   if isinstance(tokenizer, tok_lib.CharTokenizer):
     cfg_json["egspo_tokenizer"] = "char"
   elif isinstance(tokenizer, tok_lib.HFTokenizer):
-    tokenizer.tok.save_pretrained(str(out_dir))
+    if is_remote(out_dir):  # transformers writes local directories only
+      import tempfile
+
+      with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.tok.save_pretrained(tmp)
+        for f in sorted(pathlib.Path(tmp).iterdir()):
+          _copy_file(f, out_dir / f.name)
+    else:
+      tokenizer.tok.save_pretrained(str(out_dir))
   elif isinstance(tokenizer, (str, os.PathLike)):
-    src = pathlib.Path(tokenizer)
+    src = _checkpoint_dir(tokenizer, what="tokenizer", weights=False)
     for name in TOKENIZER_FILES:
       if (src / name).is_file():
-        shutil.copy2(src / name, out_dir / name)
+        _copy_file(src / name, out_dir / name)
     try:  # a CPU-preset checkpoint records its built-in tokenizer in config.json
       if json.loads((src / CONFIG).read_text()).get("egspo_tokenizer") == "char":
         cfg_json["egspo_tokenizer"] = "char"
@@ -432,6 +458,16 @@ def save_tokenizer(tokenizer, out_dir: pathlib.Path, cfg_json: dict[str, Any]) -
   else:
     raise TypeError(f"tokenizer must be None, a directory, an HFTokenizer or a CharTokenizer, got "
                     f"{type(tokenizer).__name__}")
+
+
+def _copy_file(src, dst) -> None:
+  """One file, local or `scheme://` on either side (a hub cache symlink is followed)."""
+  if is_remote(src) or is_remote(dst):
+    from etils import epath
+
+    epath.Path(src).copy(epath.Path(dst), overwrite=True)
+  else:
+    shutil.copyfile(src, dst)
 
 
 def _write_manifest(out_dir: pathlib.Path, cfg: ModelConfig, source: str, tokenizer=None) -> None:
@@ -445,12 +481,15 @@ def _write_manifest(out_dir: pathlib.Path, cfg: ModelConfig, source: str, tokeni
 
 
 def _prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> pathlib.Path:
-  out_dir = pathlib.Path(out_dir)
+  out_dir = _output_dir(out_dir)
   if out_dir.exists() and any(out_dir.iterdir()):
     if not overwrite:
       raise FileExistsError(f"output directory {out_dir} exists and is not empty "
                             "(pass overwrite=True / --overwrite)")
-    shutil.rmtree(out_dir)
+    if isinstance(out_dir, pathlib.Path):
+      shutil.rmtree(out_dir)
+    else:
+      out_dir.rmtree()
   out_dir.mkdir(parents=True, exist_ok=True)
   return out_dir
 
@@ -464,9 +503,7 @@ def convert_hf_to_orbax(checkpoint: str | os.PathLike, output: str | os.PathLike
   Peak host memory ≈ one layer group (+ one tensor being transposed) + a constant.
   Returns the ModelConfig written to `output/config.json`.
   """
-  checkpoint = pathlib.Path(checkpoint)
-  if not checkpoint.is_dir():
-    raise CheckpointError(f"checkpoint directory {checkpoint} does not exist")
+  checkpoint = _checkpoint_dir(checkpoint)
   overrides = {} if param_dtype is None else {"param_dtype": param_dtype}
   cfg_json = read_config_json(checkpoint)
   entries = index_hf_checkpoint(checkpoint)
@@ -494,7 +531,7 @@ def convert_hf_to_orbax(checkpoint: str | os.PathLike, output: str | os.PathLike
 
 def checkpoint_layout(path: str | os.PathLike) -> str:
   """'orbax' (an egspo orbax dir) or 'hf' (a Hugging Face dir); a clear error otherwise."""
-  path = pathlib.Path(path)
+  path = _checkpoint_dir(path)
   if not path.is_dir():
     raise CheckpointError(f"checkpoint directory {path} does not exist")
   if (path / MANIFEST).is_file():
@@ -521,7 +558,7 @@ def _read_manifest(path: pathlib.Path) -> dict[str, Any]:
 
 def load_config(path: str | os.PathLike, **overrides) -> ModelConfig:
   """The ModelConfig of a checkpoint dir (either layout) with field overrides."""
-  path = pathlib.Path(path)
+  path = _checkpoint_dir(path)
   checkpoint_layout(path)
   return config_from_json(read_config_json(path), str(path / CONFIG), **overrides)
 
@@ -639,7 +676,9 @@ def from_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
   """Load a LLaDA model from an HF dir or an egspo orbax dir, straight into its shardings.
 
   Args:
-    path: checkpoint directory (either layout; detected from its files).
+    path: checkpoint directory (either layout; detected from its files; relative, `~/…` or
+      absolute), a hub repo id `ORG/NAME[@REVISION]` (`egspo.hub.resolve_checkpoint`), or a
+      `gs://…` URL of an orbax directory.
     mesh: optional mesh; without `shardings` each parameter gets the sharding its
       `logical_axes` map to under `rules` (`egspo.sharding.logical_to_mesh_sharding`).
     shardings: optional target shardings: a single `Sharding` for all, or an `nnx.State`/nested
@@ -653,7 +692,7 @@ def from_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
   The model is built with `nnx.eval_shape` (no random init); each tensor is read once and
   placed directly into its target sharding.
   """
-  path = pathlib.Path(path)
+  path = _checkpoint_dir(path)
   layout = checkpoint_layout(path)
   if layout == "orbax":
     manifest = _read_manifest(path)
