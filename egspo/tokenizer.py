@@ -23,7 +23,8 @@ class TokenizerBase:
   def encode(self, text: str) -> list[int]:
     raise NotImplementedError
 
-  def decode(self, ids: Sequence[int]) -> str:
+  def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+    """Text of `ids`; special tokens dropped unless skip_special=False."""
     raise NotImplementedError
 
   def chat_prompt(self, user_message: str, assistant_prefill: str = "") -> str:
@@ -65,7 +66,8 @@ class CharTokenizer(TokenizerBase):
   """Character-level tokenizer for the CPU presets (printable ASCII + newline).
 
   Ids: 0 pad, 1 eos, 2 mask, 3 bos, then the four answer-format tags as single tokens, then
-  characters. Special tokens are dropped by `decode`; unknown characters raise.
+  characters. Special tokens are dropped by `decode` (kept with skip_special=False); unknown
+  characters raise.
   """
 
   SPECIALS = ("<pad>", "<eos>", "<mask>", "<bos>")
@@ -95,10 +97,9 @@ class CharTokenizer(TokenizerBase):
         i += 1
     return ids
 
-  def decode(self, ids: Sequence[int]) -> str:
-    n_special = len(self.SPECIALS)
-    return "".join(self._id_to_piece[i] for i in ids
-                   if n_special <= int(i) < self.vocab_size)
+  def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+    first = len(self.SPECIALS) if skip_special else 0
+    return "".join(self._id_to_piece[i] for i in ids if first <= int(i) < self.vocab_size)
 
   def chat_prompt(self, user_message: str, assistant_prefill: str = "") -> str:
     return user_message + assistant_prefill
@@ -183,8 +184,8 @@ class HFTokenizer(TokenizerBase):
     # such; nothing is added around the text.
     return list(self.tok.encode(text, add_special_tokens=False))
 
-  def decode(self, ids: Sequence[int]) -> str:
-    return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+  def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+    return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
   def chat_prompt(self, user_message: str, assistant_prefill: str = "") -> str:
     """One user turn through the tokenizer's chat template (generation prompt added), else

@@ -309,8 +309,11 @@ def generate_with_model(model, prompt_ids, prompt_mask, key, config: SamplerConf
                        return_states=return_states)
 
 
-def decode_completions(rollout_or_tokens, tokenizer, stop_ids=None) -> list[str]:
-  """Texts of the completions, each cut at its first EOS (or any of `stop_ids`).
+def decode_completions(rollout_or_tokens, tokenizer, stop_ids=None, *, cut: bool = True,
+                       skip_special: bool = True) -> list[str]:
+  """Texts of the completions: by default each cut at its first EOS (or any of `stop_ids`), special
+  tokens dropped. `cut=False` decodes every position; `skip_special=False` keeps special tokens
+  as text (e.g. "<|eot_id|><|endoftext|>"). `decode_options` gives the release's settings.
 
   rollout_or_tokens: a `Rollout` or completion tokens [B, G].
   """
@@ -319,7 +322,21 @@ def decode_completions(rollout_or_tokens, tokenizer, stop_ids=None) -> list[str]
   if stop_ids is None:
     stop_ids = [tokenizer.eos_id] + [i for i in [getattr(tokenizer, "eot_id", None)]
                                      if i is not None]
-  return [tokenizer.decode(cut_at_stop(row, stop_ids)) for row in tokens.tolist()]
+  rows = [cut_at_stop(row, stop_ids) if cut else row for row in tokens.tolist()]
+  if skip_special:
+    return [tokenizer.decode(row) for row in rows]
+  return [tokenizer.decode(row, skip_special=False) for row in rows]
+
+
+def decode_options(reference: bool, purpose: str) -> dict:
+  """`decode_completions` keyword arguments. Default: cut at the first EOS, specials dropped.
+  reference=True reproduces the release: training rewards decode every position with special
+  tokens dropped (text after an EOS counts); evaluation keeps the special tokens."""
+  if purpose not in ("train", "eval"):
+    raise ValueError(f"decode purpose must be 'train' or 'eval', got {purpose!r}")
+  if not reference:
+    return {"cut": True, "skip_special": True}
+  return {"cut": False, "skip_special": purpose == "train"}
 
 
 def cut_at_stop(ids, stop_ids) -> list[int]:

@@ -17,8 +17,10 @@ matches); answers compare as numbers ("1,000" = "1000" = "1000.0", "$5" = "5") r
 raw strings. `reference_rewards=True`: no DOTALL, exact string comparison.
 
 Metric (`score`, d1 evaluation parser): the first non-trivial `\\boxed{…}` holding a number,
-else the last number inside `<answer>…</answer>`, compared with the reference as a float
-(thousands separators and `$` removed first).
+else the last number inside `<answer>…</answer>`, compared with the reference as a float.
+By default thousands separators and `$` are removed first ("\\boxed{1,000}" reads 1000);
+`reference_rewards=True` is d1's parser exactly (it reads 1.0 there) against d1's ground truth
+(`d1_ground_truth`): on d1's released generations the default grades 0.9 points higher at 256.
 """
 
 from __future__ import annotations
@@ -108,28 +110,44 @@ def gsm8k_reward_terms(completion: str, answer: str, reference: bool = False) ->
   }
 
 
-def d1_eval_number(completion: str) -> float | None:
-  """The number d1's GSM8K evaluation parser reads from a generation (see module docstring)."""
+def _first_float(text: str, pick: int) -> float | None:
+  """float(text), else the `pick`-th number written in it (None if none)."""
+  try:
+    return float(text)
+  except ValueError:
+    nums = _NUM_RE.findall(text)
+    return float(nums[pick]) if nums else None
+
+
+def d1_eval_number(completion: str, reference: bool = False) -> float | None:
+  """The number d1's GSM8K evaluation parser reads from a generation (see module docstring).
+
+  reference=True is d1's parser exactly: no thousands separators or `$` are removed, so
+  "\\boxed{1,000}" reads as 1.0."""
+  clean = (lambda t: t) if reference else (lambda t: t.replace(",", "").replace("$", ""))
   for boxed in re.findall(r"\\boxed{(.*?)}", completion):
-    boxed = boxed.strip().replace(",", "").replace("$", "")
+    boxed = clean(boxed.strip())
     if boxed and not re.fullmatch(r"\.+", boxed):
-      try:
-        return float(boxed)
-      except ValueError:
-        nums = _NUM_RE.findall(boxed)
-        if nums:
-          return float(nums[0])
+      value = _first_float(boxed, 0)
+      if value is not None:
+        return value
   m = re.search(r"<answer>(.*?)</answer>", completion, re.DOTALL)
   if m:
-    text = m.group(1).strip().replace(",", "").replace("$", "")
+    text = clean(m.group(1).strip())
     if text:
-      try:
-        return float(text)
-      except ValueError:
-        nums = _NUM_RE.findall(text)
-        if nums:
-          return float(nums[-1])
+      return _first_float(text, -1)
   return None
+
+
+_D1_GOLD_RE = re.compile(r"####\s*\$?([\d,]+(?:\.\d+)?)")
+
+
+def d1_ground_truth(example: Example) -> float | None:
+  """The ground truth d1's evaluation compares with: the first number after '####' in the worked
+  solution, commas removed (None for a negative answer, whose '-' the pattern does not take)."""
+  text = example.get("solution") or f"#### {example['answer']}"
+  m = _D1_GOLD_RE.search(str(text))
+  return float(m.group(1).replace(",", "")) if m else None
 
 
 def _ascii(text: str) -> str:
@@ -177,6 +195,10 @@ class GSM8KTask(Task):
     return float(sum(gsm8k_reward_terms(completion, example["answer"], self.reference_rewards).values()))
 
   def score(self, completion: str, example: Example) -> dict:
+    if self.reference_rewards:  # d1: exact float equality with its parsed ground truth
+      pred = d1_eval_number(completion, reference=True)
+      gold = d1_ground_truth(example)
+      return {"correct": pred is not None and pred == gold, "extracted": pred}
     pred = d1_eval_number(completion)
     ref = to_number(str(example["answer"]))
     correct = pred is not None and ref is not None and abs(pred - float(ref)) < 1e-9

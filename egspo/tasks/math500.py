@@ -3,20 +3,27 @@
 Example dict: {"problem": str, "answer": str (the reference final answer, LaTeX), "solution":
 worked solution or None}. Records with only `solution` get `answer` = its last `\\boxed{}`.
 
-Reward (d1 `correctness_reward_func_math` + 0.5 × `boxed_and_answer_tags_format_reward`):
-  2.0 if the content of the completion's last `\\boxed{…}` (nested braces) is equivalent to the
-      reference answer;
-  + 0.5 × (1.0 if the completion has `<answer>` + (1.0 if `\\boxed` occurs in the answer text,
-      i.e. after the first `<answer>` up to `</answer>`, or in the whole text without a tag,
-      else 0.5)).
-Equivalence: equal after light LaTeX normalisation, else math-verify (sympy) with a timeout.
-Defects fixed: the reference tests `"\\boxed" in text` written as a Python string "\\boxed" with a
-single backslash, i.e. a backspace + "oxed", which never matches, so the format term never sees a
-box; and without any box it compares the *whole* completion with the answer.
-`reference_rewards=True` restores both.
+Two graders, chosen by the task's one switch `reference_rewards`:
+  default    the last `\\boxed{…}` (nested braces) is equivalent to the answer: equal after light
+             LaTeX normalisation, else math-verify (sympy) with a timeout;
+  reference  d1's string grader, the one behind the published tables (d1 `eval/parser_helper.py`,
+             `diffu-grpo/math500_utils.py`): `last_boxed_only_string` → `remove_boxed` →
+             `strip_string` → string equality (`is_equiv`), quirks included. On d1's released
+             LLaDA generations math-verify grades higher (README "Graders").
+
+Reward (d1 `correctness_reward_func_math` + `boxed_and_answer_tags_format_reward`, max 3.0):
+  2.0 if the extracted answer is equivalent to the reference
+  + 0.5 × (1.0 if the completion has `<answer>`, + 1.0 if `\\boxed` occurs in the answer text
+      (after the first `<answer>` up to `</answer>`, or the whole text without a tag), else 0.5).
+Defects fixed by default: the reference tests `"\\boxed" in text` written as the Python string
+"\\boxed" with a single backslash, i.e. a backspace + "oxed", which never matches, so the format
+term never sees a box; and without a box it compares the *whole* completion with the answer.
+Reference mode keeps both and grades against the last box of the example's `solution` (the
+release passes the worked solution as the answer).
 
 Metric (`score`, d1 evaluation parser): the last `\\boxed{}` content, else the `<answer>` text;
-correct iff equivalent to the reference.
+correct iff equivalent. Reference mode: d1's `parse_math_answers` exactly (with no box at all the
+whole generation is compared; the `<answer>` text only when the box is unclosed or empty).
 """
 
 from __future__ import annotations
@@ -28,6 +35,13 @@ from typing import Any
 
 from egspo.tasks.base import Example, Task, check_purpose, check_style, last_boxed
 from egspo.tasks.gsm8k import EVAL_SYSTEM, SYSTEM, _ascii
+
+# The release's MATH500 evaluation prompt, byte for byte (a stray `"` and space after
+# `</answer>`; no space after `\boxed{}.`); the default reuses GSM8K's evaluation prompt.
+REFERENCE_EVAL_SYSTEM = ("You are a math expert. You will be given a question to solve. Solve it step "
+                         "by step. Wrap the final answer in a \\boxed{}.\nRespond in the following "
+                         "format:\n<reasoning>\nYour reasoning here\n</reasoning>\n<answer>\n"
+                         "\\boxed{...}\n</answer>\" \n")
 
 EQUIV_TIMEOUT_S = 3
 MAX_VERIFY_CHARS = 300  # longer strings are compared only after normalisation
@@ -105,6 +119,147 @@ def _is_equivalent(pred: str, gold: str, use_cas: bool) -> bool:
     return False
 
 
+# --- d1's string grader (reference mode) ------------------------------------------------------
+# Reproduces the behaviour of d1's `last_boxed_only_string`, `remove_boxed`, `strip_string` and
+# `is_equiv` (facts from `eval/parser_helper.py`), including where they raise: every function
+# below raises exactly where d1's does, and the callers handle that as d1's callers do.
+
+
+def d1_last_boxed_only_string(text: str) -> str | None:
+  """`\\boxed …` up to the next `$` if any `\\boxed ` (with a space) occurs; else the last
+  `\\boxed{…}` (or `\\fbox{…}`) with balanced braces, None if unclosed; the text itself if neither."""
+  if "\\boxed " in text:
+    return "\\boxed " + text.split("\\boxed ")[-1].split("$")[0]
+  start = text.rfind("\\boxed")
+  if start < 0:
+    start = text.rfind("\\fbox")
+    if start < 0:
+      return text
+  depth = 0
+  for k in range(start, len(text)):
+    if text[k] == "{":
+      depth += 1
+    elif text[k] == "}":
+      depth -= 1
+      if depth == 0:
+        return text[start:k + 1]
+  return None
+
+
+def d1_remove_boxed(s: str) -> str:
+  """The content of `\\boxed{…}` / `\\boxed …`; other text unchanged. Raises on None, and on text
+  holding `\\boxed ` that does not start with it."""
+  if "\\boxed " in s:
+    if not s.startswith("\\boxed "):
+      raise ValueError("text holds '\\boxed ' but does not start with it")
+    return s[len("\\boxed "):]
+  if s.startswith("\\boxed{") and s.endswith("}"):
+    return s[len("\\boxed{"):-1]
+  return s
+
+
+def _d1_fix_fracs(s: str) -> str:
+  parts = s.split("\\frac")
+  out = parts[0]
+  for part in parts[1:]:
+    out += "\\frac"
+    if part[0] == "{":  # IndexError on a trailing "\frac", as in d1
+      out += part
+    elif len(part) < 2:
+      return s
+    elif part[1] != "{":
+      out += "{" + part[0] + "}{" + part[1] + "}" + part[2:]
+    else:
+      out += "{" + part[0] + "}" + part[1] + part[2:]
+  return out
+
+
+def _d1_remove_right_units(s: str) -> str:
+  if "\\text{ " not in s:
+    return s
+  parts = s.split("\\text{ ")
+  if len(parts) != 2:
+    raise ValueError("more than one '\\text{ '")
+  return parts[0]
+
+
+def _d1_fix_sqrt(s: str) -> str:
+  if "\\sqrt" not in s:
+    return s
+  parts = s.split("\\sqrt")
+  out = parts[0]
+  for part in parts[1:]:
+    if part[0] != "{":  # IndexError on a trailing "\sqrt", as in d1
+      out += "\\sqrt{" + part[0] + "}" + part[1:]
+    else:
+      out += "\\sqrt" + part
+  return out
+
+
+def _d1_fix_a_slash_b(s: str) -> str:
+  parts = s.split("/")
+  if len(parts) != 2:
+    return s
+  a, b = int(parts[0]), int(parts[1])  # ValueError propagates, as in d1
+  return f"\\frac{{{a}}}{{{b}}}" if s == f"{a}/{b}" else s
+
+
+def d1_strip_string(s: str) -> str:
+  """d1's (Hendrycks MATH's) answer normalisation."""
+  for a, b in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"),
+               ("\\left", ""), ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", "")):
+    s = s.replace(a, b)
+  s = _d1_remove_right_units(s)
+  s = s.replace("\\%", "").replace(" .", " 0.").replace("{.", "{0.")
+  if not s:
+    return s
+  if s[0] == ".":
+    s = "0" + s
+  sides = s.split("=")
+  if len(sides) == 2 and len(sides[0]) <= 2:
+    s = sides[1]
+  s = _d1_fix_sqrt(s).replace(" ", "")
+  s = _d1_fix_fracs(s)
+  if s == "0.5":
+    s = "\\frac{1}{2}"
+  return _d1_fix_a_slash_b(s)
+
+
+def d1_is_equiv(a: Any, b: Any) -> bool:
+  """d1's `is_equiv`: floats compare within 1e-6; None equals None; otherwise equal after
+  `d1_strip_string`, or (when that raises) equal as given."""
+  if type(a) is float or type(b) is float:
+    try:
+      return abs(float(a) - float(b)) < 1e-6
+    except (TypeError, ValueError):
+      return False
+  if a is None or b is None:
+    return a is None and b is None
+  try:
+    return d1_strip_string(a) == d1_strip_string(b)
+  except Exception:  # noqa: BLE001 - d1 falls back to plain equality on any failure
+    return a == b
+
+
+def d1_extract_boxed(text: str) -> str | None:
+  """`remove_boxed(last_boxed_only_string(text))`, None where d1's pair raises."""
+  try:
+    return d1_remove_boxed(d1_last_boxed_only_string(text))
+  except (TypeError, ValueError):
+    return None
+
+
+def d1_math_eval_answer(generation: str) -> str | None:
+  """The answer d1's `parse_math_answers` reads: the box (or, with no box, the whole text); the
+  stripped `<answer>` content when that is empty or the box is unclosed."""
+  parsed = d1_extract_boxed(generation)
+  if not parsed:
+    m = re.search(r"<answer>(.*?)</answer>", generation, re.DOTALL)
+    if m:
+      parsed = m.group(1).strip()
+  return parsed
+
+
 def boxed_format_score(completion: str, reference: bool = False) -> float:
   """d1's `boxed_in_answer` (in [0.5, 2.0]); reference=True keeps the backspace defect."""
   score = 0.0
@@ -149,7 +304,8 @@ class Math500Task(Task):
     if style == "plain":
       return f"Q: {_ascii(example['problem']).strip()}\n"
     if purpose == "eval":
-      return f"{EVAL_SYSTEM}\n\n{example['problem']}"
+      system = REFERENCE_EVAL_SYSTEM if self.reference_rewards else EVAL_SYSTEM
+      return f"{system}\n\n{example['problem']}"
     return (f"{SYSTEM}\n\nYou are a math expert. You will be given a question to solve. Solve it "
             f"step by step. Wrap the final answer in a \\boxed{{}}. \n\n{example['problem']}")
 
@@ -163,15 +319,27 @@ class Math500Task(Task):
 
   def reward(self, completion: str, example: Example) -> float:
     try:
-      pred = last_boxed(completion)
-      if pred is None and self.reference_rewards:
-        pred = completion  # the reference compares the whole text when nothing is boxed
-      correct = 2.0 if is_equivalent(pred, example["answer"], self.use_cas) else 0.0
-      return correct + 0.5 * boxed_format_score(completion, self.reference_rewards)
+      if self.reference_rewards:
+        pred = d1_extract_boxed(completion)
+        correct = d1_is_equiv(completion if pred is None else pred, self._reference_gold(example))
+      else:
+        correct = is_equivalent(last_boxed(completion), example["answer"], self.use_cas)
+      return 2.0 * correct + 0.5 * boxed_format_score(completion, self.reference_rewards)
     except Exception:  # noqa: BLE001 - a reward never raises on model text
       return 0.0
 
+  @staticmethod
+  def _reference_gold(example: Example) -> Any:
+    """The release grades against the last box of the worked solution (its `answer` column)."""
+    solution = example.get("solution")
+    gold = d1_extract_boxed(solution) if isinstance(solution, str) else None
+    return example["answer"] if gold is None else gold
+
   def score(self, completion: str, example: Example) -> dict:
+    if self.reference_rewards:
+      pred = d1_math_eval_answer(completion)
+      return {"correct": pred is not None and d1_is_equiv(pred, example["answer"]),
+              "extracted": pred}
     pred = last_boxed(completion)
     if not pred:
       m = re.search(r"<answer>(.*?)</answer>", completion, re.DOTALL)
@@ -187,6 +355,8 @@ class Math500Task(Task):
   def example_from_ground_truth(self, question: str, ground_truth: Any) -> dict:
     if ground_truth is None:
       raise ValueError("MATH ground truth is missing")
+    if self.reference_rewards:  # d1 compares with the file's ground truth as it is
+      return {"problem": question, "answer": ground_truth, "solution": None}
     gt = str(ground_truth)
     boxed = last_boxed(gt)  # d1 train-style ground truths are whole solutions
     return {"problem": question, "answer": boxed if boxed is not None else gt, "solution": None}
