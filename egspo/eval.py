@@ -46,11 +46,13 @@ from egspo.tasks import get_task
 
 def generate_texts(model, tokenizer, prompts: Sequence[str], gen_length: int, *,
                    block_length: int = 32, steps: int | None = None, temperature: float = 0.0,
-                   seed: int = 0, batch_size: int = 8, pad_to: int | None = None) -> list[str]:
+                   seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
+                   reference: bool = False) -> list[str]:
   """Completions of `prompts` (already chat-formatted and prefilled) with the LLaDA sampler.
 
   Batches are padded to `batch_size` rows (by repeating the last prompt) and prompts to `pad_to`
-  tokens, so one compiled program serves the whole evaluation.
+  tokens, so one compiled program serves the whole evaluation. reference=True decodes as the
+  release's evaluation does (every position, special tokens kept; `sampler.decode_options`).
   """
   import jax
   from egspo.diffusion import sampler
@@ -69,7 +71,8 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], gen_length: int, *,
     chunk += [chunk[-1]] * (batch_size - n)
     ids, mask = tokenizer.encode_batch(chunk, pad_to=pad_to)
     rollout = sampler.generate_with_model(model, ids, mask, jax.random.fold_in(key, start), config)
-    out += sampler.decode_completions(rollout, tokenizer)[:n]
+    out += sampler.decode_completions(rollout, tokenizer,
+                                      **sampler.decode_options(reference, "eval"))[:n]
   return out
 
 
@@ -121,7 +124,7 @@ def evaluate(model, tokenizer, task, examples: Sequence[dict], gen_lengths: Sequ
     else:
       texts = generate_texts(model, tokenizer, prompts, int(length), block_length=block_length,
                              temperature=temperature, seed=seed, batch_size=batch_size,
-                             pad_to=pad_to)
+                             pad_to=pad_to, reference=task.reference_rewards)
     scores, metrics = score_generations(task, texts, examples)
     results[str(length)] = {"metrics": metrics,
                             "generations": generation_records(task, examples, prompts, texts, scores),
@@ -250,7 +253,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--style", choices=["chat", "plain"], default=None,
                  help="prompt style (default: chat for --checkpoint, plain for --preset)")
   p.add_argument("--reference_rewards", action="store_true",
-                 help="score with the reference parsers, defects included")
+                 help="the released code's prompts, decoding and graders, defects included "
+                      "(README 'Graders')")
   p.add_argument("--output", help="write the generations (with --generations: the re-graded "
                  "per-example records) and the metrics as JSON here; relative, ~/, absolute or gs://")
   return p
