@@ -27,6 +27,7 @@ SELECTIONS = ("entropy", "uniform", "random", "adaptive")  # egspo.rl.selection.
 REMASKINGS = ("low_confidence", "random")  # egspo.diffusion.sampler.REMASKING
 DTYPES = ("float32", "bfloat16", "float16")  # egspo.model.llada._DTYPES
 VARIANTS = ("", "8b", "tiny")
+PROMPT_TRUNCATIONS = ("error", "left", "middle")  # egspo.tasks.data.PROMPT_TRUNCATIONS
 RANDOM_INIT = "random"  # model.checkpoint value: the preset with seeded random weights
 
 
@@ -39,12 +40,18 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.task.name = task
   c.task.prompt_style = "chat"  # 'chat' (instruct template) | 'plain' (CPU presets)
   c.task.options = ml_collections.ConfigDict()  # passed to egspo.tasks.get_task
-  c.task.train_file = ""  # local data file for tasks without a generator (gsm8k, math500, code)
+  # Local data files in the Hugging Face layout, read by the task's converter (a generator task
+  # trains on the file instead of generated problems).
+  c.task.train_file = ""
   c.task.eval_file = ""
   c.task.num_eval_examples = 256
   # 'file': the task's test file (REFERENCE §5); 'generated': held-out generated problems
   # (generator tasks), excluded from the training stream.
   c.task.eval_source = "file"
+  # A training prompt longer than rollout.max_prompt_length: 'error' (say so), 'left' (the
+  # release: keep its last max_prompt_length tokens) or 'middle' (keep its start and end).
+  # Evaluation prompts are never cut. egspo.tasks.data.fit_prompt.
+  c.task.prompt_truncation = "error"
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "llada_8b"
@@ -406,6 +413,7 @@ def _validate_task(c) -> None:
   _choice(c, "task.name", tasks_lib.task_names())
   _choice(c, "task.prompt_style", ("chat", "plain"))
   _choice(c, "task.eval_source", ("file", "generated"))
+  _choice(c, "task.prompt_truncation", PROMPT_TRUNCATIONS)
   _int(c, "task.num_eval_examples", 0)
   options = _get(c, "task.options")
   _check(isinstance(options, (ml_collections.ConfigDict, dict)), "task.options", options,
@@ -482,11 +490,14 @@ def _check_sequence_length(c, prompt_len: int) -> None:
   from egspo.model import llada  # pylint: disable=import-outside-toplevel
 
   max_len = llada.get_config(c.model.preset).max_sequence_length
-  for sec in ("rollout", "eval"):
-    gen = c[sec].gen_length
-    _check(prompt_len + gen <= max_len, f"{sec}.gen_length", gen,
-           f"rollout.max_prompt_length={prompt_len} + {sec}.gen_length must be <= "
-           f"model.preset={c.model.preset!r}'s max_sequence_length={max_len}")
+  gen = c.rollout.gen_length
+  _check(prompt_len + gen <= max_len, "rollout.max_prompt_length", prompt_len,
+         f"+ rollout.gen_length={gen} must be <= model.preset={c.model.preset!r}'s "
+         f"max_sequence_length={max_len}")
+  gen = c.eval.gen_length
+  _check(prompt_len + gen <= max_len, "eval.gen_length", gen,
+         f"rollout.max_prompt_length={prompt_len} + eval.gen_length must be <= "
+         f"model.preset={c.model.preset!r}'s max_sequence_length={max_len}")
 
 
 def _validate_sft(c) -> None:
