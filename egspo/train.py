@@ -158,8 +158,11 @@ class Trainer:
     return self.tokenizer.encode_batch(texts, max_length=c.rollout.max_prompt_length,
                                        pad_to=c.rollout.max_prompt_length)
 
-  def decode(self, tokens) -> list[str]:
-    return sampler_lib.decode_completions(np.asarray(tokens), self.tokenizer)
+  def decode(self, tokens, purpose: str = "train") -> list[str]:
+    """Completion texts; with task option reference_rewards, decoded as the release does."""
+    return sampler_lib.decode_completions(
+        np.asarray(tokens), self.tokenizer,
+        **sampler_lib.decode_options(self.task.reference_rewards, purpose))
 
   def new_state(self, params, tx):
     """Train state with the optimizer state created on device, sharded like the parameters."""
@@ -194,7 +197,7 @@ class Trainer:
       chunk += [chunk[-1]] * (bs - n)  # pad the last batch: one compiled shape
       ids, mask = self.put_batch(self.tokenizer.encode_batch(
           chunk, max_length=c.rollout.max_prompt_length, pad_to=c.rollout.max_prompt_length))
-      texts += self.decode(to_host(gen(params, self.frozen, ids, mask))[:n])
+      texts += self.decode(to_host(gen(params, self.frozen, ids, mask))[:n], "eval")
     scores, metrics = eval_lib.score_generations(self.task, texts, examples)
     self.writer.write_scalars(step, {f"{tag}/{k}": float(v) for k, v in metrics.items()
                                      if isinstance(v, (int, float, np.floating))})
