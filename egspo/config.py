@@ -50,7 +50,7 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.task.eval_source = "file"
   # A training prompt longer than rollout.max_prompt_length: 'error' (say so), 'left' (the
   # release: keep its last max_prompt_length tokens) or 'middle' (keep its start and end).
-  # Evaluation prompts are never cut. egspo.tasks.data.fit_prompt.
+  # Applies to training prompts (rollouts, SFT); egspo.tasks.data.fit_prompt.
   c.task.prompt_truncation = "error"
 
   c.model = ml_collections.ConfigDict()

@@ -103,6 +103,7 @@ class Trainer:
   writer: Any
   trainable: str
   sft_steps_done: int = 0  # SFT steps behind `params` (set by sft_stage; RL's step labels start there)
+  prompts_cut_frac: float = 0.0  # training prompts cut by the last `encode_prompts` (fraction)
   # The jitted evaluation generate function per sampler config (compiled once per shape).
   _eval_fns: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
@@ -149,14 +150,49 @@ class Trainer:
 
     return jax.tree.map(put, tree)
 
-  def encode_prompts(self, examples, purpose="train"):
-    """Left-padded prompt ids/mask [B, max_prompt_length] (fixed width: no recompiles)."""
+  def prompt_ids(self, examples, purpose="train") -> list[list[int]]:
+    """Token ids of each example's whole prompt (chat template, and the prefill for 'eval')."""
     c = self.config
     prefill = self.task.eval_prefill(c.task.prompt_style) if purpose == "eval" else ""
     texts = [self.tokenizer.chat_prompt(self.task.prompt(ex, c.task.prompt_style, purpose),
                                         prefill) for ex in examples]
-    return self.tokenizer.encode_batch(texts, max_length=c.rollout.max_prompt_length,
-                                       pad_to=c.rollout.max_prompt_length)
+    return [self.tokenizer.encode(t) for t in texts]
+
+  def encode_prompts(self, examples, purpose="train"):
+    """Left-padded prompt ids/mask [B, W]. Training prompts (rollouts, SFT): W =
+    rollout.max_prompt_length (fixed: no recompiles), a longer prompt handled by
+    task.prompt_truncation (`data.fit_prompt`; `self.prompts_cut_frac` = the fraction cut). 'eval'
+    prompts are never cut (the release evaluates whole prompts): W grows to the longest, rounded
+    up to a multiple of 64."""
+    c = self.config
+    width = c.rollout.max_prompt_length
+    ids = self.prompt_ids(examples, purpose)
+    if purpose == "eval":
+      width = max(width, -(-max(map(len, ids)) // 64) * 64)
+    else:
+      fitted = []
+      for i, (ex, x) in enumerate(zip(examples, ids)):
+        try:
+          fitted.append(data_lib.fit_prompt(x, width, c.task.prompt_truncation))
+        except ValueError as e:
+          raise ValueError(f"task {self.task.name!r}, prompt {i} "
+                           f"({self.task.question(ex)[:50]!r}...): {e}") from None
+      ids = [x for x, _ in fitted]
+      n_cut = sum(cut for _, cut in fitted)
+      self.prompts_cut_frac = n_cut / len(ids)
+      if n_cut:
+        logging.log_first_n(logging.WARNING, "task.prompt_truncation=%r cut %d of %d training "
+                            "prompts to rollout.max_prompt_length=%d tokens (metric "
+                            "rl/prompts_cut_frac)", 1, c.task.prompt_truncation, n_cut, len(ids),
+                            width)
+    out = np.full((len(ids), width), self.tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(ids), width), bool)
+    for i, x in enumerate(ids):
+      if not x:
+        raise ValueError(f"task {self.task.name!r}: prompt {i} encodes to zero tokens")
+      out[i, width - len(x):] = x
+      mask[i, width - len(x):] = True
+    return out, mask
 
   def decode(self, tokens, purpose: str = "train") -> list[str]:
     """Completion texts; with task option reference_rewards, decoded as the release does."""
@@ -227,8 +263,9 @@ class Trainer:
     return gen
 
   def eval_examples(self) -> list:
-    """Held-out examples: the task's test file (first n), or for generator tasks without a file
-    n generated problems from a seed stream separate from training (excluded from training)."""
+    """Held-out examples: the task's test file (first n, read by the task's converter), or for
+    generator tasks without a file n generated problems from a seed stream separate from
+    training (excluded from training)."""
     c = self.config
     n = c.task.num_eval_examples
     if n == 0:
@@ -242,16 +279,30 @@ class Trainer:
     return [self.task.sample_example(rng) for _ in range(n)]
 
   def train_stream(self, batch_size, group_size, seed, held_out=()):
-    """Deterministic, resumable prompt stream; generated problems equal to a held-out one are
-    redrawn, so evaluation measures generalisation."""
+    """Deterministic, resumable prompt stream. A data file (task.train_file, or a file task's own
+    training split) is read by the task's converter (`load_examples("train")`); one holding every
+    held-out example is refused, and with task.prompt_truncation='error' so is one with a prompt
+    longer than rollout.max_prompt_length (before any step). Generated problems equal to a
+    held-out one are redrawn, so evaluation measures generalisation."""
     c = self.config
-    if c.task.train_file:
-      examples = data_lib.read_records(c.task.train_file)
+    if c.task.train_file or not hasattr(self.task, "sample_example"):
+      what = (f"task.train_file={c.task.train_file!r}" if c.task.train_file
+              else f"the {self.task.name} training data")
+      examples = self.task.load_examples("train", path=c.task.train_file or None)
       if not examples:
-        raise ValueError(f"task.train_file={c.task.train_file!r} holds no examples")
+        raise ValueError(f"{what} holds no examples")
+      overlap = data_lib.check_held_out(examples, held_out, what)
+      if overlap:
+        logging.warning("%s holds %d of the %d evaluation examples", what, overlap, len(held_out))
+      if c.task.prompt_truncation == "error":
+        lengths = [len(x) for x in self.prompt_ids(examples)]
+        over = sum(n > c.rollout.max_prompt_length for n in lengths)
+        if over:
+          raise ValueError(f"{over} of the {len(examples)} prompts of {what} exceed "
+                           f"rollout.max_prompt_length={c.rollout.max_prompt_length} tokens "
+                           f"(longest {max(lengths)}); set task.prompt_truncation='left' (the release) or "
+                           "'middle', or raise rollout.max_prompt_length")
       return data_lib.PromptStream(examples, batch_size, group_size, seed=seed)
-    if not hasattr(self.task, "sample_example"):
-      return data_lib.prompt_stream(self.task, batch_size, group_size, seed=seed)
     banned = {_example_key(e) for e in held_out}
 
     def sample(rng):
@@ -449,7 +500,8 @@ def rl_stage(tr: Trainer, init_params) -> dict:
       m = {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
       m.update(pm)
       m.update(reward=float(rewards.mean()), reward_std=float(rewards.std()),
-               completion_tokens=float(np.mean([len(t) for t in texts])))
+               completion_tokens=float(np.mean([len(t) for t in texts])),
+               prompts_cut_frac=tr.prompts_cut_frac)
       m.update(timer.seconds(prefix="time/"))
       # Training wall time without evaluation: the budget of the continued-SFT control.
       history["rl_train_seconds"] = history.get("rl_train_seconds", 0.0) + timer.total()

@@ -1,5 +1,5 @@
 """Countdown: safe evaluator, reward, d1 eval metric, generator (checked by an independent
-brute-force solver and expression parser written here), jsonl reader."""
+brute-force solver and expression parser written here), data files in every layout and format."""
 
 import itertools
 import json
@@ -11,8 +11,10 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import SHARED_DATA
 from egspo.tasks import get_task
-from egspo.tasks.countdown import (ExpressionError, countdown_reward, evaluate_expression,
-                                   generate_problem, read_jsonl)
+from egspo import config as config_lib
+from egspo.tasks import data
+from egspo.tasks.countdown import (ExpressionError, countdown_example, countdown_reward,
+                                   evaluate_expression, generate_problem, read_jsonl)
 from egspo.tokenizer import CharTokenizer
 
 
@@ -198,6 +200,20 @@ def test_generator_problems_are_solvable_and_solutions_correct():
   assert seen_sizes == {3, 4}
 
 
+def test_default_generator_matches_the_test_ranges():
+  """Numbers and targets in 1..100, as the test set and Countdown-Tasks-3to4; the tiny run keeps
+  its own small ranges."""
+  task = get_task("countdown")
+  exs = [task.sample_example(np.random.default_rng([5, k])) for k in range(400)]
+  nums = [n for e in exs for n in e["numbers"]]
+  assert all(len(e["numbers"]) == 3 for e in exs)
+  assert min(nums) >= 1 and max(nums) == 100 and all(1 <= e["target"] <= 100 for e in exs)
+  for ex in exs[:50]:
+    assert task.reward(task.sft_target(ex, "chat"), ex) == 1.0
+  tiny = config_lib.base_config("countdown", "tiny").task.options
+  assert (tuple(tiny.number_range), tuple(tiny.target_range)) == ((1, 12), (1, 150))
+
+
 def test_generator_same_seed_same_data():
   a = [generate_problem(np.random.default_rng(s)) for s in range(20)]
   b = [generate_problem(np.random.default_rng(s)) for s in range(20)]
@@ -227,8 +243,74 @@ def test_read_shared_jsonl_and_all_solvable():
 def test_read_jsonl_errors(tmp_path):
   p = tmp_path / "bad.jsonl"
   p.write_text(json.dumps({"input": "1,2", "output": "x"}) + "\n")
-  with pytest.raises(ValueError, match="bad.jsonl:1"):
+  with pytest.raises(ValueError, match="bad.jsonl: record 0"):
     read_jsonl(p)
+  p.write_text(json.dumps({"question": "?"}) + "\n")
+  with pytest.raises(ValueError, match="not a Countdown record"):
+    get_task("countdown").load_examples("test", path=str(p))
+
+
+# The release's training rows (Jiayi-Pan/Countdown-Tasks-3to4: nums, target) and the test set's
+# rows (input, output), written in each file format the readers take.
+def _hf_rows(n):
+  rng = np.random.default_rng(0)
+  rows = []
+  for i in range(n):
+    nums = [int(x) for x in rng.integers(1, 101, size=3 if i % 4 else 4)]
+    rows.append({"target": int(sum(nums)), "nums": nums})
+  return rows
+
+
+def _write(rows, path):
+  fmt = path.suffix
+  if fmt == ".jsonl":
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  elif fmt == ".json":
+    path.write_text(json.dumps(rows))
+  elif fmt == ".parquet":
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), path)
+  else:  # .csv as pandas writes a list column: "[1, 2, 3]"
+    path.write_text(",".join(rows[0]) + "\n" + "".join(
+        ",".join(f'"{v}"' for v in r.values()) + "\n" for r in rows))
+  return str(path)
+
+
+@pytest.mark.parametrize("fmt", [".jsonl", ".json", ".parquet", ".csv"])
+def test_training_file_in_the_release_layout(tmp_path, fmt):
+  """3-number rows only, shuffled with seed 42, the last 500 held out (the release's split)."""
+  rows = _hf_rows(800)
+  path = _write(rows, tmp_path / f"countdown_train{fmt}")
+  task = get_task("countdown")
+  exs = task.load_examples("train", path=path)
+  three = [{"numbers": r["nums"], "target": r["target"], "solution": None} for r in rows
+           if len(r["nums"]) == 3]
+  keep, _ = data.hf_shuffle_holdout(len(three), 500, 42)
+  assert exs == [three[i] for i in keep] and len(exs) == len(three) - 500
+  assert all(task.reward(f"<answer>{'+'.join(map(str, e['numbers']))}</answer>", e) == 1.0
+             for e in exs)
+  assert len(get_task("countdown", train_holdout=0).load_examples("train", path=path)) == len(three)
+  with pytest.raises(ValueError, match="train_holdout"):
+    task.load_examples("train", path=_write(rows[:100], tmp_path / f"small{fmt}"))
+
+
+@pytest.mark.parametrize("fmt", [".jsonl", ".parquet", ".csv"])
+def test_test_file_layout_in_every_format(tmp_path, fmt):
+  rows = [{"input": "30,100,93", "output": "23"}, {"input": "83,18,75", "output": "10"}]
+  exs = get_task("countdown").load_examples("test", path=_write(rows, tmp_path / f"t{fmt}"))
+  assert exs == [{"numbers": [30, 100, 93], "target": 23, "solution": None},
+                 {"numbers": [83, 18, 75], "target": 10, "solution": None}]
+
+
+def test_countdown_example_layouts():
+  want = {"numbers": [1, 2, 3], "target": 6, "solution": None}
+  assert countdown_example({"input": "1,2,3", "output": "6"}) == want
+  assert countdown_example({"nums": [1, 2, 3], "target": 6}) == want
+  assert countdown_example({"nums": "[1 2 3]", "target": "6"}) == want
+  assert countdown_example({"numbers": [1, 2, 3], "target": 6, "solution": "1+2+3"})["solution"]
+  with pytest.raises(ValueError, match="not a Countdown record"):
+    countdown_example({"nums": [], "target": 1})
 
 
 def test_prompts():
@@ -244,4 +326,6 @@ def test_prompts():
   with pytest.raises(ValueError, match="style"):
     task.prompt(ex, "fancy")
   with pytest.raises(ValueError, match="no solution"):
-    task.sft_target({"numbers": [1, 2], "target": 3, "solution": None})
+    task.sft_target({"numbers": [1, 1], "target": 50, "solution": None})
+  row = {"numbers": [6, 4, 9], "target": 15, "solution": None}  # a file row: solution searched
+  assert task.reward(task.sft_target(row, "chat"), row) == 1.0

@@ -1,16 +1,20 @@
-"""Sudoku 4×4: solver, unique-solution generator (checked against an independent enumeration of
-all 288 grids), reward, d1 eval metric, csv reader, d1's seed-42 subsample."""
+"""Sudoku 4×4: solver, generators (the test set's distribution; unique solutions), checked against
+an independent enumeration of all 288 grids, reward, d1 eval metric, data files in every format,
+the release's training split, d1's seed-42 subsample."""
 
+import collections
 import itertools
+import json
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import SHARED_DATA
-from egspo.tasks import get_task
+from egspo.tasks import data, get_task
 from egspo.tasks.sudoku import (count_solutions, d1_eval_answer, d1_eval_subsample,
-                                generate_puzzle, is_valid_solution, read_csv, solve, sudoku_reward)
+                                generate_puzzle, is_valid_solution, read_csv, solve, sudoku_example,
+                                sudoku_reward)
 from egspo.tokenizer import CharTokenizer
 
 
@@ -51,10 +55,28 @@ def test_solver_on_examples():
     count_solutions("123")
 
 
+def test_default_generator_is_the_test_distribution():
+  """8 empty cells, uniformly placed, several completions allowed (the stored solution is one of
+  them); a sizeable fraction is ambiguous, as in the test set (24.8%)."""
+  task = get_task("sudoku")
+  counts, cells = collections.Counter(), np.zeros(16)
+  for k in range(600):
+    ex = task.sample_example(np.random.default_rng([4, k]))
+    assert ex["puzzle"].count("0") == 8 and is_valid_solution(ex["solution"])
+    comps = completions_of(ex["puzzle"])
+    assert ex["solution"] in comps
+    counts[len(comps)] += 1
+    cells += [c == "0" for c in ex["puzzle"]]
+    assert task.reward(task.sft_target(ex, "plain"), ex) == 1.0
+  ambiguous = sum(v for n, v in counts.items() if n > 1) / 600
+  assert 0.12 < ambiguous < 0.30, counts
+  assert cells.min() > 0.4 * 600 and cells.max() < 0.6 * 600  # every cell ~half the time
+
+
 def test_generator_unique_solutions():
   empties = []
   for k in range(120):
-    ex = generate_puzzle(np.random.default_rng([3, k]), (6, 12))
+    ex = generate_puzzle(np.random.default_rng([3, k]), (6, 12), unique=True)
     assert completions_of(ex["puzzle"]) == [ex["solution"]]
     assert is_valid_solution(ex["solution"])
     n = ex["puzzle"].count("0")
@@ -152,6 +174,54 @@ def test_read_csv_errors(tmp_path):
   p.write_text("a,b\n")
   with pytest.raises(ValueError, match="Puzzle,Solution"):
     read_csv(p)
+  p.write_text("a,b\n1,2\n")
+  with pytest.raises(ValueError, match="Puzzle,Solution"):
+    read_csv(p)
+
+
+def _write(rows, path):
+  fmt = path.suffix
+  if fmt == ".csv":  # the release's 4x4_sudoku_unique_puzzles.csv layout
+    path.write_text("Puzzle,Solution\n" + "".join(f"{r['Puzzle']},{r['Solution']}\n" for r in rows))
+  elif fmt == ".jsonl":
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  elif fmt == ".json":
+    path.write_text(json.dumps({"data": rows}))
+  else:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), path)
+  return str(path)
+
+
+def _release_rows(n):
+  rows = []
+  for k in range(n):
+    ex = generate_puzzle(np.random.default_rng([9, k]), (4, 10), unique=True)
+    rows.append({"Puzzle": ex["puzzle"], "Solution": ex["solution"]})
+  return rows
+
+
+@pytest.mark.parametrize("fmt", [".csv", ".jsonl", ".json", ".parquet"])
+def test_training_file_is_the_release_split(tmp_path, fmt):
+  """Shuffled with seed 42, the last 500 held out, as the release trains on its csv."""
+  rows = _release_rows(540)
+  path = _write(rows, tmp_path / f"4x4_sudoku_unique_puzzles{fmt}")
+  task = get_task("sudoku")
+  exs = task.load_examples("train", path=path)
+  keep, _ = data.hf_shuffle_holdout(540, 500, 42)
+  assert exs == [{"puzzle": rows[i]["Puzzle"], "solution": rows[i]["Solution"]} for i in keep]
+  assert all(task.reward(task.sft_target(e, "chat"), e) == 1.0 for e in exs)
+  assert len(get_task("sudoku", train_holdout=0).load_examples("train", path=path)) == 540
+  # The same file as an evaluation file: every row (below d1's 256 no subsample is drawn).
+  assert len(get_task("sudoku").load_examples("test", path=_write(rows[:40], tmp_path / f"t{fmt}"))) == 40
+
+
+def test_numeric_columns_get_their_leading_zeros_back():
+  assert sudoku_example({"puzzle": 102200002100320, "solution": "3142243142131324"}) == {
+      "puzzle": "0102200002100320", "solution": "3142243142131324"}
+  with pytest.raises(ValueError, match="16-character"):
+    sudoku_example({"Puzzle": "12", "Solution": "3142243142131324"})
 
 
 def test_prompts_and_sft_target():

@@ -22,6 +22,8 @@ _REGISTRY = {
     "mbpp": ("egspo.tasks.code", "MBPPTask"),
     "humaneval": ("egspo.tasks.code", "HumanEvalTask"),
     "kodcode": ("egspo.tasks.code", "KodCodeTask"),
+    # The release's code setting: KodCode training, MBPP + HumanEval evaluation.
+    "code": ("egspo.tasks.code", "CodeRLTask"),
     "copy": ("egspo.tasks.copy", "CopyTask"),  # synthetic sanity task (dense reward)
 }
 _ALIASES = {"math": "math500", "gsm": "gsm8k", "human_eval": "humaneval", "ctd": "countdown"}

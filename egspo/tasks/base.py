@@ -29,6 +29,14 @@ rewards and metrics. Every task implements:
   sft_target(example, style) -> str
       A correct completion (for SFT warm-starting the tiny CPU model). Raises if the example carries
       no known solution.
+  load_examples(split="test", path=None) -> list[dict]
+      The examples of a split. A data file (`path`: .jsonl, .json, .parquet or .csv in the
+      Hugging Face layout of the task's dataset) always goes through the task's own converter,
+      for training ('train') and evaluation ('test') alike; without one, the task looks its
+      split's file up (`egspo.tasks.data.find_split_file`). Training splits follow the released
+      code's splits (e.g. KodCode's 90%, Countdown/Sudoku without the last 500 shuffled rows).
+  sample_example(rng) -> dict   (generator tasks: Countdown, Sudoku, copy)
+      One generated training problem; a function of the generator's state only.
   question(example) -> str
       The bare problem text (the `question` field of d1's generations JSON).
   ground_truth(example) / example_from_ground_truth(question, ground_truth)
@@ -133,6 +141,9 @@ class Task:
     return "<reasoning>" if style == "chat" else ""
 
   def sft_target(self, example: Example, style: str = "plain") -> str:
+    raise NotImplementedError
+
+  def load_examples(self, split: str = "test", path: str | None = None) -> list[dict]:
     raise NotImplementedError
 
   # --- rewards and metrics -------------------------------------------------------------------

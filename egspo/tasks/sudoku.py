@@ -17,7 +17,6 @@ empty cells / total empty cells, which is the number d1/EGSPO report as Sudoku a
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 from typing import Any, Sequence
@@ -113,16 +112,26 @@ def _random_full_grid(rng: np.random.Generator) -> str:
   return "".join(map(str, grid))
 
 
-def generate_puzzle(rng: np.random.Generator, empty_range: tuple[int, int] = (6, 12)) -> dict:
-  """A puzzle with exactly one solution and a number of empty cells drawn from `empty_range`
-  (inclusive; capped by what uniqueness allows): random full grid, then cells removed in random
-  order while the solution stays unique."""
+def generate_puzzle(rng: np.random.Generator, empty_range: tuple[int, int] = (8, 8),
+                    unique: bool = False) -> dict:
+  """A puzzle from a uniformly random full grid with a number of empty cells drawn from
+  `empty_range` (inclusive).
+
+  unique=False (default, the test set's distribution): that many cells, chosen uniformly, are
+  emptied, whether or not the solution stays unique (~19% of 8-empty puzzles then have several
+  completions; the test set has 24.8%); `solution` is the grid they were cut from, which is
+  uniform over the puzzle's completions. unique=True: cells are removed in random order while
+  the solution stays unique (the count is capped by what uniqueness allows)."""
   lo, hi = empty_range
   if not 1 <= lo <= hi <= CELLS:
     raise ValueError(f"empty_range must satisfy 1 <= lo <= hi <= 16, got {empty_range}")
   solution = _random_full_grid(rng)
   want = int(rng.integers(lo, hi + 1))
   puzzle = list(solution)
+  if not unique:
+    for i in rng.choice(CELLS, want, replace=False):
+      puzzle[i] = "0"
+    return {"puzzle": "".join(puzzle), "solution": solution}
   removed = 0
   for i in rng.permutation(CELLS):
     if removed == want:
@@ -136,23 +145,44 @@ def generate_puzzle(rng: np.random.Generator, empty_range: tuple[int, int] = (6,
   return {"puzzle": "".join(puzzle), "solution": solution}
 
 
+def _grid_text(v) -> str:
+  """A grid cell of a record as a 16-character string; an integer (a numeric column that lost
+  its leading zeros) is zero-filled back."""
+  if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+    return str(int(v)).zfill(CELLS)
+  return str(v).strip()
+
+
+def sudoku_example(row: dict) -> dict:
+  """An example from a record with Puzzle/Solution columns (any case; the release's csv files)."""
+  cols = {str(c).lower(): c for c in row}
+  if "puzzle" not in cols or "solution" not in cols:
+    raise ValueError(f"expected columns Puzzle,Solution, got {sorted(row)}")
+  p, s = _grid_text(row[cols["puzzle"]]), _grid_text(row[cols["solution"]])
+  _check_grid(p, "puzzle")
+  _check_grid(s, "solution")
+  return {"puzzle": p, "solution": s}
+
+
+def read_examples(path: str | os.PathLike) -> list[dict]:
+  """Examples of a Sudoku file (.csv as released, or .jsonl/.json/.parquet with the same columns)."""
+  from egspo.tasks.data import read_records
+  rows = read_records(path)
+  if not rows:
+    raise ValueError(f"{path}: no puzzles (expected rows with columns Puzzle,Solution)")
+  out = []
+  for i, row in enumerate(rows):
+    try:
+      out.append(sudoku_example(row))
+    except ValueError as e:
+      where = f"{path}:{i + 2}" if str(path).lower().endswith(".csv") else f"{path}: record {i}"
+      raise ValueError(f"{where}: {e}") from None
+  return out
+
+
 def read_csv(path: str | os.PathLike) -> list[dict]:
   """The standard csv with columns Puzzle,Solution (16-character strings)."""
-  out = []
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    cols = {c.lower(): c for c in (reader.fieldnames or [])}
-    if "puzzle" not in cols or "solution" not in cols:
-      raise ValueError(f"{path}: expected columns Puzzle,Solution, got {reader.fieldnames}")
-    for lineno, row in enumerate(reader, 2):
-      p, s = row[cols["puzzle"]].strip(), row[cols["solution"]].strip()
-      try:
-        _check_grid(p, "puzzle")
-        _check_grid(s, "solution")
-      except ValueError as e:
-        raise ValueError(f"{path}:{lineno}: {e}") from None
-      out.append({"puzzle": p, "solution": s})
-  return out
+  return read_examples(path)
 
 
 def d1_eval_subsample(n_total: int, n: int = 256, seed: int = 42) -> np.ndarray:
@@ -220,25 +250,48 @@ Your step-by-step solving process
 
 
 class SudokuTask(Task):
+  """4×4 Sudoku. Training: generated puzzles (default: 8 empty cells, several solutions allowed,
+  as in the test set), or a file (the release's `4x4_sudoku_unique_puzzles.csv`, shuffled with
+  seed 42 and the last `train_holdout` = 500 held out, as the release trains). Evaluation: the
+  test csv, d1's 256 puzzles drawn with seed 42."""
+
   name = "sudoku"
 
-  def __init__(self, reference_rewards: bool = False, empty_range: Sequence[int] = (6, 12),
-               data_path: str | None = None, eval_subsample: int = 256, eval_seed: int = 42):
+  def __init__(self, reference_rewards: bool = False, empty_range: Sequence[int] = (8, 8),
+               unique: bool = False, data_path: str | None = None, eval_subsample: int = 256,
+               eval_seed: int = 42, train_holdout: int = 500, split_seed: int = 42):
     super().__init__(reference_rewards)
     self.empty_range = tuple(int(x) for x in empty_range)
-    self.data_path = data_path
+    self.unique = bool(unique)
+    self.data_path = data_path  # the evaluation file
     self.eval_subsample = eval_subsample
     self.eval_seed = eval_seed
+    self.train_holdout, self.split_seed = int(train_holdout), int(split_seed)
 
   def sample_example(self, rng: np.random.Generator) -> dict:
-    return generate_puzzle(rng, self.empty_range)
+    return generate_puzzle(rng, self.empty_range, self.unique)
 
   def load_examples(self, split: str = "test", path: str | None = None,
                     subsample: bool = True) -> list[dict]:
-    """The eval csv; with `subsample`, d1's 256 puzzles drawn with seed 42 (in d1's order)."""
-    from egspo.tasks.data import shared_data_file
-    path = path or self.data_path or shared_data_file("sudoku_4x4_test.csv", "EGSPO_SUDOKU_FILE")
-    rows = read_csv(path)
+    """'test': the given file, else `data_path`, else the test csv (`$EGSPO_SUDOKU_TEST_FILE`,
+    `$EGSPO_SUDOKU_FILE`, `$EGSPO_DATA_DIR`, shared/data); with `subsample`, d1's 256 puzzles
+    drawn with seed 42 (in d1's order). 'train': the given file (or `$EGSPO_SUDOKU_TRAIN_FILE`,
+    `$EGSPO_DATA_DIR/sudoku_train.*`) minus the release's held-out rows."""
+    from egspo.tasks import data
+    if split != "test":
+      path = path or data.find_split_file("sudoku", split, "EGSPO_SUDOKU_FILE")
+      if not path:
+        raise FileNotFoundError(f"no Sudoku {split!r} file: pass task.train_file=FILE or set "
+                                "$EGSPO_SUDOKU_TRAIN_FILE (without one, training uses the "
+                                "generator)")
+      rows = read_examples(path)
+      if self.train_holdout:
+        keep, _ = data.hf_shuffle_holdout(len(rows), self.train_holdout, self.split_seed)
+        rows = [rows[i] for i in keep]
+      return rows
+    path = (path or self.data_path or data.find_split_file("sudoku", "test", "EGSPO_SUDOKU_FILE")
+            or data.shared_data_file("sudoku_4x4_test.csv", "EGSPO_SUDOKU_FILE"))
+    rows = read_examples(path)
     if subsample and self.eval_subsample and self.eval_subsample < len(rows):
       rows = [rows[i] for i in d1_eval_subsample(len(rows), self.eval_subsample, self.eval_seed)]
     return rows
