@@ -150,6 +150,10 @@ def test_math_tasks_never_raise(text):
   assert 0.0 <= m.reward(text, {"answer": "\\frac{1}{2}"}) <= 3.0
   g.score(text, {"answer": "72"})
   m.score(text, {"answer": "2"})
+  ref_g, ref_m = get_task("gsm8k", reference_rewards=True), get_task("math500", reference_rewards=True)
+  assert 0.0 <= ref_m.reward(text, {"answer": "2", "solution": text}) <= 3.0
+  assert isinstance(ref_m.score(text, {"answer": text})["correct"], bool)
+  assert isinstance(ref_g.score(text, {"answer": "72"})["correct"], bool)
   last_boxed(text)
 
 
