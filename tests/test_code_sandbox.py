@@ -272,7 +272,8 @@ def test_mbpp_reward_and_reader(tmp_path):
   assert task.score(good, ex)["correct"] and not task.score(wrong, ex)["correct"]
   ref = get_task("mbpp", reference_rewards=True)
   bad = "<answer>\n```python\nimport os\ndef similar_elements(a, b):\n  return tuple(set(a) & set(b))\n```\n</answer>"
-  assert ref.reward(bad, ex) == 0.5 and task.reward(bad, ex) == 1.5  # d1 blocklist vs sandbox
+  # d1 blocklist vs sandbox; reference mode adds xmlcount (one "\n</answer>", nothing after: 0.126)
+  assert ref.reward(bad, ex) == pytest.approx(0.5 + 0.126) and task.reward(bad, ex) == 1.5
   assert "Your code should pass the following tests" in task.prompt(ex, "chat", "eval")
 
 

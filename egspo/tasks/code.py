@@ -5,17 +5,34 @@
 Example dict (all three tasks): {"task_id", "question" (problem text), "tests": [test source, …]
 (each run separately after the program), "setup": source run before each test (imports, a
 `check` function …), "entry_point": function name the tests call (or None), "solution":
-reference program (or None)}.
+reference program (or None), "test_script": the test source as the release runs it (MBPP:
+imports, a blank line, the asserts; HumanEval/KodCode: the dataset's `test`; optional, else
+rebuilt from setup and tests by `release_test_script`)}.
 
-Reward (d1 `coding_reward_func`): the first ```python fenced block is the program; the reward is
-the fraction of tests passed in the sandbox (1 s, 1 GB per program) plus 0.5 if that block lies
-inside `<answer>…</answer>`. If the tests call a function the program does not define but the
-program defines another one, that function is aliased to the expected name (d1 renames it).
-Defects fixed: d1's substring blocklist (" os", " sys" …) is replaced by the sandbox; its test
-processes run as the trainer with no isolation. `reference_rewards=True` re-applies the blocklist
-(such programs score only the format term).
+Everything below has two modes, chosen by the task's one switch `reference_rewards`:
 
-Metric (`score`): correct iff every test passes (pass@1 of greedy decoding).
+Reward, default (max 1.5): the first ```python fenced block is the program; the reward is the
+fraction of tests passed in the sandbox (1 s, 1 GB per test) plus 0.5 if that block lies inside
+`<answer>…</answer>`. If the tests call a function the program does not define but the program
+defines another one, that function is aliased to the expected name.
+Reward, reference (max 2.0; the release's `xmlcount_reward_func` + `coding_reward_func`): the
+GSM8K xmlcount term (≤ 0.5) + the same 0.5 format term + the fraction of the release's test
+functions (`def name():` in the test script, else one per assert line) that pass, 1 s each, with
+the program's first function renamed to the name the tests import or assert on and d1's substring
+blocklist (" os", " sys" …: such programs earn only the format term). Both modes run in the
+sandbox (the release runs generated code unisolated: a defect not reproduced).
+
+Metric (`score`), default: correct iff every test passes (1 s per test, the expected name
+aliased in). Reference (the release's `eval/parser_json.py`): the whole script, program + "\n\n"
++ test script (HumanEval: + "\n\ncheck(<first function of the program>)"), run once with a 10 s
+limit, correct iff it exits with status 0; no renaming, no blocklist. KodCode has no release
+metric: there reference mode counts an example correct when every test function of its reference
+reward passes.
+
+Prompts: training prompts are the release's. Evaluation prompts, default: a clean format block
+and, for HumanEval, the full prompt (signature + docstring). Reference: the release's bytes (a
+stray `"` and space after `</answer>`) and, for HumanEval, only the docstring
+(`humaneval_docstring`).
 """
 
 from __future__ import annotations
@@ -32,9 +49,12 @@ import numpy as np
 
 from egspo.tasks import sandbox
 from egspo.tasks.base import XML_FORMAT_PROMPT, Example, Task, check_purpose, check_style
+from egspo.tasks.gsm8k import count_xml
 
 DEFAULT_TIMEOUT_S = 1.0
 DEFAULT_MEMORY_MB = 1024
+
+REFERENCE_METRIC_TIMEOUT_S = 10.0  # the release's evaluation runs each whole script this long
 
 _FENCE_RE = re.compile(r"```python\n(.*?)```", re.DOTALL)
 _REFERENCE_BLOCKLIST = (" os", " sys", " subprocess", " shutil", " socket", " psutil", " ctypes",
@@ -76,6 +96,89 @@ def prepare_program(program: str, entry_point: str | None, rename: bool = False)
   if rename:
     return re.sub(rf"\bdef {re.escape(defined[0])}\b", f"def {entry_point}", program)
   return f"{program}\n\n{entry_point} = {defined[0]}\n"
+
+
+# --- the release's reward and metric (reference mode) ------------------------------------------
+
+def humaneval_docstring(prompt: str) -> str:
+  """The release's HumanEval question: the first docstring of the prompt (no signature, no
+  imports), as its `extract_human_eval_prompt` cuts it."""
+  lines: list[str] = []
+  quote = None
+  for line in prompt.splitlines():
+    text = line.strip()
+    if quote is None and text.startswith(('"""', "'''")):
+      quote = text[:3]
+      if text.count(quote) == 2 and len(text) > 6:
+        return text[3:-3].strip()
+      lines.append(text[3:])
+    elif quote is not None:
+      if text.endswith(quote):
+        lines.append(text[:-3])
+        break
+      lines.append(text)
+  return "\n".join(lines).strip()
+
+
+def release_test_script(example: Example) -> str:
+  """The test source the release runs for `example`: its `test_script`, else rebuilt from
+  `setup` and `tests` (a whole test file when the tests only call functions or `check`)."""
+  script = example.get("test_script")
+  if isinstance(script, str):
+    return script
+  setup, tests = example.get("setup") or "", [str(t) for t in example.get("tests") or []]
+  if tests and (all(re.fullmatch(r"\s*\w+\(\)\s*", t) for t in tests) or "def check(" in setup):
+    return setup
+  return f"{setup}\n\n" + "\n".join(tests)
+
+
+def _split_asserts(test_script: str) -> str:
+  """The release's `split_test_function`: one `def test_case_k():` per assert line."""
+  lines = [ln.strip() for ln in test_script.strip().splitlines()]
+  asserts = [ln for ln in lines if ln.startswith("assert")]
+  return "\n\n".join(f"def test_case_{k}():\n    {a}" for k, a in enumerate(asserts, 1))
+
+
+def release_reward_job(completion: str, test_script: str) -> tuple[dict | None, float]:
+  """(sandbox job or None, format bonus) of the release's `coding_reward_func`; the reward is the
+  bonus plus the fraction of the job's tests that pass (0 without a job; 0 and no bonus when
+  the script names no function at all)."""
+  m = _FENCE_RE.search(completion)
+  code = m.group(1) if m else ""
+  a = re.search(r"<answer>(.*?)</answer>", completion, re.DOTALL)
+  bonus = 0.5 if (a and code and f"```python\n{code}```" in a.group(1)) else 0.0
+  imported = re.search(r"from solution import (\w+)", test_script)
+  target = imported or re.search(r"assert\s+(\w+)\s*\(", test_script)
+  if target is None:
+    return None, 0.0
+  defined = re.search(r"def (\w+)\(", code)
+  if defined is None:
+    return None, bonus
+  if defined.group(1) != target.group(1):
+    code = re.sub(rf"\bdef {defined.group(1)}\b", f"def {target.group(1)}", code)
+  if any(b in code for b in _REFERENCE_BLOCKLIST):
+    return None, bonus
+  names = re.findall(r"def (\w+)\(\):", test_script)
+  if len(names) <= 1:
+    test_script = _split_asserts(test_script)
+    names = re.findall(r"def (\w+)\(\):", test_script)
+  if imported:
+    program = re.sub(r"from solution import \w+", lambda _: code, test_script)
+  else:
+    program = code + test_script
+  return {"program": program, "tests": [f"{n}()" for n in names], "setup": ""}, bonus
+
+
+def script_job(script: str) -> dict:
+  """A sandbox job that passes iff `script` run as `python -c script` would exit with status 0
+  (run as `__main__`; SystemExit(0) is a pass)."""
+  driver = ("__name__ = '__main__'\n"
+            "try:\n"
+            f"  exec(compile({script!r}, '<script>', 'exec'))\n"
+            "except SystemExit as _exit:\n"
+            "  if _exit.code not in (None, 0):\n"
+            "    raise\n")
+  return {"program": "", "tests": [driver], "setup": ""}
 
 
 # --- test-set conversion ---------------------------------------------------------------------
@@ -137,13 +240,14 @@ def mbpp_example(row: dict) -> dict:
   setup = "\n".join(row.get("test_imports") or []) or (row.get("test_setup_code") or "")
   question = row.get("prompt") or row.get("text") or ""
   return {"task_id": row.get("task_id"), "question": question, "tests": tests, "setup": setup,
-          "entry_point": _entry_from_tests(tests), "solution": row.get("code")}
+          "entry_point": _entry_from_tests(tests), "solution": row.get("code"),
+          "test_script": f"{setup}\n\n" + "\n".join(tests)}
 
 
 def humaneval_example(row: dict) -> dict:
   tests, setup = humaneval_tests(row["test"], row["entry_point"])
   return {"task_id": row.get("task_id"), "question": row["prompt"], "tests": tests, "setup": setup,
-          "entry_point": row["entry_point"],
+          "entry_point": row["entry_point"], "test_script": row["test"],
           "solution": row["prompt"] + row["canonical_solution"] if row.get("canonical_solution") else None}
 
 
@@ -151,7 +255,7 @@ def kodcode_example(row: dict) -> dict:
   tests, setup = kodcode_tests(row["test"])
   return {"task_id": row.get("question_id") or row.get("task_id"), "question": row["question"],
           "tests": tests, "setup": setup, "entry_point": _entry_from_tests(tests, setup),
-          "solution": row.get("solution")}
+          "solution": row.get("solution"), "test_script": row["test"]}
 
 
 def read_humaneval(path: str | None = None) -> list[dict]:
@@ -184,6 +288,9 @@ _EVAL_INTRO = ("You are a coding expert. You will be given a coding problem to s
                "Solve it step by step.")
 CHAT_EVAL_MBPP = _EVAL_INTRO + " Ensure you wrap the answer in ```python````" + _EVAL_FORMAT
 CHAT_EVAL_HUMANEVAL = _EVAL_INTRO + _EVAL_FORMAT
+# The release's evaluation prompts, byte for byte: the same with `</answer>" ` closing the block.
+REFERENCE_EVAL_MBPP = CHAT_EVAL_MBPP.removesuffix("</answer>\n") + '</answer>" \n'
+REFERENCE_EVAL_HUMANEVAL = CHAT_EVAL_HUMANEVAL.removesuffix("</answer>\n") + '</answer>" \n'
 
 
 def _ascii(text: str) -> str:
@@ -194,14 +301,17 @@ class CodeTask(Task):
   """Shared behaviour of the code tasks; see the module docstring."""
 
   name = "code"
-  max_reward = 1.5
+  max_reward = 1.5  # 2.0 in reference mode (+ xmlcount)
   hf_id: str | None = None
   eval_system = CHAT_EVAL_MBPP
+  reference_eval_system = REFERENCE_EVAL_MBPP
 
   def __init__(self, reference_rewards: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
                memory_mb: int = DEFAULT_MEMORY_MB, workers: int | None = None,
                data_path: str | None = None, cache_size: int = 4096):
     super().__init__(reference_rewards)
+    if self.reference_rewards:
+      self.max_reward = 2.0
     self.timeout_s, self.memory_mb, self.workers = timeout_s, memory_mb, workers
     self.data_path = data_path
     # Verdicts of recently run (program, tests) pairs: the one-step value estimates of EGSPO-SA
@@ -209,16 +319,18 @@ class CodeTask(Task):
     self.cache_size = int(cache_size)
     self._cache: collections.OrderedDict = collections.OrderedDict()
 
-  def _run_jobs(self, jobs: list[dict]) -> list[list[bool]]:
-    """Sandbox verdicts for `jobs`, running each distinct uncached (program, tests, setup) once."""
-    keys = [(j["program"], tuple(j["tests"]), j.get("setup", "")) for j in jobs]
+  def _run_jobs(self, jobs: list[dict], timeout_s: float | None = None) -> list[list[bool]]:
+    """Sandbox verdicts for `jobs`, running each distinct uncached (program, tests, setup) once
+    with `timeout_s` per test (default `self.timeout_s`)."""
+    timeout_s = self.timeout_s if timeout_s is None else float(timeout_s)
+    keys = [(j["program"], tuple(j["tests"]), j.get("setup", ""), timeout_s) for j in jobs]
     todo = {}
     for k, j in zip(keys, jobs):
       if k not in self._cache and k not in todo:
         todo[k] = j
     if todo:
       results = sandbox.run_batch(list(todo.values()), workers=self.workers,
-                                  timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+                                  timeout_s=timeout_s, memory_mb=self.memory_mb)
       fresh = dict(zip(todo, results))
     else:
       fresh = {}
@@ -249,7 +361,8 @@ class CodeTask(Task):
     if style == "plain":
       return _ascii(q).strip() + "\n"
     if purpose == "eval":
-      return f"{self.eval_system}\n\n{q}"
+      system = self.reference_eval_system if self.reference_rewards else self.eval_system
+      return f"{system}\n\n{q}"
     return CHAT_TRAIN.format(system=XML_FORMAT_PROMPT, question=q)
 
   def sft_target(self, example: Example, style: str = "plain") -> str:
@@ -263,14 +376,14 @@ class CodeTask(Task):
 
   # rewards
   def _job(self, completion: str, example: Example):
-    """(sandbox job or None, format bonus)."""
+    """(sandbox job or None, format bonus) of the training reward."""
+    if self.reference_rewards:
+      return release_reward_job(completion, release_test_script(example))
     program, in_answer = extract_program(completion)
     bonus = 0.5 if in_answer else 0.0
     if program is None or not _defined_functions(program):
       return None, bonus
-    if self.reference_rewards and any(b in program for b in _REFERENCE_BLOCKLIST):
-      return None, bonus
-    program = prepare_program(program, example.get("entry_point"), rename=self.reference_rewards)
+    program = prepare_program(program, example.get("entry_point"))
     return {"program": program, "tests": list(example["tests"]), "setup": example.get("setup", "")}, bonus
 
   def rewards(self, completions: Sequence[str], examples: Sequence[Example]) -> np.ndarray:
@@ -279,6 +392,8 @@ class CodeTask(Task):
     jobs, bonuses, where = [], [], []
     for i, (c, e) in enumerate(zip(completions, examples)):
       job, bonus = self._job(c, e)
+      if self.reference_rewards:
+        bonus += count_xml(c)  # the release adds xmlcount_reward_func to the code reward
       bonuses.append(bonus)
       if job is not None and job["tests"]:
         where.append(i)
@@ -294,18 +409,32 @@ class CodeTask(Task):
   def score(self, completion: str, example: Example) -> dict:
     return self.scores([completion], [example])[0]
 
+  def _metric_job(self, completion: str, example: Example) -> tuple[dict | None, float | None]:
+    """(sandbox job or None, per-test timeout) of the evaluation metric."""
+    if not self.reference_rewards:
+      return self._job(completion, example)[0], None
+    program = extract_program(completion)[0]
+    script = self.reference_script(program, release_test_script(example)) if program else None
+    return (None if script is None else script_job(script)), REFERENCE_METRIC_TIMEOUT_S
+
+  def reference_script(self, program: str, test_script: str) -> str | None:
+    """The release's evaluation script for `program` (MBPP: program + tests), None if none."""
+    return f"{program}\n\n{test_script}"
+
   def scores(self, completions: Sequence[str], examples: Sequence[Example]) -> list[dict]:
     """Batched `score` (programs in parallel)."""
-    jobs, where = [], []
     out = [{"correct": False, "passed": 0.0} for _ in completions]
+    groups: dict = {}  # per-test timeout -> ([index], [job])
     for i, (c, e) in enumerate(zip(completions, examples)):
-      job, _ = self._job(c, e)
+      job, timeout_s = self._metric_job(c, e)
       if job is not None and job["tests"]:
+        where, jobs = groups.setdefault(timeout_s, ([], []))
         where.append(i)
         jobs.append(job)
-    for i, res in zip(where, self._run_jobs(jobs)):
-      frac = sum(res) / len(res)
-      out[i] = {"correct": frac == 1.0, "passed": frac}
+    for timeout_s, (where, jobs) in groups.items():
+      for i, res in zip(where, self._run_jobs(jobs, timeout_s)):
+        frac = sum(res) / len(res)
+        out[i] = {"correct": frac == 1.0, "passed": frac}
     return out
 
   def aggregate(self, scores: Sequence[dict]) -> dict:
@@ -326,20 +455,25 @@ class CodeTask(Task):
     return self.question_text(example)
 
   def ground_truth(self, example: Example) -> Any:
-    return {"tests": list(example["tests"]), "setup": example.get("setup", ""),
-            "entry_point": example.get("entry_point")}
+    gt = {"tests": list(example["tests"]), "setup": example.get("setup", ""),
+          "entry_point": example.get("entry_point")}
+    return {**gt, "test_script": release_test_script(example)}
 
   def example_from_ground_truth(self, question: str, ground_truth: Any) -> dict:
     if isinstance(ground_truth, dict) and "tests" in ground_truth:
       gt = ground_truth
-      tests = gt["tests"] if not isinstance(gt["tests"], str) else kodcode_tests(gt["tests"])[0]
-      return {"question": question, "tests": list(tests), "setup": gt.get("setup", ""),
-              "entry_point": gt.get("entry_point") or _entry_from_tests(tests), "solution": None}
+      tests, setup = gt["tests"], gt.get("setup", "")
+      if isinstance(tests, str):  # a raw pytest-style test file
+        tests, setup = kodcode_tests(tests)
+      out = {"question": question, "tests": list(tests), "setup": setup,
+             "entry_point": gt.get("entry_point") or _entry_from_tests(tests), "solution": None}
+      script = gt.get("test_script", gt["tests"] if isinstance(gt["tests"], str) else None)
+      return out if script is None else {**out, "test_script": script}
     if isinstance(ground_truth, str):  # d1 MBPP: imports + assert lines in one string
       tests = [ln for ln in ground_truth.splitlines() if ln.strip().startswith("assert")]
       setup = "\n".join(ln for ln in ground_truth.splitlines() if not ln.strip().startswith("assert"))
       return {"question": question, "tests": tests, "setup": setup,
-              "entry_point": _entry_from_tests(tests), "solution": None}
+              "entry_point": _entry_from_tests(tests), "solution": None, "test_script": ground_truth}
     raise ValueError(f"code ground truth must be a dict with 'tests' or a test string, got "
                      f"{type(ground_truth).__name__}")
 
@@ -361,6 +495,16 @@ class MBPPTask(CodeTask):
 class HumanEvalTask(CodeTask):
   name = "humaneval"
   eval_system = CHAT_EVAL_HUMANEVAL
+  reference_eval_system = REFERENCE_EVAL_HUMANEVAL
+
+  def question_text(self, example):
+    q = example["question"]
+    quoted = '"""' in q or "'''" in q  # a full prompt; d1's files hold the docstring already
+    return humaneval_docstring(q) if self.reference_rewards and quoted else q
+
+  def reference_script(self, program, test_script):
+    m = re.search(r"def\s+(\w+)\s*\(", program)
+    return f"{program}\n\n{test_script}\n\ncheck({m.group(1)})" if m else None
 
   def _convert(self, row):
     return humaneval_example(row) if "canonical_solution" in row or "test" in row else row
@@ -376,12 +520,18 @@ class HumanEvalTask(CodeTask):
       entry_point = m.group(1) if m else "__entry__"
       tests, setup = humaneval_tests(ground_truth, entry_point)
       return {"question": question, "tests": tests, "setup": setup, "entry_point": entry_point,
-              "solution": None}
+              "solution": None, "test_script": ground_truth}
     return super().example_from_ground_truth(question, ground_truth)
 
 
 class KodCodeTask(CodeTask):
   name = "kodcode"
+
+  def _metric_job(self, completion, example):
+    # The release evaluates no KodCode; reference mode: every test of its reward must pass.
+    if not self.reference_rewards:
+      return super()._metric_job(completion, example)
+    return self._job(completion, example)[0], None
 
   def __init__(self, test_fraction: float = 0.1, split_seed: int = 42, **options):
     super().__init__(**options)
