@@ -40,6 +40,9 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.task.name = task
   c.task.prompt_style = "chat"  # 'chat' (instruct template) | 'plain' (CPU presets)
   c.task.options = ml_collections.ConfigDict()  # passed to egspo.tasks.get_task
+  # True: the released code's prompts, decoding, rewards and metrics, defects included (README
+  # "Graders: default vs reference").
+  c.task.options.reference_rewards = False
   # Local data files in the Hugging Face layout, read by the task's converter (a generator task
   # trains on the file instead of generated problems).
   c.task.train_file = ""
