@@ -18,12 +18,22 @@ Atomicity is orbax's: a step is written to `<step>.orbax-checkpoint-tmp-<time>` 
 `latest_step()`/`restore()` never see (and that a background sweep deletes when the next
 `Checkpointer` opens the directory); the previous step stays loadable. Corruption after a commit
 (a truncated or deleted file) raises `CheckpointError` naming the step directory and the fault;
-`restore(fallback=True)` then takes the newest older step that loads. Multi-host, every process
-must reach the same verdict, so use `fallback` only on a filesystem all processes share.
+`restore(fallback=True)` then takes the newest older step that loads and moves the unusable newer
+steps aside to `<directory>/corrupt/<step>-<unix time>` (kept for inspection; orbax no longer
+lists them, so the run can save those steps again). Multi-host, every process must reach the same
+verdict, so use `fallback` only on a filesystem all processes share.
+
+Errors are one line naming the directory and the cause: a save that fails (disk full, directory
+not writable) raises `CheckpointError` from the `save`/`wait_until_finished`/`close` call that
+sees it and removes the step's temporary directory; orbax's own error logs of background saves are
+cut to one line (their tracebacks go to DEBUG). `save` refuses a state with a NaN/Inf floating leaf.
 
 Multi-host: every process calls `save`/`restore` with its addressable shards; orbax coordinates
 who writes what (each process writes its own array shards, the primary process writes metadata and
 the JSON item, and the rename happens after a barrier). Nothing here writes from process 0 only.
+
+A local directory is made absolute (`~` expanded) at construction: orbax refuses relative paths.
+A `scheme://` path (gs://...) is used as given.
 
 Typed PRNG keys (`jax.random.key`) cannot be serialised as such, so `save` stores their
 `jax.random.key_data` and records the key's implementation under `meta["__prng_keys__"]`;
@@ -33,8 +43,12 @@ Typed PRNG keys (`jax.random.key`) cannot be serialised as such, so `save` store
 from __future__ import annotations
 
 import logging
+import os
+import re
 import signal
+import sys
 import threading
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -53,7 +67,90 @@ _ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint step that cannot be restored: the message names its directory and the fault."""
+  """A checkpoint that cannot be written or restored: the message names the directory and cause."""
+
+
+def resolve_directory(directory) -> epath.Path:
+  """`directory` as an absolute path (`~` expanded); a `scheme://` path (gs://...) unchanged."""
+  text = os.fspath(directory)
+  if "://" in text:
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+class _QuietFailedIO(logging.Filter):
+  """One line, not thousands, when orbax fails to write or read a checkpoint.
+
+  A failed async save makes orbax log the exception with a ~100-line traceback from each of its
+  threads, and every array write still in flight then ends in a tensorstore callback into
+  orbax's closed event loop ('Event loop is closed', an unraisable error each), an asyncio
+  'Future exception was never retrieved', and at exit an abandoned coroutine. `Checkpointer`
+  raises one `CheckpointError` for the failure (at the next save/wait/close for an async save).
+  Here: the first orbax ERROR record of a failure keeps its first line (the immediate notice),
+  later ones are dropped until that `CheckpointError` is raised; the echoes above are dropped.
+  All of it stays available at DEBUG (`logging.getLogger('egspo.checkpoint')`).
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.pending = False  # a failure was shown and its CheckpointError not yet raised
+    self.in_flight: dict[int, str] = {}  # id(Checkpointer) → step dir of its unfinished save
+
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is None or record.levelno < logging.ERROR:
+      return True
+    if record.name == "asyncio":  # futures of the abandoned array writes
+      if ".orbax-checkpoint" in str(exc) or "OCDBT" in str(exc):
+        log.debug("asyncio: %s", record.getMessage(), exc_info=record.exc_info)
+        return False
+      return True
+    if "/orbax/" not in record.pathname:
+      return True
+    log.debug("orbax: %s", record.getMessage(), exc_info=record.exc_info)
+    if self.pending:
+      return False
+    self.pending = True
+    where = ", ".join(sorted(self.in_flight.values()))
+    record.msg = (f"writing checkpoint {where} failed: {type(exc).__name__}: {_first_line(exc)}"
+                  if where else _shorten(record.getMessage().splitlines()[0]))
+    record.args, record.exc_info, record.exc_text = None, None, None
+    return True
+
+  def unraisable(self, previous):
+    """A `sys.unraisablehook` that drops the echoes (see above) and passes the rest on."""
+
+    def hook(unraisable):
+      exc, obj = unraisable.exc_value, unraisable.object
+      code = getattr(obj, "cr_code", None)
+      loop_closed = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+      orbax_coroutine = code is not None and "/orbax/" in code.co_filename
+      if loop_closed or orbax_coroutine:
+        log.debug("dropped an unraisable %r (%r) of a failed checkpoint operation", exc, obj)
+        return
+      previous(unraisable)
+
+    hook.egspo_quiet = True
+    return hook
+
+
+_QUIET = _QuietFailedIO()
+
+
+def _quiet_failed_io() -> None:
+  """Installs `_QuietFailedIO` (idempotent; pytest and others may swap the unraisable hook)."""
+  for name in ("absl", "asyncio"):  # orbax logs through absl.logging (the 'absl' logger)
+    logger = logging.getLogger(name)
+    if _QUIET not in logger.filters:
+      logger.addFilter(_QUIET)
+  if not getattr(sys.unraisablehook, "egspo_quiet", False):
+    sys.unraisablehook = _QUIET.unraisable(sys.unraisablehook)
+
+
+def _failure(message: str) -> CheckpointError:
+  """The CheckpointError of a failure; later orbax errors are shown again."""
+  _QUIET.pending = False
+  return CheckpointError(message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +256,9 @@ class Checkpointer:
       raise ValueError(f"keep_every must be >= 1 or None, got {keep_every}")
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
-    self.directory = epath.Path(directory)
+    self.directory = resolve_directory(directory)
+    self._read_only = read_only
+    _quiet_failed_io()
     policies = [ocp_managers.LatestN(n=max_to_keep)]
     if keep_every is not None:
       policies.append(ocp_managers.EveryNSteps(interval_steps=keep_every))
@@ -173,10 +272,15 @@ class Checkpointer:
         read_only=read_only,
     )
     # Handlers named up front, so a fresh manager can read an existing step's metadata.
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
-                       META_ITEM: ocp.JsonCheckpointHandler()})
+    try:
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                         META_ITEM: ocp.JsonCheckpointHandler()})
+    except Exception as e:  # not a directory, not writable, bucket missing, ...
+      raise _failure(f"cannot open checkpoint directory {self.directory}: "
+                            f"{type(e).__name__}: {_first_line(e)}") from None
+    self._pending_step: int | None = None  # the step of the last save started
 
   # -- queries -------------------------------------------------------------------------------
 
@@ -199,25 +303,74 @@ class Checkpointer:
 
     Returns True if a save was started (False when `save_interval_steps` skips this step and
     `force` is not set). Raises ValueError if `meta` is not a JSON-able dict or uses the
-    reserved key "__prng_keys__".
+    reserved key "__prng_keys__"; CheckpointError if a floating leaf of `state` holds NaN/Inf
+    (nothing is written) or if this or the previous (async) save cannot be written.
     """
     meta = dict(meta or {})
     if _PRNG_META_KEY in meta:
       raise ValueError(f"meta key {_PRNG_META_KEY!r} is reserved by the checkpointer")
+    step = int(step)
     state, impls = _keys_to_data(state)
     meta[_PRNG_META_KEY] = impls
-    return self._manager.save(
-        int(step), force=force,
-        args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
-                                   META_ITEM: ocp.args.JsonSave(meta)}))
+    if not force and not self._manager.should_save(step):
+      return False
+    bad = nonfinite_leaves(state)
+    if bad:
+      more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+      raise CheckpointError(f"refusing to save step {step} to {self.directory}: non-finite "
+                            f"values (NaN/Inf) in {', '.join(bad[:3])}{more}")
+    try:
+      started = self._manager.save(
+          step, force=force,
+          args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
+                                     META_ITEM: ocp.args.JsonSave(meta)}))
+    except Exception as e:  # orbax/tensorstore raise many types; this or the previous save
+      raise self._write_error(e) from None
+    if started:
+      self._pending_step = step
+      _QUIET.in_flight[id(self)] = str(self.step_dir(step))
+    return started
 
   def wait_until_finished(self) -> None:
     """Blocks until the pending async save (if any) is committed."""
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(e) from None
+    _QUIET.in_flight.pop(id(self), None)
 
   def close(self) -> None:
     """Waits for pending saves and releases the manager's threads."""
-    self._manager.close()
+    try:
+      self._manager.close()
+    except Exception as e:
+      raise self._write_error(e) from None
+    _QUIET.in_flight.pop(id(self), None)
+
+  def _write_error(self, e: BaseException) -> CheckpointError:
+    """The one-line error of a failed save; removes the unfinished step's temporary directory."""
+    where = self.directory if self._pending_step is None else self.step_dir(self._pending_step)
+    self._pending_step = None
+    _QUIET.in_flight.pop(id(self), None)
+    removed = self._remove_tmp_dirs()
+    log.debug("checkpoint save failed", exc_info=e)
+    note = f" (removed {', '.join(removed)})" if removed else ""
+    return _failure(f"cannot write checkpoint {where}: {type(e).__name__}: "
+                           f"{_first_line(e)}{note}")
+
+  def _remove_tmp_dirs(self) -> list[str]:
+    """Deletes the `*.orbax-checkpoint-tmp*` directories of unfinished saves → their names."""
+    if self._read_only or jax.process_index() != 0:
+      return []
+    removed = []
+    try:
+      for p in self.directory.glob(f"*{_ORBAX_TMP_SUFFIX}*"):
+        p.rmtree() if p.is_dir() else p.unlink()
+        removed.append(p.name)
+    except OSError as e:
+      log.warning("could not remove temporary checkpoint directories in %s: %s",
+                  self.directory, e)
+    return removed
 
   def __enter__(self) -> "Checkpointer":
     return self
@@ -240,12 +393,14 @@ class Checkpointer:
         namedtuples become lists) with every array on this process's first device: for
         inspection and small states, whatever topology saved it.
       fallback: if the step cannot be restored, log why and try the next older committed step
-        (the guard against a checkpoint corrupted after its commit, e.g. a truncated file).
+        (the guard against a checkpoint corrupted after its commit, e.g. a truncated file); when
+        an older one loads, the unusable newer steps are moved to `<directory>/corrupt/`.
 
     Raises:
       FileNotFoundError: the directory has no committed step.
       CheckpointError: the step (and, with `fallback`, every older one) is corrupt or missing;
-        the message names each step directory and what is wrong with it.
+        the message's first line names the directory and the newest step's fault, the next
+        lines each other step tried.
     """
     self._manager.reload()  # another process (or a killed run) may have changed the directory
     steps = self.all_steps()
@@ -258,17 +413,37 @@ class Checkpointer:
       raise CheckpointError(f"no committed checkpoint for step {step} in {self.directory}; "
                             f"committed steps: {steps}")
     candidates = [s for s in reversed(steps) if s <= step] if fallback else [step]
-    errors, last_error = [], None
+    errors, failed = [], []
     for s in candidates:
       try:
-        return self._restore_step(s, target)
+        restored = self._restore_step(s, target)
       except CheckpointError as e:
         errors.append(str(e))
-        last_error = e.__cause__ or e
+        failed.append(s)
+        log.debug("restore of %s failed", self.step_dir(s), exc_info=e.__cause__ or e)
         if fallback:
           log.warning("checkpoint step %d is unusable, trying an older one: %s", s, e)
-    raise CheckpointError("\n".join(errors) if len(errors) == 1 else
-                          "no restorable checkpoint:\n  " + "\n  ".join(errors)) from last_error
+        continue
+      if failed:
+        self._move_aside(failed)
+      return restored
+    if len(errors) == 1:
+      raise CheckpointError(errors[0]) from None
+    raise CheckpointError(f"no restorable checkpoint in {self.directory} (tried steps {failed}): "
+                          + "\n  ".join(errors)) from None
+
+  def _move_aside(self, steps: Sequence[int]) -> None:
+    """Moves unusable committed steps to `<directory>/corrupt/<step>-<unix time>`."""
+    if jax.process_index() == 0:
+      aside = self.directory / "corrupt"
+      aside.mkdir(parents=True, exist_ok=True)
+      for s in steps:
+        dest = aside / f"{s}-{int(time.time())}"
+        self.step_dir(s).rename(dest)
+        log.warning("moved the unusable checkpoint %s to %s", self.step_dir(s), dest)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes(f"egspo_move_aside_{self.directory}_{steps}")
+    self._manager.reload()
 
   def _restore_step(self, step: int, target):
     step_dir = self.step_dir(step)
@@ -284,8 +459,8 @@ class Checkpointer:
           step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract),
                                            META_ITEM: ocp.args.JsonRestore()}))
     except Exception as e:  # orbax/tensorstore raise many types; name the step dir either way
-      raise CheckpointError(f"checkpoint {step_dir} cannot be restored: "
-                            f"{type(e).__name__}: {_first_line(e)}") from e
+      raise _failure(f"checkpoint {step_dir} cannot be restored: "
+                     f"{type(e).__name__}: {_first_line(e)}") from e
     meta = dict(restored[META_ITEM] or {})
     impls = meta.pop(_PRNG_META_KEY, {})
     state = _data_to_keys(restored[STATE_ITEM], impls)
@@ -341,9 +516,17 @@ def _check_step_dir(step_dir: epath.Path) -> str | None:
   return None
 
 
-def _first_line(e: BaseException, limit: int = 500) -> str:
+def _first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-  return text if len(text) <= limit else text[:limit] + " ..."
+  return _shorten(_TS_SPEC.sub("", text))
+
+
+_TS_SPEC = re.compile(r" ?\[tensorstore_spec='.*?'\]")  # a JSON blob of the store's settings
+
+
+def _shorten(text: str, head: int = 200, tail: int = 400) -> str:
+  """Long one-line messages keep their start (the kind of error) and end (usually the cause)."""
+  return text if len(text) <= head + tail + 5 else f"{text[:head]} ... {text[-tail:]}"
 
 
 def _listing(directory: epath.Path) -> list[str]:
@@ -379,7 +562,9 @@ class PreemptionGuard:
   `multihost_utils.reached_preemption_sync_point(step)`, which is True on every host at the
   same step. So in that mode the guard leaves SIGTERM to JAX (a Python handler would replace
   JAX's) and only handles SIGINT, which it agrees on across hosts with a small all-gather.
-  `should_stop(step)` must then be called by every host at every step with the same `step`.
+  `should_stop` must then be called by every host the same number of times (at every step, and at
+  any other check such as a stage boundary); the sync point is counted in those calls, which only
+  grow, so one guard can serve several loops whose step numbers start over.
 
   On exit the previous handlers are restored. Handlers can only be installed from the main
   thread; elsewhere the guard logs a warning and only the multi-host sync point is active.
@@ -391,6 +576,7 @@ class PreemptionGuard:
     self._event = threading.Event()
     self._received: list[int] = []
     self._multihost = False
+    self._calls = 0  # should_stop calls: the (monotone) step id of JAX's preemption sync point
 
   @property
   def received(self) -> list[int]:
@@ -425,16 +611,18 @@ class PreemptionGuard:
     """Sets the stop flag by hand (tests, or a loop that decides to stop itself)."""
     self._event.set()
 
-  def should_stop(self, step: int | None = None) -> bool:
-    """True once a stop was requested (and, multi-host, agreed by all hosts at `step`)."""
+  def should_stop(self, step: int | None = None) -> bool:  # pylint: disable=unused-argument
+    """True once a stop was requested (and, multi-host, agreed by all hosts at this call).
+
+    `step` is informational; multi-host, the calls themselves are counted (see the class doc).
+    """
     if not self._multihost:
       return self._event.is_set()
-    if step is None:
-      raise ValueError("multi-host PreemptionGuard.should_stop needs the step (same on all hosts)")
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    self._calls += 1
     local = np.array([self._event.is_set()], dtype=np.int32)
     any_host = bool(np.asarray(multihost_utils.process_allgather(local)).any())
-    return multihost_utils.reached_preemption_sync_point(int(step)) or any_host
+    return multihost_utils.reached_preemption_sync_point(self._calls) or any_host
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,6 +641,69 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(oks))
 
 
+def nonfinite_leaves(tree) -> list[str]:
+  """Paths (`jax.tree_util.keystr`) of the floating leaves of `tree` holding a NaN or ±Inf.
+
+  One jitted reduction per leaf, fetched together; sharded and multi-host arrays work (every
+  process gets the same answer). Integer, bool and key leaves are ignored.
+  """
+  paths, leaves = [], []
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    if (hasattr(x, "dtype") and not _is_prng_key(x)
+        and jnp.issubdtype(jnp.result_type(x), jnp.inexact)):
+      paths.append(jax.tree_util.keystr(path))
+      leaves.append(x)
+  if not leaves:
+    return []
+  flags = np.asarray(_leaf_flags(leaves))
+  return [p for p, ok in zip(paths, flags) if not ok]
+
+
+@jax.jit
+def _leaf_flags(leaves):
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+class NonFiniteError(RuntimeError):
+  """Training stopped: too many updates in a row were refused for non-finite values."""
+
+
+class RefusedUpdates:
+  """Counts consecutive refused (non-finite) updates and stops the run after `limit` in a row.
+
+      refused = RefusedUpdates(limit=10, stage="RL", fields="optim.learning_rate, ...")
+      state, m = update(state, batch)              # refuses a non-finite update (keeps state)
+      refused.record(bool(m["update_ok"]), where="iteration 12")
+
+  `record` logs each refusal and raises `NonFiniteError` naming the stage, the place, the config
+  fields to look at and the limit's own field, once `limit` consecutive updates were refused.
+  """
+
+  LIMIT_FIELD = "train.max_refused_updates"
+
+  def __init__(self, limit: int, stage: str, fields: str):
+    if limit < 1:
+      raise ValueError(f"{self.LIMIT_FIELD} must be >= 1, got {limit}")
+    self.limit, self.stage, self.fields = int(limit), stage, fields
+    self.in_a_row = 0
+    self.total = 0
+
+  def record(self, ok: bool, where: str) -> None:
+    if ok:
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    self.total += 1
+    log.warning("%s %s: update refused (non-finite loss, gradients or new state); %d in a row",
+                self.stage, where, self.in_a_row)
+    if self.in_a_row >= self.limit:
+      raise NonFiniteError(
+          f"{self.stage} stopped at {where}: {self.in_a_row} updates in a row were refused "
+          f"because the loss, the gradients or the updated parameters/optimizer state were not "
+          f"finite (NaN/Inf); no non-finite state was applied or saved. Check {self.fields} "
+          f"(the limit is {self.LIMIT_FIELD}={self.limit})")
+
+
 def select_if_finite(ok, new_state, old_state):
   """`new_state` where `ok` else `old_state`, leaf by leaf (both trees of the same structure).
 
@@ -460,9 +711,9 @@ def select_if_finite(ok, new_state, old_state):
   state (params, optimizer moments and count alike):
 
       loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-      ok = all_finite((loss, grads))
       updates, new_opt = tx.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
+      ok = all_finite((loss, grads, new_params, new_opt))   # check what would be applied
       params, opt_state = select_if_finite(ok, (new_params, new_opt), (params, opt_state))
 
   `ok` is a bool scalar (a traced one inside jit). A `jnp.where` select costs one elementwise

@@ -12,7 +12,11 @@ Resume without duplicates: a run that restarts from checkpoint step s passes `re
 records with step > s (written after that checkpoint by the run that crashed) are dropped from
 metrics.jsonl before appending, and the TensorBoard writer is opened with `purge_step=s + 1`, so
 TensorBoard hides the crashed run's later points. A start without `resume_step` over an existing
-metrics.jsonl moves it aside to `metrics.jsonl.bak-<unix time>`.
+metrics.jsonl moves it aside to `metrics.jsonl.bak-<unix time>`. When the step actually restored
+is known only later (a corrupt checkpoint fell back to an older one), `rewind(s)` does the same
+on the open writer; `rewind(s, redo=("eval/",))` also drops the records at step s that hold a
+metric named eval/... (work done after checkpoint s that the run is about to redo at step s), and
+TensorBoard then purges from s and gets the kept records at s again.
 
 A remote workdir (`gs://bucket/run`, any `scheme://`, read and written through etils.epath: for
 GCS install `gcsfs`) cannot be appended to, so the files are written in a local mirror
@@ -150,25 +154,61 @@ class MetricsWriter:
       os.replace(jsonl_path, backup)
     self._jsonl = open(jsonl_path, "a", buffering=1)  # line-buffered: one record per line
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      # tensorboardX names event files by whole seconds and host: a unique suffix keeps a quick
-      # restart from overwriting the previous run's file.
-      self._tb = SummaryWriter(logdir=str(self.workdir / TB_DIR), flush_secs=30,
-                               filename_suffix=f".{os.getpid()}.{time.time_ns()}",
-                               # Hide the events a crashed run wrote after its checkpoint.
-                               purge_step=0 if resume_step is None else resume_step + 1)
+      # Hide the events a crashed run wrote after its checkpoint.
+      self._open_tb(purge_step=0 if resume_step is None else resume_step + 1)
+
+  def _open_tb(self, purge_step: int) -> None:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    # tensorboardX names event files by whole seconds and host: a unique suffix keeps a quick
+    # restart from overwriting the previous run's file.
+    self._tb = SummaryWriter(logdir=str(self.workdir / TB_DIR), flush_secs=30,
+                             filename_suffix=f".{os.getpid()}.{time.time_ns()}",
+                             purge_step=purge_step)
 
   @staticmethod
-  def _truncate_jsonl(path: pathlib.Path, resume_step: int) -> None:
-    """Keeps the records with step <= resume_step (atomically: write a copy, then rename)."""
+  def _truncate_jsonl(path: pathlib.Path, resume_step: int, redo=()) -> list[dict[str, Any]]:
+    """Keeps the records with step <= resume_step, less those at resume_step holding a metric
+    whose name starts with a prefix in `redo` (atomically: write a copy, then rename).
+    Returns the kept records at resume_step."""
     if not path.exists():
-      return
-    kept = [r for r in read_jsonl(path) if r.get("step", -1) <= resume_step]
+      return []
+    redo = tuple(redo)
+
+    def keep(r):
+      step = r.get("step", -1)
+      if step == resume_step and redo:
+        return not any(k.startswith(redo) for k in r if k not in ("step", "time"))
+      return step <= resume_step
+
+    kept = [r for r in read_jsonl(path) if keep(r)]
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w") as f:
       for record in kept:
         f.write(json.dumps(record) + "\n")
     os.replace(tmp, path)
+    return [r for r in kept if r.get("step") == resume_step]
+
+  def rewind(self, step: int, *, redo: tuple[str, ...] = ()) -> None:
+    """Continues the log after global step `step`, the step the run actually restored.
+
+    Drops the records with step > `step` (and, at `step`, those holding a metric whose name
+    starts with a prefix in `redo`), in metrics.jsonl and, by a purge, in TensorBoard.
+    """
+    if not self.enabled:
+      return
+    step = int(step)
+    jsonl_path = self.workdir / JSONL_NAME
+    self._jsonl.close()
+    at_step = self._truncate_jsonl(jsonl_path, step, redo)
+    self._jsonl = open(jsonl_path, "a", buffering=1)
+    if self._tb is not None:
+      self._tb.close()
+      self._open_tb(purge_step=step if redo else step + 1)
+      for record in at_step if redo else ():  # the purge hid them too: write them again
+        for name, value in record.items():
+          if name not in ("step", "time"):
+            self._tb.add_scalar(name, float("nan") if value is None else value, step,
+                                walltime=record.get("time"))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Writes one record: {"step", "time", **scalars}. Values: numbers or 0-d arrays."""

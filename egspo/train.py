@@ -104,6 +104,7 @@ class Trainer:
   trainable: str
   sft_steps_done: int = 0  # SFT steps behind `params` (set by sft_stage; RL's step labels start there)
   prompts_cut_frac: float = 0.0  # training prompts cut by the last `encode_prompts` (fraction)
+  preempted: bool = False  # a signal stopped a stage early (`run` returns without finishing)
   # The jitted evaluation generate function per sampler config (compiled once per shape).
   _eval_fns: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
@@ -347,10 +348,23 @@ def _latest_logged_step(workdir) -> int | None:
 # SFT warm start (LLaDA's masked-diffusion SFT loss)
 
 
-def sft_stage(tr: Trainer):
+SFT_FIELDS = ("sft.learning_rate, sft.warmup_steps, sft.batch_size and the initial parameters "
+              "(model.checkpoint)")
+RL_FIELDS = ("optim.learning_rate, optim.max_grad_norm, optim.warmup_steps, loss.beta and the "
+             "parameters RL starts from (the SFT checkpoint, or model.checkpoint)")
+
+
+def sft_stage(tr: Trainer, guard: ckpt_lib.PreemptionGuard | None = None):
+  """Masked-diffusion SFT from the last SFT checkpoint (if any) → the parameters.
+
+  Sets `tr.sft_steps_done`. When `guard` asks to stop, saves a checkpoint, sets `tr.preempted`
+  and returns (None: never stops). Raises `checkpoint.NonFiniteError` after
+  `train.max_refused_updates` refused updates in a row.
+  """
   c = tr.config
   if c.sft.steps == 0:
     return tr.params
+  guard = guard or ckpt_lib.PreemptionGuard()  # not entered: never asks to stop
   ckpt = ckpt_lib.Checkpointer(tr.workdir / "checkpoints" / "sft", max_to_keep=2)
   span = c.sft.schedule_steps or c.sft.steps
   decay_steps = min(max(1, round(c.sft.decay_fraction * span)),
@@ -372,6 +386,7 @@ def sft_stage(tr: Trainer):
     ckpt.close()
     tr.sft_steps_done = start
     return state.params
+  tr.writer.rewind(start)  # the log goes on after the step restored, not the newest on disk
 
   gen_len, eos = c.rollout.gen_length, tr.tokenizer.eos_id
 
@@ -391,14 +406,21 @@ def sft_stage(tr: Trainer):
                             mask_token_id=tr.model_cfg.mask_token_id)
 
   update = tr.make_update(tx, loss_fn, state)
+  refused = ckpt_lib.RefusedUpdates(c.train.max_refused_updates, "SFT", SFT_FIELDS)
+  # The previous step's update_ok, read one step late: the host never waits for the device.
+  pending = None
   base_key = jax.random.fold_in(jax.random.key(c.seed), 1)
   t0 = time.time()
-  with ckpt_lib.PreemptionGuard() as guard:
+  done = start
+  try:
     for step in range(start, c.sft.steps):
       batch = tr.put_batch(jax.tree.map(lambda x: x[None], make_batch(stream.next_batch().examples)),
                            micro_axis=True)
       state, m = update(state, tr.frozen, batch, jax.random.fold_in(base_key, step))
+      if pending is not None:
+        refused.record(bool(pending[1]), f"step {pending[0]}")
       done = step + 1
+      pending = (done, m["update_ok"])
       if done % 50 == 0 or done == c.sft.steps:
         m = {f"sft/{k}": float(v) for k, v in m.items()}
         m["sft/steps_per_s"] = (done - start) / (time.time() - t0)
@@ -411,12 +433,15 @@ def sft_stage(tr: Trainer):
         ckpt.save(done, state, {"step": done, "data": stream.state(), "finished": out_of_time},
                   force=True)
       if stop:
-        ckpt.close()
-        raise SystemExit(0)
+        tr.preempted = True
+        break
       if out_of_time:
         logging.info("SFT: time budget of %.0f s reached at step %d", c.sft.time_budget_s, done)
         break
-  ckpt.close()
+    if pending is not None:
+      refused.record(bool(pending[1]), f"step {pending[0]}")
+  finally:
+    ckpt.close()  # the last save commits, on any exit
   tr.sft_steps_done = done
   return state.params
 
@@ -435,8 +460,14 @@ def apply_updates(tr: Trainer, update, state, batches, key):
   return state, jax.device_get(ms)
 
 
-def rl_stage(tr: Trainer, init_params) -> dict:
+def rl_stage(tr: Trainer, init_params, guard: ckpt_lib.PreemptionGuard | None = None) -> dict:
+  """RL iterations from `init_params` (or the last RL checkpoint) → the evaluation history.
+
+  The pre-RL evaluation is saved with the initial state as RL step 0, so a relaunch does not
+  redo it. When `guard` asks to stop, saves, sets `tr.preempted` and returns the history so far.
+  """
   c = tr.config
+  guard = guard or ckpt_lib.PreemptionGuard()  # not entered: never asks to stop
   tx = update_lib.make_optimizer(
       c.optim.learning_rate, b1=c.optim.b1, b2=c.optim.b2, weight_decay=c.optim.weight_decay,
       max_grad_norm=c.optim.max_grad_norm, warmup_steps=c.optim.warmup_steps,
@@ -461,26 +492,35 @@ def rl_stage(tr: Trainer, init_params) -> dict:
   eval_examples = tr.eval_examples()
   stream = tr.train_stream(c.batch.num_prompts, c.batch.group_size, seed=c.seed,
                            held_out=eval_examples)
-  start = 0
-  history = {}
+  start, history, restored = 0, {}, False
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(target=state, fallback=True)
     stream.load_state(meta["data"])
     start = int(meta["step"])
     history = meta.get("history", {})
+    restored = True
     logging.info("RL: resumed at iteration %d", start)
+  # The log goes on after the step restored; without an RL checkpoint, a pre-RL evaluation that a
+  # stopped run logged is redone below, so its records at that step go too.
+  tr.writer.rewind(tr.sft_steps_done + start, redo=() if restored else ("eval/",))
   update = tr.make_update(tx, algo.loss, state)
+  refused = ckpt_lib.RefusedUpdates(c.train.max_refused_updates, "RL", RL_FIELDS)
 
-  if start == 0 and c.eval.before_training and eval_examples:
-    history["before"] = tr.evaluate(state.params, eval_examples, "eval", tr.sft_steps_done)
-  history["sft_steps"] = tr.sft_steps_done
+  bar = None
+  try:
+    history["sft_steps"] = tr.sft_steps_done
+    if start == 0 and "before" not in history and c.eval.before_training and eval_examples:
+      history["before"] = tr.evaluate(state.params, eval_examples, "eval", tr.sft_steps_done)
+      ckpt.save(0, state, {"step": 0, "data": stream.state(), "history": history}, force=True)
+    if guard.should_stop(tr.sft_steps_done + start):
+      tr.preempted = True
+      return history
 
-  base_key = jax.random.fold_in(jax.random.key(c.seed), 2)
-  t_start = time.time()
-  timer = metrics_lib.Timer()
-  bar = metrics_lib.ProgressBar(c.train.num_iterations, initial=start, desc="rl",
-                                is_main_process=jax.process_index() == 0)
-  with ckpt_lib.PreemptionGuard() as guard:
+    base_key = jax.random.fold_in(jax.random.key(c.seed), 2)
+    t_start = time.time()
+    timer = metrics_lib.Timer()
+    bar = metrics_lib.ProgressBar(c.train.num_iterations, initial=start, desc="rl",
+                                  is_main_process=jax.process_index() == 0)
     for it in range(start, c.train.num_iterations):
       key = jax.random.fold_in(base_key, it)
       examples = stream.next_batch().repeated  # [B] = num_prompts × G, groups contiguous
@@ -497,6 +537,8 @@ def rl_stage(tr: Trainer, init_params) -> dict:
       with timer("update"):
         state, ms = apply_updates(tr, update, state, batches, key)
       done = it + 1
+      for j, x in enumerate(ms):
+        refused.record(bool(x["update_ok"]), f"iteration {done} (update {j + 1}/{len(ms)})")
       m = {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
       m.update(pm)
       m.update(reward=float(rewards.mean()), reward_std=float(rewards.std()),
@@ -522,29 +564,51 @@ def rl_stage(tr: Trainer, init_params) -> dict:
         ckpt.save(done, state, {"step": done, "data": stream.state(), "history": history},
                   force=True)
       if stop:
-        ckpt.close()
-        raise SystemExit(0)
+        tr.preempted = True
+        break
       if out_of_time:
         if eval_examples:
           history[f"eval_{done}"] = tr.evaluate(state.params, eval_examples, "eval",
                                                 tr.sft_steps_done + done)
         break
-  bar.close()
-  ckpt.close()
+  finally:
+    if bar is not None:
+      bar.close()
+    ckpt.close()  # the last save commits, on any exit
   tr.params = state.params
   return history
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """SFT warm start (if `sft.steps`), then RL; returns the evaluation history."""
-  tr = Trainer.create(config, workdir)
-  # Under the mesh context the model's activation sharding hints (llada.constrain) take effect.
-  try:
-    with jax.set_mesh(tr.mesh):
-      params = sft_stage(tr)
-      history = rl_stage(tr, params)
-  finally:  # also on a preemption's clean exit: the metrics reach a remote workdir
-    tr.writer.close()
+  """SFT warm start (if `sft.steps`), then RL → the evaluation history (also history.json).
+
+  SIGTERM/SIGINT at any time (start-up, compilation, an evaluation, the loops) stops the run at
+  the next step or stage boundary, after a checkpoint where there is something to save; `run`
+  then returns the history so far with `"preempted": True` (no history.json), and the same
+  command resumes. Raises `checkpoint.NonFiniteError` / `checkpoint.CheckpointError` (one-line
+  messages) when training diverges or a checkpoint cannot be written or read.
+  """
+  with ckpt_lib.PreemptionGuard() as guard:
+    tr = Trainer.create(config, workdir)
+    history = {}
+    try:
+      # Under the mesh context the model's activation sharding hints (llada.constrain) apply.
+      with jax.set_mesh(tr.mesh):
+        if not _stop_requested(tr, guard):
+          params = sft_stage(tr, guard)
+          if not _stop_requested(tr, guard):
+            history = rl_stage(tr, params, guard)
+    finally:  # also on a stop: the metrics reach a remote workdir
+      tr.writer.close()
+  if tr.preempted:
+    logging.info("stopped by a signal; run the same command again to resume")
+    return {**history, "preempted": True}
   if jax.process_index() == 0:
     (tr.workdir / "history.json").write_text(json.dumps(history, indent=1, default=float))
   return history
+
+
+def _stop_requested(tr: Trainer, guard: ckpt_lib.PreemptionGuard) -> bool:
+  """A stage boundary: has a signal (during start-up, compilation, evaluation) asked to stop?"""
+  tr.preempted = tr.preempted or guard.should_stop()
+  return tr.preempted

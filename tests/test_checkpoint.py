@@ -358,6 +358,142 @@ def test_restore_errors_name_the_problem(tmp_path):
     Checkpointer(tmp_path / "bad", max_to_keep=0)
 
 
+def test_relative_and_home_paths_are_made_absolute(tmp_path, monkeypatch):
+  """Orbax refuses relative paths ("Checkpoint path should be absolute")."""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  for given, where in (("rel/ck", tmp_path / "rel" / "ck"),
+                       ("~/ck", tmp_path / "home" / "ck")):
+    with Checkpointer(given) as ckpt:
+      assert str(ckpt.directory) == str(where)
+      ckpt.save(1, {"x": jnp.ones(3)}, {"step": 1})
+    with Checkpointer(given) as ckpt:
+      assert ckpt.restore()[1] == {"step": 1}
+    assert (where / "1" / "commit_success.txt").exists()
+  assert str(ckpt_lib.resolve_directory("gs://bucket/run/ck")) == "gs://bucket/run/ck"
+
+
+def test_save_refuses_nonfinite_state(tmp_path):
+  state = {"params": {"w": jnp.array([1.0, jnp.nan]), "b": jnp.ones(2, jnp.bfloat16)},
+           "count": jnp.int32(3), "key": jax.random.key(0)}
+  with Checkpointer(tmp_path) as ckpt:
+    with np.testing.assert_raises(CheckpointError) as cm:
+      ckpt.save(5, state, {"step": 5})
+    msg = str(cm.exception)
+    assert "refusing to save step 5" in msg and str(tmp_path) in msg and "['params']['w']" in msg
+    assert "['b']" not in msg  # only the bad leaves are named
+    bad_b = {**state, "params": {"w": jnp.ones(2), "b": jnp.array([jnp.inf, 0], jnp.bfloat16)}}
+    with np.testing.assert_raises(CheckpointError):
+      ckpt.save(6, bad_b, {"step": 6}, force=True)
+    assert ckpt.all_steps() == []
+    # Integer, key and finite leaves are fine.
+    ckpt.save(7, {**state, "params": {"w": jnp.ones(2), "b": jnp.ones(2, jnp.bfloat16)}})
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == [7]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["7"]  # no tmp dir of the refused ones
+
+
+def test_nonfinite_leaves_names_paths():
+  tree = {"a": jnp.array([1.0, -jnp.inf]), "b": [jnp.zeros(2), jnp.array(jnp.nan)],
+          "i": jnp.arange(3), "k": jax.random.key(1)}
+  assert ckpt_lib.nonfinite_leaves(tree) == ["['a']", "['b'][1]"]
+  assert ckpt_lib.nonfinite_leaves({"i": jnp.arange(2)}) == []
+
+
+def _corrupt_arrays(step_dir):
+  data = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert data
+  for p in data:
+    with open(p, "r+b") as f:
+      f.truncate(3)
+
+
+def test_fallback_moves_the_corrupt_step_aside_and_the_step_can_be_saved_again(tmp_path):
+  _two_steps(tmp_path)
+  target = {"x": jax.ShapeDtypeStruct((256,), jnp.float32)}
+  _corrupt_arrays(tmp_path / "2")
+  with Checkpointer(tmp_path) as ckpt:
+    state, meta = ckpt.restore(target=target, fallback=True)
+    assert meta == {"step": 1} and float(state["x"][0]) == 1.0
+    assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+    aside = list((tmp_path / "corrupt").iterdir())
+    assert len(aside) == 1 and aside[0].name.startswith("2-")  # kept for inspection
+    assert (aside[0] / "state").is_dir()
+    # Orbax no longer sees step 2: retraining can save it again (StepAlreadyExistsError before).
+    ckpt.save(2, {"x": jnp.full(256, 22.0)}, {"step": 2}, force=True)
+    ckpt.wait_until_finished()
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.all_steps() == [1, 2]
+    state, meta = ckpt.restore(target=target, fallback=True)
+    assert meta == {"step": 2} and float(state["x"][0]) == 22.0
+  # Without fallback nothing is moved.
+  _corrupt_arrays(tmp_path / "2")
+  with Checkpointer(tmp_path) as ckpt, np.testing.assert_raises(CheckpointError):
+    ckpt.restore(target=target)
+  assert (tmp_path / "2").is_dir() and len(list((tmp_path / "corrupt").iterdir())) == 1
+
+
+def test_all_steps_corrupt_is_one_clear_error(tmp_path):
+  _two_steps(tmp_path)
+  for s in ("1", "2"):
+    _corrupt_arrays(tmp_path / s)
+  with Checkpointer(tmp_path) as ckpt:
+    with np.testing.assert_raises(CheckpointError) as cm:
+      ckpt.restore(target={"x": jax.ShapeDtypeStruct((256,), jnp.float32)}, fallback=True)
+  first, *rest = str(cm.exception).splitlines()
+  assert first.startswith(f"no restorable checkpoint in {tmp_path} (tried steps [2, 1]): ")
+  assert f"{tmp_path / '2'} cannot be restored" in first
+  assert len(rest) == 1 and f"{tmp_path / '1'} cannot be restored" in rest[0]
+  assert cm.exception.__cause__ is None and cm.exception.__suppress_context__
+  assert (tmp_path / "1").is_dir() and (tmp_path / "2").is_dir()  # nothing moved
+
+
+def test_unusable_directory_is_one_clear_error(tmp_path):
+  (tmp_path / "file").write_text("not a directory")
+  with np.testing.assert_raises(CheckpointError) as cm:
+    Checkpointer(tmp_path / "file" / "ck")
+  assert str(cm.exception).startswith(f"cannot open checkpoint directory {tmp_path}/file/ck: ")
+  assert len(str(cm.exception).splitlines()) == 1
+
+
+_FULL_DISK_SCRIPT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+import jax, jax.numpy as jnp
+from egspo.checkpoint import Checkpointer, CheckpointError
+ckpt = Checkpointer(sys.argv[1], max_to_keep=2)
+ckpt.save(1, {"x": jnp.zeros(4)}, {"step": 1})
+ckpt.wait_until_finished()
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))  # "the disk is full" from now on
+try:
+  for step in (2, 3):  # async: the failure of step 2 surfaces at step 3's save (or close)
+    ckpt.save(step, {f"w{i}": jax.random.normal(jax.random.key(i), (40_000,)) for i in range(24)},
+              {"step": step})
+  ckpt.close()
+except CheckpointError as e:
+  print("CheckpointError:", e)
+"""
+
+
+def test_failed_save_is_one_line_and_leaves_no_tmp_dir(tmp_path):
+  """A save that cannot be written (here: a file-size limit, as a full disk) gives one error line
+  naming the step directory and the cause, not orbax's hundreds of traceback lines, and its
+  temporary directory is removed."""
+  workdir = tmp_path / "ck"
+  proc = subprocess.run([sys.executable, "-c", _FULL_DISK_SCRIPT, str(workdir)],
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, PYTHONPATH=str(THIS_FILE.parents[1])))
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out[-3000:]
+  lines = [l for l in out.splitlines() if l.strip()]
+  error = [l for l in lines if l.startswith("CheckpointError:")]
+  assert len(error) == 1, out[-3000:]
+  assert f"cannot write checkpoint {workdir / '2'}: " in error[0] and "File too large" in error[0]
+  assert len(lines) <= 3, out[-3000:]  # orbax's one-line notice, the error (no tracebacks)
+  assert "Traceback" not in out and "Event loop is closed" not in out
+  assert sorted(p.name for p in workdir.iterdir()) == ["1"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Preemption guard.
 
@@ -429,6 +565,21 @@ def test_select_if_finite_refuses_a_nan_update():
   assert int(good_state[1][0].count) == 1
   with np.testing.assert_raises(ValueError):
     select_if_finite(jnp.array([True, False]), params, params)
+
+
+def test_refused_updates_stop_after_the_limit_in_a_row():
+  refused = ckpt_lib.RefusedUpdates(3, "RL", "optim.learning_rate")
+  for ok in (False, False, True, False, False):  # an accepted update resets the count
+    refused.record(ok, "iteration 1")
+  assert refused.in_a_row == 2 and refused.total == 4
+  with np.testing.assert_raises(ckpt_lib.NonFiniteError) as cm:
+    refused.record(False, "iteration 7 (update 2/4)")
+  msg = str(cm.exception)
+  assert msg.startswith("RL stopped at iteration 7 (update 2/4): 3 updates in a row were refused")
+  assert "optim.learning_rate" in msg and "train.max_refused_updates=3" in msg
+  assert len(msg.splitlines()) == 1
+  with np.testing.assert_raises(ValueError):
+    ckpt_lib.RefusedUpdates(0, "SFT", "sft.learning_rate")
 
 
 def big_saves(workdir):

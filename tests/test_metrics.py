@@ -121,6 +121,46 @@ def test_tensorboard_purge_step_on_resume(tmp_path):
   assert _scalars(events)["loss"] == [(1, 1.0), (6, 6.0)]
 
 
+def test_rewind_to_the_step_actually_restored(tmp_path):
+  """The writer opened at the newest checkpoint on disk (6), but that one was corrupt and the run
+  restored step 4: rewind(4) drops steps 5-6 in metrics.jsonl and, by a purge, in TensorBoard."""
+  with MetricsWriter(tmp_path) as w:
+    for step in range(1, 7):
+      w.write_scalars(step, {"loss": float(step)})
+  with MetricsWriter(tmp_path, resume_step=6) as w:
+    w.rewind(4)
+    for step in (5, 6):
+      w.write_scalars(step, {"loss": 10.0 * step})
+  assert [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == \
+      [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0)]
+  _, events = _read_events(tmp_path / "tensorboard")
+  starts = [e.step for e in events if e.HasField("session_log") and e.session_log.status == 1]
+  assert starts[-1] == 5  # TensorBoard drops the first run's points at steps >= 5
+
+
+def test_rewind_redo_drops_the_redone_records_at_the_step(tmp_path):
+  """Stopped between the pre-RL evaluation (logged at the SFT step 4) and RL's first checkpoint:
+  the relaunch redoes the evaluation at step 4, so that record goes, SFT's own record at 4 stays
+  (and is written to TensorBoard again after the purge from step 4)."""
+  with MetricsWriter(tmp_path) as w:
+    w.write_scalars(4, {"sft/loss": 0.5})
+    w.write_scalars(4, {"eval/accuracy": 0.25, "eval/n": 8})
+    w.write_scalars(5, {"rl/loss": 0.1})
+  with MetricsWriter(tmp_path, resume_step=4) as w:
+    w.rewind(4, redo=("eval/",))
+    w.write_scalars(4, {"eval/accuracy": 0.25, "eval/n": 8})
+  records = read_jsonl(tmp_path / "metrics.jsonl")
+  assert [sorted(k for k in r if k != "time") for r in records] == \
+      [["sft/loss", "step"], ["eval/accuracy", "eval/n", "step"]]
+  _, events = _read_events(tmp_path / "tensorboard")
+  starts = [k for k, e in enumerate(events)
+            if e.HasField("session_log") and e.session_log.status == 1]
+  assert events[starts[-1]].step == 4  # TensorBoard drops the earlier points at steps >= 4
+  # After that purge: SFT's record again and the redone evaluation, once each.
+  assert _scalars(events[starts[-1]:]) == {
+      "sft/loss": [(4, 0.5)], "eval/accuracy": [(4, 0.25)], "eval/n": [(4, 8.0)]}
+
+
 def test_non_main_process_writes_nothing(tmp_path):
   w = MetricsWriter(tmp_path / "run", is_main_process=False)
   w.write_hparams({"a": 1})

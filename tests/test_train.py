@@ -95,6 +95,146 @@ def test_resume_after_clean_stop_is_exact(tmp_path):
   assert rl_steps == [3, 4, 5]  # global steps: sft.steps (2) + iteration
 
 
+def metric_rows(workdir):
+  return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_no_duplicate_rows(workdir):
+  """Every (metric, step) pair is logged once."""
+  pairs = [(k, r["step"]) for r in metric_rows(workdir) for k in r if k not in ("step", "time")]
+  dups = sorted({p for p in pairs if pairs.count(p) > 1})
+  assert not dups, dups
+
+
+def _corrupt_step(step_dir):
+  """Truncates the array data files of a committed step (it still looks complete)."""
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert files
+  for p in files:
+    with open(p, "r+b") as f:
+      f.truncate(3)
+
+
+def test_corrupt_latest_rl_checkpoint_relaunch_converges(tmp_path):
+  """Fallback to the previous step, retraining to the corrupt one (no StepAlreadyExistsError: the
+  bad step is moved aside), bitwise the same result; a second relaunch has nothing to do and the
+  log has no duplicate rows."""
+  c = micro_config()
+  train.run(c, tmp_path)
+  good, _ = final_params(tmp_path)
+  rl = tmp_path / "checkpoints" / "rl"
+  _corrupt_step(rl / "3")
+  history = train.run(c, tmp_path)
+  assert "preempted" not in history
+  aside = list((rl / "corrupt").iterdir())
+  assert len(aside) == 1 and aside[0].name.startswith("3-")
+  again, meta = final_params(tmp_path)
+  assert meta["step"] == 3
+  assert_trees_equal(good, again)  # retrained from step 2: exactly what was lost
+  log = (tmp_path / "metrics.jsonl").read_text()
+  train.run(c, tmp_path)  # finished: no work
+  assert (tmp_path / "metrics.jsonl").read_text() == log
+  assert [r["step"] for r in metric_rows(tmp_path) if "rl/loss" in r] == [3, 4, 5]
+  assert_no_duplicate_rows(tmp_path)
+  assert len(list((rl / "corrupt").iterdir())) == 1
+
+
+def _eval_config(**overrides):
+  return micro_config(**{"task.num_eval_examples": 4, "eval.batch_size": 4,
+                         "eval.before_training": True, "train.num_iterations": 2, **overrides})
+
+
+def test_crash_after_the_pre_rl_evaluation_logs_it_once(tmp_path, monkeypatch):
+  """Killed after the pre-RL evaluation was logged, before anything recorded it: the relaunch
+  evaluates again and the log holds that evaluation once."""
+  original = train.Trainer.evaluate
+
+  def evaluate_then_die(self, *args, **kwargs):
+    original(self, *args, **kwargs)
+    raise RuntimeError("killed")
+
+  monkeypatch.setattr(train.Trainer, "evaluate", evaluate_then_die)
+  with pytest.raises(RuntimeError, match="killed"):
+    train.run(_eval_config(), tmp_path)
+  assert [r["step"] for r in metric_rows(tmp_path) if "eval/accuracy" in r] == [2]
+  monkeypatch.setattr(train.Trainer, "evaluate", original)
+  history = train.run(_eval_config(), tmp_path)
+  assert "before" in history and "eval_2" in history
+  assert [r["step"] for r in metric_rows(tmp_path) if "eval/accuracy" in r] == [2, 4]
+  assert_no_duplicate_rows(tmp_path)
+
+
+def test_sigterm_during_the_pre_rl_evaluation_stops_cleanly(tmp_path, monkeypatch):
+  """SIGTERM while evaluating before RL: `run` returns (main exits 0) with the evaluation saved
+  as RL step 0; the relaunch does not redo it and logs nothing twice."""
+  original = train.Trainer.evaluate
+  calls = []
+
+  def evaluate_and_signal(self, params, examples, tag, step):
+    calls.append(step)
+    out = original(self, params, examples, tag, step)
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.05)  # the handler runs in the main thread between bytecodes
+    return out
+
+  monkeypatch.setattr(train.Trainer, "evaluate", evaluate_and_signal)
+  history = train.run(_eval_config(), tmp_path)
+  assert history["preempted"] and "before" in history and calls == [2]
+  assert not (tmp_path / "history.json").exists()
+  _, meta = final_params(tmp_path)
+  assert meta["step"] == 0 and meta["history"]["before"] == history["before"]
+  history = train.run(_eval_config(), tmp_path)
+  assert "preempted" not in history and calls == [2, 4]  # the pre-RL evaluation not redone
+  assert [r["step"] for r in metric_rows(tmp_path) if "eval/accuracy" in r] == [2, 4]
+  assert_no_duplicate_rows(tmp_path)
+
+
+def test_sigterm_during_start_up_returns_without_training(tmp_path, monkeypatch):
+  original = train.build_model
+
+  def build_and_signal(*args, **kwargs):
+    model = original(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)
+    return model
+
+  monkeypatch.setattr(train, "build_model", build_and_signal)
+  assert train.run(micro_config(), tmp_path) == {"preempted": True}
+  assert not (tmp_path / "checkpoints").exists()
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the guard's handler is gone
+  monkeypatch.setattr(train, "build_model", original)
+  assert "preempted" not in train.run(micro_config(), tmp_path)
+  assert final_params(tmp_path)[1]["step"] == 3
+
+
+@pytest.mark.parametrize("field,value,stage", [("sft.learning_rate", float("nan"), "SFT"),
+                                               ("optim.learning_rate", float("inf"), "RL")])
+def test_nonfinite_learning_rate_stops_with_a_clear_error(tmp_path, monkeypatch, field, value,
+                                                          stage):
+  """Non-finite updates are refused (the parameters stay finite), and after
+  train.max_refused_updates of them in a row the run stops with one error naming the stage and
+  the fields; no checkpoint on disk holds a NaN/Inf. `validate` rejects these rates up front, so
+  it is bypassed here: the guard holds for whatever reaches the update (e.g. a finite rate that
+  overflows, or a non-finite checkpoint to start from)."""
+  monkeypatch.setattr(config_lib, "validate", lambda c: None)
+  c = micro_config(**{field: value, "sft.steps": 3, "train.max_refused_updates": 2})
+  with pytest.raises(ckpt_lib.NonFiniteError) as e:
+    train.run(c, tmp_path)
+  msg = str(e.value)
+  assert msg.startswith(f"{stage} stopped at ") and "2 updates in a row were refused" in msg
+  assert field in msg and "train.max_refused_updates=2" in msg and len(msg.splitlines()) == 1
+  assert not (tmp_path / "history.json").exists()
+  saved = 0
+  for d in (tmp_path / "checkpoints").iterdir():
+    with ckpt_lib.Checkpointer(d, read_only=True) as ck:
+      for step in ck.all_steps():
+        state, _ = ck.restore(step)
+        assert ckpt_lib.nonfinite_leaves(state) == [], (d.name, step)
+        saved += 1
+  assert saved >= 1
+
+
 def _run_main(workdir, extra=(), env_extra=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **(env_extra or {}))
   args = [sys.executable, "-m", "egspo.main", "--config=configs/copy.py:tiny",

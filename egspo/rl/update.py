@@ -4,7 +4,9 @@ Parameters are handled functionally: `nnx.split` turns the policy into a graph d
 *trainable* state (all `nnx.Param`s, or only `nnx.LoRAParam`s for LoRA) and the *frozen* rest.
 `update_step` is one `jax.jit` with `in_shardings`/`out_shardings` over the mesh and a donated
 train state; inside, `lax.scan` accumulates gradients over micro-batches, optax applies AdamW with
-clipping, and a non-finite loss or gradient refuses the update (the old state is kept).
+clipping, and a non-finite loss, gradient, new parameter or optimizer state refuses the update (the
+old state is kept; `update_ok` in the metrics says so, and the loop stops after
+`train.max_refused_updates` refusals in a row).
 """
 
 from __future__ import annotations
@@ -144,7 +146,9 @@ def make_update_step(policy: Policy, tx: optax.GradientTransformation, loss_fn: 
     loss = l_sum / denom
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    ok = jnp.logical_and(ckpt_lib.all_finite(loss), ckpt_lib.all_finite(grads))
+    # Refuse what would be applied, not only its inputs: a finite gradient times an infinite
+    # (or NaN) learning rate is a non-finite parameter.
+    ok = ckpt_lib.all_finite((loss, grads, new_params, new_opt))
     new_state = TrainState(step=state.step + ok.astype(state.step.dtype),
                            params=new_params, opt_state=new_opt)
     new_state = ckpt_lib.select_if_finite(ok, new_state, state)  # refuse a non-finite update
