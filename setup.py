@@ -16,6 +16,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["egspo", "egspo.*"]),
+    # The papers' Countdown and Sudoku test sets (egspo/tasks/testsets/README.md).
+    package_data={"egspo.tasks": ["testsets/*.jsonl", "testsets/*.csv", "testsets/README.md"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",

@@ -234,3 +234,20 @@ def test_registry_and_max_rewards():
   assert get_task("math").name == "math500" and get_task("GSM8K").name == "gsm8k"
   with pytest.raises(ValueError, match="unknown task"):
     get_task("chess")
+
+
+def test_shipped_test_sets_are_the_fallback(tmp_path, monkeypatch):
+  """Without $EGSPO_DATA_DIR or a shared/ folder, the package's own copies of the papers' test
+  sets are used (a fresh `pip install` can evaluate Countdown and Sudoku)."""
+  from egspo.tasks import data as data_lib
+  from egspo.tasks import get_task
+
+  monkeypatch.delenv("EGSPO_DATA_DIR", raising=False)
+  monkeypatch.setattr(data_lib, "_REPO_ROOT", tmp_path / "nowhere")
+  for name in ("countdown_cd3_test.jsonl", "sudoku_4x4_test.csv"):
+    path = data_lib.shared_data_file(name)
+    assert path.startswith(str(data_lib._SHIPPED))
+  assert len(get_task("countdown").load_examples("test")) == 256
+  assert len(get_task("sudoku").load_examples("test")) == 256  # d1 draws 256 of the 500 (seed 42)
+  with pytest.raises(FileNotFoundError, match="not_there.csv"):
+    data_lib.shared_data_file("not_there.csv")

@@ -29,11 +29,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+_SHIPPED = pathlib.Path(__file__).resolve().parent / "testsets"  # package data, see its README
 
 
 def shared_data_file(filename: str, env_var: str | None = None) -> str:
   """Path of a data file: $env_var, else $EGSPO_DATA_DIR/filename, else shared/data/filename
-  beside or inside the checkout. A clear FileNotFoundError says how to provide it."""
+  beside or inside the checkout, else the copy shipped in `egspo/tasks/testsets/` (the papers'
+  Countdown and Sudoku test sets). A clear FileNotFoundError says how to provide it."""
   if env_var and os.environ.get(env_var):
     p = pathlib.Path(os.environ[env_var])
     if not p.is_file():
@@ -43,7 +45,8 @@ def shared_data_file(filename: str, env_var: str | None = None) -> str:
   if os.environ.get("EGSPO_DATA_DIR"):
     candidates.append(pathlib.Path(os.environ["EGSPO_DATA_DIR"]) / filename)
   candidates += [_REPO_ROOT / "shared" / "data" / filename,
-                 _REPO_ROOT.parent / "shared" / "data" / filename]
+                 _REPO_ROOT.parent / "shared" / "data" / filename,
+                 _SHIPPED / filename]
   for p in candidates:
     if p.is_file():
       return str(p)
