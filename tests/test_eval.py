@@ -250,9 +250,9 @@ def test_trainer_eval_file_regrades_to_same_metrics_and_compiles_once(tmp_path):
   model_texts, seen = [], [0]
   real_decode = tr.decode
 
-  def decode(tokens):  # the model's texts, with a correct answer in every even row
+  def decode(tokens, purpose="train"):  # the model's texts, a correct answer in every even row
     out = []
-    for t in real_decode(tokens):
+    for t in real_decode(tokens, purpose):
       i, seen[0] = seen[0], seen[0] + 1
       model_texts.append(t)
       out.append(f"x</reasoning><answer>\\boxed{{{exs[i]['solution']}}}</answer>" if i % 2 == 0 else t)
