@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from egspo import config as config_lib
+from egspo import paths
 from egspo import metrics as metrics_lib
 
 # name → config overrides ("section.field": value). λ 0 is the `egspo` algorithm (no value
@@ -98,7 +99,7 @@ def warm_start(config, workdir) -> pathlib.Path:
   if c.sft.steps <= 0:
     raise ValueError("warm_start needs sft.steps > 0")
   workdir = local_dir(workdir)
-  train.run(c, str(workdir))
+  _run(train, c, workdir)
   return workdir
 
 
@@ -120,7 +121,16 @@ def run_variant(config, sft_dir, workdir, overrides: Mapping[str, Any] | None = 
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
     tmp.rename(dst)
-  return train.run(set_fields(config, overrides or {}), str(workdir))
+  return _run(train, set_fields(config, overrides or {}), workdir)
+
+
+def _run(train, config, workdir) -> dict:
+  """`train.run`, stopping the whole ablation when the run was interrupted (Ctrl-C/SIGTERM save a
+  checkpoint and return; calling the same cell again resumes)."""
+  history = train.run(config, str(workdir))
+  if history.get("preempted"):
+    raise KeyboardInterrupt(f"interrupted in {workdir} (checkpoint saved; run again to resume)")
+  return history
 
 
 def run_variants(config, sft_dir, root, variants: Mapping[str, Mapping[str, Any]] = VARIANTS
@@ -139,7 +149,7 @@ def local_dir(path) -> pathlib.Path:
   s = str(path)
   if "://" in s:
     raise ValueError(f"ablation run directories are local; got {s!r}")
-  return pathlib.Path(s).expanduser().absolute()
+  return pathlib.Path(paths.resolve_path(s))
 
 
 def slug(name: str) -> str:

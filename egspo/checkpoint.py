@@ -43,7 +43,6 @@ Typed PRNG keys (`jax.random.key`) cannot be serialised as such, so `save` store
 from __future__ import annotations
 
 import logging
-import os
 import re
 import signal
 import sys
@@ -57,6 +56,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+from egspo import paths
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,7 @@ class CheckpointError(RuntimeError):
 
 def resolve_directory(directory) -> epath.Path:
   """`directory` as an absolute path (`~` expanded); a `scheme://` path (gs://...) unchanged."""
-  text = os.fspath(directory)
-  if "://" in text:
-    return epath.Path(text)
-  return epath.Path(os.path.abspath(os.path.expanduser(text)))
+  return epath.Path(paths.resolve_path(directory))
 
 
 class _QuietFailedIO(logging.Filter):

@@ -11,7 +11,6 @@ into the Hugging Face cache; `HF_HOME`, `HF_HUB_OFFLINE=1` honoured); `--output`
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
   if not args.output.strip():
     parser.error("--output is empty: give a directory or a gs:// URL")
 
-  from egspo import hub
+  from egspo import hub, paths
   from egspo.model import convert  # after argument parsing: --help stays fast
 
   log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -42,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     # Resolved once, here: a local output made absolute (orbax refuses relative paths), gs://
     # as is; the checkpoint a local directory or a hub repo id fetched into the HF cache.
-    output = (args.output if hub.is_remote(args.output)
-              else os.path.abspath(os.path.expanduser(args.output)))
+    output = paths.resolve_path(args.output)
     source = (args.checkpoint if hub.is_remote(args.checkpoint)
               else hub.resolve_checkpoint(args.checkpoint))
     if args.to_hf:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import numbers
-import os
 import sys
 import time
 from typing import Any, Sequence
@@ -39,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 from etils import epath
 
+from egspo import paths
 from egspo.tasks import get_task
 
 
@@ -213,11 +213,7 @@ def rescore(task, data: Any) -> dict:
 def resolve_path(path: str) -> epath.Path:
   """A relative, `~/...` or absolute path made absolute (once, at the entry point); a
   `scheme://` path (gs://) as given."""
-  if not path:
-    raise ValueError("empty path")
-  if "://" in path:
-    return epath.Path(path)
-  return epath.Path(os.path.abspath(os.path.expanduser(path)))
+  return epath.Path(paths.resolve_path(path))
 
 
 def _json_default(x):

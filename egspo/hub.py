@@ -15,6 +15,8 @@ import os
 import pathlib
 import re
 
+from egspo.paths import is_remote  # noqa: F401  (re-exported)
+
 # Files of a Hugging Face tokenizer directory (copied beside converted/exported weights, and
 # fetched from the hub with the weights).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -35,11 +37,6 @@ class CheckpointError(ValueError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
   """Neither an existing local directory nor a hub repo id that resolves."""
-
-
-def is_remote(path) -> bool:
-  """A `scheme://...` location (gs://, s3://, ...), not a local file system path."""
-  return isinstance(path, (str, os.PathLike)) and "://" in os.fspath(path)
 
 
 def parse_repo_id(value: str) -> tuple[str, str | None] | None:

@@ -164,7 +164,15 @@ def main(argv):
   logging.info("JAX process %d/%d, %d local / %d global devices; workdir %s",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), workdir)
-  train.run(config, workdir)
+  from egspo import checkpoint as ckpt_lib
+
+  try:
+    train.run(config, workdir)
+  except (ckpt_lib.CheckpointError, ckpt_lib.NonFiniteError) as e:
+    # Already one line naming the directory / stage and cause; no traceback over it.
+    logging.error("%s", e)
+    sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")
+    raise SystemExit(1) from None
 
 
 def run_main():

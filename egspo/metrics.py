@@ -43,16 +43,13 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 from etils import epath
 
+from egspo.paths import is_remote  # noqa: F401  (tests patch metrics.is_remote)
+
 log = logging.getLogger(__name__)
 
 JSONL_NAME = "metrics.jsonl"
 HPARAMS_NAME = "hparams.json"
 TB_DIR = "tensorboard"
-
-
-def is_remote(path) -> bool:
-  """A `scheme://...` path (gs://, s3://, ...): not a local file system path."""
-  return "://" in str(path)
 
 
 def _to_scalar(name: str, value) -> float | int | None:

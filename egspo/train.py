@@ -228,12 +228,13 @@ class Trainer:
     prompts = eval_lib.build_prompts(self.task, self.tokenizer, examples, style)
     texts = []
     bs = c.eval.batch_size
+    # Whole prompts, never cut, at one width for the whole set (one compiled shape).
+    all_ids, all_mask = self.encode_prompts(examples, purpose="eval")
     for i in range(0, len(prompts), bs):
-      chunk = prompts[i:i + bs]
-      n = len(chunk)
-      chunk += [chunk[-1]] * (bs - n)  # pad the last batch: one compiled shape
-      ids, mask = self.put_batch(self.tokenizer.encode_batch(
-          chunk, max_length=c.rollout.max_prompt_length, pad_to=c.rollout.max_prompt_length))
+      rows = list(range(i, min(i + bs, len(prompts))))
+      n = len(rows)
+      rows += [rows[-1]] * (bs - n)  # pad the last batch: one compiled shape
+      ids, mask = self.put_batch((all_ids[rows], all_mask[rows]))
       texts += self.decode(to_host(gen(params, self.frozen, ids, mask))[:n], "eval")
     scores, metrics = eval_lib.score_generations(self.task, texts, examples)
     self.writer.write_scalars(step, {f"{tag}/{k}": float(v) for k, v in metrics.items()
@@ -329,7 +330,7 @@ def _example_key(ex) -> str:
 
 def _checkpointed_steps(workdir, stage: str) -> list[int]:
   d = epath.Path(workdir) / "checkpoints" / stage
-  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
 def _latest_logged_step(workdir) -> int | None:

@@ -288,3 +288,20 @@ def test_trainer_eval_file_regrades_to_same_metrics_and_compiles_once(tmp_path):
   assert out["metrics"] == {length: dict(m1, missing_ground_truth=0)}
   out2 = ev.main(["--task", "countdown", "--generations", str(tr.workdir / "eval" / "eval_7.json")])
   assert out2["metrics"] == {length: dict(m2, missing_ground_truth=0)}
+
+
+def test_trainer_evaluates_prompts_longer_than_max_prompt_length(tmp_path):
+  """Evaluation prompts are never cut (the release evaluates whole prompts) and never refused:
+  the batch is widened to the longest prompt (rounded up to 64) for the whole set."""
+  tr, mesh = _tiny_trainer(tmp_path)
+  exs = [tr.task.sample_example(np.random.default_rng(i)) for i in range(3)]
+  longest = max(len(x) for x in tr.prompt_ids(exs, "eval"))
+  tr.config.unlock()
+  tr.config.rollout.max_prompt_length = longest - 5  # every eval prompt is now "too long"
+  with mesh:
+    m = tr.evaluate(tr.params, exs, "eval", 0)
+  tr.writer.close()
+  assert m["total"] == 3
+  (r,) = json.loads((tr.workdir / "eval" / "eval_0.json").read_text())["results"].values()
+  assert [g["prompt_input"] for g in r["generations"]] == [
+      tr.task.prompt(ex, "plain", "eval") for ex in exs]

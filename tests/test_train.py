@@ -391,3 +391,18 @@ def test_8b_config_needs_a_checkpoint():
   assert (c.egspo.num_selected_steps, c.egspo.lam, c.loss.eps, c.loss.eps_high, c.loss.beta) == \
       (8, 0.5, 0.2, 0.5, 0.04)
   assert (c.rollout.gen_length, c.rollout.block_length, c.rollout.steps) == (256, 32, 128)
+
+
+def test_main_prints_one_line_for_a_checkpoint_error(tmp_path):
+  """A checkpoint directory that cannot be written ends the run with exit 1 and one
+  `error: ...` line naming it, not a traceback."""
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "checkpoints" / "sft").write_text("a file where a directory should be")
+  proc = subprocess.run(
+      [sys.executable, "-m", "egspo.main", "--config=configs/countdown.py:tiny",
+       f"--workdir={tmp_path}", "--config.sft.steps=60", "--config.train.num_iterations=1",
+       "--config.task.num_eval_examples=4"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: cannot write checkpoint ") and "checkpoints/sft" in last
+  assert "Traceback" not in proc.stderr

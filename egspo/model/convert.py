@@ -59,6 +59,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from egspo import paths
 from egspo.model.llada import LLaDA, ModelConfig
 from egspo.hub import (TOKENIZER_FILES, CheckpointError, CheckpointNotFoundError, is_remote,
                        resolve_checkpoint)
@@ -164,7 +165,7 @@ def _output_dir(path):
     from etils import epath
 
     return epath.Path(path)
-  return pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+  return pathlib.Path(paths.resolve_path(path))
 
 
 def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
