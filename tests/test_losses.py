@@ -192,14 +192,15 @@ def test_wd1_hand_computed():
                              [(1 - p) - p, p - (1 - p)], rtol=1e-6)
 
 
-def test_step_logprobs_sum_and_mean():
+def test_gather_step_logprobs_sum_and_mean():
   commit = jnp.array([[0, 1, 1, 2]])
   steps = jnp.array([[1, 2, 3]])  # step 3 commits nothing
   per_state = jnp.arange(12, dtype=jnp.float32).reshape(1, 3, 4) * -0.1
   # k = 0 (t = 1): positions 1, 2 of row 0 → −0.1 − 0.2; k = 1 (t = 2): position 3 of row 1 → −0.7.
-  np.testing.assert_allclose(L.step_logprobs(per_state, commit, steps), [[-0.3, -0.7, 0.0]],
-                             rtol=1e-6)
-  np.testing.assert_allclose(L.step_logprobs(per_state, commit, steps, "mean"),
+  np.testing.assert_allclose(L.gather_step_logprobs(per_state, commit, steps),
+                             [[-0.3, -0.7, 0.0]], rtol=1e-6)
+  np.testing.assert_allclose(L.gather_step_logprobs(per_state, commit, steps, "mean"),
                              [[-0.15, -0.7, 0.0]], rtol=1e-6)
   rollout_logp = jnp.array([[-1.0, -2.0, -3.0, -4.0]])  # [B, G]
-  np.testing.assert_allclose(L.step_logprobs(rollout_logp, commit, steps), [[-5.0, -4.0, 0.0]])
+  np.testing.assert_allclose(L.gather_step_logprobs(rollout_logp, commit, steps),
+                             [[-5.0, -4.0, 0.0]])

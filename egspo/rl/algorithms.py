@@ -139,7 +139,7 @@ class EGSPO:
                  commit_step=ro.commit_step, steps=steps, valid=valid,
                  adv=jnp.asarray(adv, jnp.float32),
                  # π_old = the rollout's own log-probs: no forward needed (REFERENCE §3.1).
-                 logp_old=loss_lib.step_logprobs(ro.logprob, ro.commit_step, steps))
+                 logp_old=loss_lib.gather_step_logprobs(ro.logprob, ro.commit_step, steps))
     batch["logp_ref"] = self._ref_logps(self.ctx.ref_params, frozen, batch)
     metrics["selected_step_mean"] = float(jnp.mean(steps))
     metrics["adv_abs_mean"] = float(jnp.mean(jnp.abs(batch["adv"])))  # scalars: all hosts agree

@@ -68,8 +68,8 @@ def _check_same_shape(**arrays):
     raise ValueError(f"shape mismatch: {shapes}")
 
 
-def step_logprobs(token_logp, commit_step, steps, aggregation: str = "sum"):
-  """Step-level log π(a_t | s_t) from per-position log-probs (REFERENCE §3.4).
+def gather_step_logprobs(token_logp, commit_step, steps, aggregation: str = "sum"):
+  """Step-level log π(a_t | s_t) gathered from per-position log-probs (REFERENCE §3.4).
 
   token_logp: [B, K, G] log-probs of the final tokens under the state of selected step k (the
   forward of x_t), or [B, G] when one value per position serves every step (the rollout-time
