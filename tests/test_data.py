@@ -1,6 +1,7 @@
 """Prompt streams: determinism, resume == continue, epochs, group layout; data-file lookup."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -128,6 +129,16 @@ def test_split_files_from_the_environment(monkeypatch, tmp_path):
   monkeypatch.setenv("EGSPO_DATA_DIR", str(tmp_path))
   (tmp_path / "x_train.csv").write_text("f\ncsv\n")
   assert data.load_hf_records("x", "train") == [{"f": "csv"}]
+
+
+def test_hub_download_without_datasets_says_which_extra(monkeypatch):
+  """Online with no local file and no `datasets` package: one error naming the extra."""
+  for var in ("EGSPO_DATA_DIR", "EGSPO_X_FILE", "EGSPO_X_TEST_FILE"):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setattr(data, "_online", lambda: True)
+  monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets → ImportError
+  with pytest.raises(FileNotFoundError, match=r"needs the `datasets` package \(pip install -e \"\.\[datasets\]\"\)"):
+    data.load_hf_records("x", "test", hf_id="org/x", env_var="EGSPO_X_FILE")
 
 
 def test_gsm8k_splits_never_share_the_generic_variable(monkeypatch, tmp_path):

@@ -489,7 +489,7 @@ class MBPPTask(CodeTask):
     return f"{example['question']}\n\n Your code should pass the following tests:\n\n{tests}"
 
   def _hf_source(self, split):
-    return {"hf_id": "mbpp", "hf_config": "sanitized", "tfds_name": "mbpp", "env_var": "EGSPO_MBPP_FILE"}
+    return {"hf_id": "mbpp", "hf_config": "sanitized", "env_var": "EGSPO_MBPP_FILE"}
 
 
 class HumanEvalTask(CodeTask):
@@ -545,7 +545,7 @@ class KodCodeTask(CodeTask):
     raise ValueError(f"not a KodCode record (needs question and test): {sorted(row)}")
 
   def _hf_source(self, split):
-    return {"hf_id": "KodCode/KodCode-Light-RL-10K", "hf_config": None, "tfds_name": None,
+    return {"hf_id": "KodCode/KodCode-Light-RL-10K", "hf_config": None,
             "env_var": "EGSPO_KODCODE_FILE"}
 
   def load_examples(self, split: str = "test", path: str | None = None) -> list[dict]:

@@ -99,10 +99,6 @@ class PromptStream:
     if state is not None:
       self.load_state(state)
 
-  @property
-  def infinite(self) -> bool:
-    return self._sample is not None
-
   def state(self) -> dict:
     """JSON-able position: the next batch starts at example `index` of epoch `epoch`."""
     return {"seed": self.seed, "epoch": self.epoch, "index": self.index}
@@ -245,43 +241,30 @@ def _online(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
 
 
 def load_hf_records(name: str, split: str, path: str | None = None, *, hf_id: str | None = None,
-                    hf_config: str | None = None, tfds_name: str | None = None,
-                    env_var: str | None = None) -> list[dict]:
+                    hf_config: str | None = None, env_var: str | None = None) -> list[dict]:
   """Raw records of dataset `name`/`split` in the Hugging Face column layout, from (in order):
   `path`; the split's file (`find_split_file`: `$EGSPO_<NAME>_<SPLIT>_FILE`, `env_var` for the
-  test split only, `$EGSPO_DATA_DIR/{name}_{split}.*`); when online, the `datasets` library
-  (`hf_id`, `hf_config`) or tensorflow-datasets (`tfds_name`).
-  Offline with no file: FileNotFoundError saying how to provide one."""
+  test split only, `$EGSPO_DATA_DIR/{name}_{split}.*`); when online, the hub through the optional
+  `datasets` library (`hf_id`, `hf_config`; `pip install -e ".[datasets]"`).
+  Otherwise: FileNotFoundError saying how to provide a file."""
   if path:
     return read_records(path)
   found = find_split_file(name, split, env_var)
   if found:
     return read_records(found)
   errors = []
-  if (hf_id or tfds_name) and _online():
-    if hf_id:
+  if hf_id and _online():
+    try:
+      import datasets  # type: ignore  # optional: the "datasets" extra
+    except ImportError:
+      errors.append(f"downloading {hf_id!r} needs the `datasets` package "
+                    "(pip install -e \".[datasets]\")")
+    else:
       try:
-        import datasets  # type: ignore
         ds = datasets.load_dataset(hf_id, hf_config, split=split)
         return [dict(r) for r in ds]
-      except Exception as e:  # noqa: BLE001 - report every source that failed
+      except Exception as e:  # noqa: BLE001 - reported with how to provide a local file
         errors.append(f"datasets.load_dataset({hf_id!r}, {hf_config!r}): {e}")
-    if tfds_name:
-      try:
-        import tensorflow_datasets as tfds  # type: ignore
-        ds = tfds.load(tfds_name, split=split)
-
-        def _py(v):
-          v = v.tolist() if hasattr(v, "tolist") else v
-          if isinstance(v, bytes):
-            return v.decode("utf-8")
-          if isinstance(v, list):
-            return [_py(x) for x in v]
-          return v
-
-        return [{k: _py(v) for k, v in r.items()} for r in tfds.as_numpy(ds)]
-      except Exception as e:  # noqa: BLE001
-        errors.append(f"tfds.load({tfds_name!r}): {e}")
   if env_var:
     var = split_env_var(env_var, split)
     env_how = (f", set ${var}=FILE" + (f" (or ${env_var})" if split == "test" else

@@ -165,7 +165,7 @@ class GSM8KTask(Task):
   def load_examples(self, split: str = "test", path: str | None = None) -> list[dict]:
     from egspo.tasks.data import load_hf_records
     rows = load_hf_records("gsm8k", split, path or self.data_path, hf_id="openai/gsm8k",
-                           hf_config="main", tfds_name="gsm8k", env_var="EGSPO_GSM8K_FILE")
+                           hf_config="main", env_var="EGSPO_GSM8K_FILE")
     out = []
     for i, r in enumerate(rows):
       if "question" not in r or "answer" not in r:
