@@ -6,6 +6,8 @@ and `encode_batch` (left-padded numpy arrays with an attention mask).
 
 from __future__ import annotations
 
+import json
+import pathlib
 import string
 from typing import Sequence
 
@@ -57,9 +59,6 @@ class TokenizerBase:
       out[i, width - len(ids):] = ids
       mask[i, width - len(ids):] = True
     return out, mask
-
-  def decode_batch(self, ids: np.ndarray) -> list[str]:
-    return [self.decode(row) for row in np.asarray(ids).tolist()]
 
 
 class CharTokenizer(TokenizerBase):
@@ -122,8 +121,6 @@ class HFTokenizer(TokenizerBase):
   """
 
   def __init__(self, path, config=None):
-    import pathlib
-
     path = pathlib.Path(path)
     if not path.is_dir():
       raise FileNotFoundError(f"tokenizer directory {path} does not exist")
@@ -148,9 +145,6 @@ class HFTokenizer(TokenizerBase):
 
   @staticmethod
   def _read_config(config, required: bool) -> dict:
-    import json
-    import pathlib
-
     if isinstance(config, dict):
       return config
     p = pathlib.Path(config)
@@ -207,8 +201,6 @@ def load_tokenizer(spec, config=None) -> TokenizerBase:
   `egspo.model.convert.save_tokenizer`) gives the CharTokenizer; otherwise the directory must
   hold a Hugging Face tokenizer.
   """
-  import json
-
   from egspo import hub
 
   if str(spec) == "char":
