@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 from etils import epath
+from tqdm.auto import tqdm
 
 from egspo.paths import is_remote  # noqa: F401  (tests patch metrics.is_remote)
 
@@ -322,9 +323,20 @@ class Timer:
 
 
 # ---------------------------------------------------------------------------------------------
-# Progress bar.
+# Progress bar: tqdm's own, with the metrics as its postfix.
 
 DEFAULT_FIELDS = (("R", "reward"), ("L", "loss"), ("KL", "kl"))
+
+
+def progress_bar(total: int, *, initial: int = 0, desc: str = "train",
+                 is_main_process: bool = True, **tqdm_kwargs) -> tqdm:
+  """A tqdm bar over training steps, disabled off the main process. Per step:
+
+      bar.set_postfix(bar_postfix(metrics, tokens_per_sec=tokens / seconds), refresh=False)
+      bar.update()
+  """
+  return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+              disable=not is_main_process, **tqdm_kwargs)
 
 
 def _lookup(metrics: Mapping[str, Any], key: str):
@@ -335,75 +347,16 @@ def _lookup(metrics: Mapping[str, Any], key: str):
   return hits[0] if len(hits) == 1 else None
 
 
-def _fmt_number(x: float) -> str:
-  if x is None or not math.isfinite(x):
-    return "nan"
-  if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4):
-    return f"{x:.2e}"
-  return f"{x:.3f}"
-
-
-def _fmt_rate(x: float) -> str:
-  for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-    if x >= scale:
-      return f"{x / scale:.2f}{unit}"
-  return f"{x:.1f}"
-
-
-def format_postfix(metrics: Mapping[str, Any], tokens_per_sec: float | None = None,
-                   fields=DEFAULT_FIELDS) -> str:
-  """Compact status line, e.g. 'R 0.512 | L 1.23e-03 | KL 4.00e-03 | 1.23k tok/s'.
-
-  `fields` is a sequence of (label, metric key); a key matches itself or a single '*/key'.
-  Fields missing from `metrics` are left out.
-  """
-  parts = []
+def bar_postfix(metrics: Mapping[str, Any], *, tokens_per_sec: float | None = None,
+                fields=DEFAULT_FIELDS) -> dict[str, float | str]:
+  """`tqdm.set_postfix` arguments: {label: value} for each (label, key) of `fields` found in
+  `metrics` (a key matches itself or a single '*/key'; missing or ambiguous keys are left out),
+  then 'tok/s' in tqdm's SI format."""
+  out: dict[str, float | str] = {}
   for label, key in fields:
     value = _lookup(metrics, key)
     if value is not None:
-      parts.append(f"{label} {_fmt_number(float(np.asarray(value)))}")
+      out[label] = float(np.asarray(value))
   if tokens_per_sec is not None:
-    parts.append(f"{_fmt_rate(tokens_per_sec)} tok/s")
-  return " | ".join(parts)
-
-
-class ProgressBar:
-  """A tqdm bar over training steps showing reward, loss, KL and tokens/s; no-op off main.
-
-      bar = ProgressBar(total=num_steps, initial=start_step)
-      bar.update(step + 1, metrics, num_tokens=tokens_this_iteration)
-      bar.close()
-  """
-
-  def __init__(self, total: int, *, initial: int = 0, is_main_process: bool = True,
-               desc: str = "train", fields=DEFAULT_FIELDS,
-               clock: Callable[[], float] = time.perf_counter, **tqdm_kwargs):
-    self.fields = fields
-    self._clock = clock
-    self._last_time = clock()
-    self._bar = None
-    self.postfix = ""
-    if is_main_process:
-      from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-      self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
-                       **tqdm_kwargs)
-
-  def update(self, step: int, metrics: Mapping[str, Any] | None = None,
-             num_tokens: int | None = None) -> str:
-    """Moves the bar to `step` and shows the metrics; tokens/s = num_tokens / time since the
-    previous update. Returns the postfix string shown."""
-    now = self._clock()
-    rate = None
-    if num_tokens is not None and now > self._last_time:
-      rate = num_tokens / (now - self._last_time)
-    self._last_time = now
-    self.postfix = format_postfix(metrics or {}, rate, self.fields)
-    if self._bar is not None:
-      self._bar.set_postfix_str(self.postfix, refresh=False)
-      self._bar.update(int(step) - self._bar.n)
-    return self.postfix
-
-  def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
-      self._bar = None
+    out["tok/s"] = tqdm.format_sizeof(tokens_per_sec)
+  return out

@@ -520,8 +520,8 @@ def rl_stage(tr: Trainer, init_params, guard: ckpt_lib.PreemptionGuard | None = 
     base_key = jax.random.fold_in(jax.random.key(c.seed), 2)
     t_start = time.time()
     timer = metrics_lib.Timer()
-    bar = metrics_lib.ProgressBar(c.train.num_iterations, initial=start, desc="rl",
-                                  is_main_process=jax.process_index() == 0)
+    bar = metrics_lib.progress_bar(c.train.num_iterations, initial=start, desc="rl",
+                                   is_main_process=jax.process_index() == 0)
     for it in range(start, c.train.num_iterations):
       key = jax.random.fold_in(base_key, it)
       examples = stream.next_batch().repeated  # [B] = num_prompts × G, groups contiguous
@@ -547,11 +547,14 @@ def rl_stage(tr: Trainer, init_params, guard: ckpt_lib.PreemptionGuard | None = 
                prompts_cut_frac=tr.prompts_cut_frac)
       m.update(timer.seconds(prefix="time/"))
       # Training wall time without evaluation: the budget of the continued-SFT control.
-      history["rl_train_seconds"] = history.get("rl_train_seconds", 0.0) + timer.total()
+      seconds = timer.total()
+      history["rl_train_seconds"] = history.get("rl_train_seconds", 0.0) + seconds
       timer.reset()
       tr.writer.write_scalars(tr.sft_steps_done + done, {f"rl/{k}": v for k, v in m.items()})
-      # Throughput: generated completion tokens (B × G) per second of the iteration.
-      bar.update(done, m, num_tokens=int(np.prod(ro.tokens.shape)))
+      # Throughput: generated completion tokens (B × G) per second of the iteration's phases.
+      tokens_per_sec = ro.tokens.size / max(seconds, 1e-9)
+      bar.set_postfix(metrics_lib.bar_postfix(m, tokens_per_sec=tokens_per_sec), refresh=False)
+      bar.update()
       if done % c.train.log_every == 0:
         logging.info("rl %d/%d reward %.3f loss %.4f kl %.4f", done, c.train.num_iterations,
                      m["reward"], m["loss"], m.get("kl", float("nan")))

@@ -12,7 +12,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from egspo import metrics as metrics_lib
-from egspo.metrics import MetricsWriter, ProgressBar, Timer, format_postfix, read_jsonl
+from egspo.metrics import MetricsWriter, Timer, bar_postfix, progress_bar, read_jsonl
 
 
 def _read_events(logdir):
@@ -168,9 +168,12 @@ def test_non_main_process_writes_nothing(tmp_path):
   w.flush()
   w.close()
   assert not (tmp_path / "run").exists()
-  bar = ProgressBar(10, is_main_process=False)
-  assert bar.update(1, {"loss": 0.5}) == "L 0.500"
+  out = io.StringIO()
+  bar = progress_bar(10, is_main_process=False, file=out)
+  bar.set_postfix(bar_postfix({"loss": 0.5}), refresh=False)
+  bar.update()
   bar.close()
+  assert out.getvalue() == ""
 
 
 def test_timer_accumulates_phases():
@@ -199,25 +202,29 @@ def test_timer_records_on_exception():
   assert timer.seconds() == {"update": 4.0}
 
 
-def test_format_postfix():
-  line = format_postfix({"train/reward": 0.5123, "train/loss": 0.00123, "train/kl": 4e-3,
-                         "eval/reward": 0.1}, tokens_per_sec=1234.0)
+def test_bar_postfix_fields():
+  m = {"train/reward": 0.5123, "train/loss": 0.00123, "train/kl": jnp.float32(4e-3),
+       "eval/reward": 0.1}
   # 'reward' matches two '*/reward' keys → ambiguous, so it is left out; exact keys win.
-  assert line == "L 1.23e-03 | KL 4.00e-03 | 1.23k tok/s"
-  assert format_postfix({"reward": 0.5123, "loss": 2.0, "kl": 0.0}) == "R 0.512 | L 2.000 | KL 0.000"
-  assert format_postfix({"loss": float("nan")}, 2.5e6) == "L nan | 2.50M tok/s"
+  assert bar_postfix(m, tokens_per_sec=1234.0) == {
+      "L": 0.00123, "KL": pytest.approx(4e-3), "tok/s": "1.23k"}
+  assert bar_postfix({"reward": 0.5, "loss": 2.0, "kl": 0.0, "x": 1.0}) == {
+      "R": 0.5, "L": 2.0, "KL": 0.0}
+  assert bar_postfix({"loss": 1.0}, fields=(("loss", "loss"),), tokens_per_sec=2.5e6) == {
+      "loss": 1.0, "tok/s": "2.50M"}
 
 
-def test_progress_bar_throughput_and_position():
-  ticks = iter([0.0, 2.0, 3.0])
+def test_progress_bar_shows_position_and_postfix():
   out = io.StringIO()
-  bar = ProgressBar(10, initial=2, clock=lambda: next(ticks), file=out)
-  assert bar.update(3, {"reward": 1.0}, num_tokens=4000) == "R 1.000 | 2.00k tok/s"
-  assert bar._bar.n == 3
-  assert bar.update(5, {"reward": 0.0}, num_tokens=500) == "R 0.000 | 500.0 tok/s"
-  assert bar._bar.n == 5
+  bar = progress_bar(10, initial=2, file=out, mininterval=0)
+  bar.set_postfix(bar_postfix({"reward": 1.0, "loss": float("nan")}, tokens_per_sec=500.0),
+                  refresh=False)
+  bar.update()
+  bar.update()
+  assert bar.n == 4
   bar.close()
-  assert "5/10" in out.getvalue() and "R 0.000 | 500.0 tok/s" in out.getvalue()
+  line = out.getvalue().split("\r")[-1]
+  assert "4/10" in line and "R=1, L=nan, tok/s=500" in line, line
 
 
 def test_flatten_config_handles_configdict():
