@@ -26,13 +26,23 @@ Layers, strongest available first (the mode is detected once and logged):
 Every mode: per-test rlimits (CPU time, address space = memory_mb, file size, process count, open
 files, no core), wall-clock deadline per test, whole-job deadline enforced by the caller (SIGKILL
 of the harness's process group, and with it the namespace), minimal environment (the caller's is
-never passed), stdout/stderr to /dev/null.
+never passed), stdout/stderr to /dev/null, no_new_privs.
 
-Result channel: a pipe that only the harness holds; the verdict counts only if tagged with a
-per-job random nonce. A child proves a pass by echoing a per-test token it reads only after its
-test passed; exit status, printed text and files mean nothing. Limitation (documented, not
-fixable in-process): a program that deliberately reads the token pipe of its *own* process could
-mark its *own* tests passed; it cannot affect other tests, other jobs or the caller.
+What the program does to the interpreter cannot change how its tests run or how their verdict is
+reported (details in `_sandbox_harness.py`): each test child is a fresh fork of a harness that
+never ran untrusted code; everything it calls after the program was bound before; the test runs
+in its own namespace with the builtins and the modules it imports as they were before the program
+ran; the builtins, `sys`, `sys.modules` and every module and mutable class namespace are compared
+(by identity) with a snapshot after setup and when the test ends, and any change fails the test;
+an irremovable audit hook ends the child on ctypes, gc object walks, tracing/profiling, frames of
+other threads, new code objects and similar; /proc is hidden. A pass is a random token that a
+reporter thread (unreachable from the program) commits to before the program runs and repeats only
+after checking, itself, that the test's own last statement was reached. The harness turns each
+test into a raw outcome letter (`OUTCOMES`) on a pipe only it holds, tagged with a per-job nonce;
+this module decides (pass iff "P"). Residual, documented limits: deliberate memory corruption of the
+interpreter, and edits made from inside the program's own call to objects of the test's frame that
+are undone before the test ends, could still fake a program's own tests (never another test, job or
+the caller); a returned object whose `__eq__` always answers True is judged by the test as written.
 """
 
 from __future__ import annotations
@@ -60,6 +70,11 @@ HARNESS = str(pathlib.Path(__file__).with_name("_sandbox_harness.py"))
 MAX_PROGRAM_CHARS = 1_000_000
 UID_BASE = 61000  # dedicated uids/gids (no passwd entry needed), see slot_uid
 MAX_SLOTS = 64
+# Raw per-test outcomes reported by the harness; only "P" is a pass.
+OUTCOMES = {"P": "passed", "F": "test failed", "E": "program or setup raised", "T": "timed out",
+            "K": "killed by a signal or limit", "X": "interpreter state changed (tampering)",
+            "B": "forbidden primitive used", "Z": "exited 0 without the pass token",
+            "H": "harness error in the test child"}
 _NS_FLAGS = ["--fork", "--pid", "--net", "--mount-proc", "--kill-child"]
 
 _mode_lock = threading.Lock()
@@ -200,8 +215,10 @@ def run_tests(program: str, tests: Sequence[str], setup: str = "", timeout_s: fl
   """Run `program`, then `setup`, then test i, in an isolated child per test.
 
   Returns one bool per test: True iff that test ran to completion without an exception within
-  `timeout_s` wall-clock seconds (and the CPU-time limit). The program is importable from the
-  test as module `solution` (`from solution import f`). Never raises on program text.
+  `timeout_s` wall-clock seconds (and the CPU-time limit), and the interpreter state it depends on
+  was left as it was (see the module docstring). The test sees the program's names; the program
+  is also importable as module `solution` (`from solution import f`). Never raises on program
+  text.
   """
   return run_batch([{"program": program, "tests": tests, "setup": setup}], workers=1,
                    timeout_s=timeout_s, memory_mb=memory_mb, max_procs=max_procs,
@@ -213,9 +230,10 @@ def _valid(job) -> bool:
 
 
 def _run_harness(jobs: list[dict], slot: int, timeout_s: float = 1.0, memory_mb: int = 1024,
-                 max_procs: int = 8, fsize_mb: int = 16, tmpfs_mb: int = 64) -> list[list[bool]]:
-  """One harness process (one set of namespaces) running `jobs` one after another."""
-  fail = [[False] * len(j["tests"]) for j in jobs]
+                 max_procs: int = 8, fsize_mb: int = 16, tmpfs_mb: int = 64) -> list[str]:
+  """One harness process (one set of namespaces) running `jobs` one after another: one outcome
+  string per job (a letter of `OUTCOMES` per test)."""
+  fail = ["H" * len(j["tests"]) for j in jobs]
   mode = isolation_mode()
   nonce = secrets.token_hex(16)
   uid = slot_uid(slot)
@@ -246,7 +264,9 @@ def _run_harness(jobs: list[dict], slot: int, timeout_s: float = 1.0, memory_mb:
   try:
     proc = subprocess.Popen(cmd + py + [str(w)], stdin=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(w,),
-                            cwd=workdir, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                            cwd=workdir, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
+                                              "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+                                              "MKL_NUM_THREADS": "1"},
                             start_new_session=True)
     os.close(w)
     w = -1
@@ -260,7 +280,8 @@ def _run_harness(jobs: list[dict], slot: int, timeout_s: float = 1.0, memory_mb:
       proc.stdin.close()
     except OSError:
       pass
-    deadline = time.monotonic() + n_tests * (float(timeout_s) + 2.5) + 10.0
+    # Per test: its limit, fork and clean-up; per job: the imports of its tests (e.g. pytest).
+    deadline = time.monotonic() + n_tests * (float(timeout_s) + 2.5) + 5.0 * len(jobs) + 10.0
     chunks, size = [], 0
     while True:
       left = deadline - time.monotonic()
@@ -297,11 +318,11 @@ def _run_harness(jobs: list[dict], slot: int, timeout_s: float = 1.0, memory_mb:
     return fail
   verdicts = verdicts.split(",")
   if (not secrets.compare_digest(got_nonce, nonce) or len(verdicts) != len(jobs)
-      or any(len(v) != len(j["tests"]) or set(v) - {"0", "1"} for v, j in zip(verdicts, jobs))):
+      or any(len(v) != len(j["tests"]) or set(v) - set(OUTCOMES) for v, j in zip(verdicts, jobs))):
     return fail
   if notes:
     _warn_once("harness-notes", f"sandbox harness: {notes}")
-  return [[c == "1" for c in v] for v in verdicts]
+  return verdicts
 
 
 def default_workers() -> int:
@@ -310,7 +331,14 @@ def default_workers() -> int:
 
 def run_batch(jobs: Sequence[dict], workers: int | None = None, jobs_per_harness: int = 8,
               **limits) -> list[list[bool]]:
-  """Run many jobs in parallel; one bool per test per job, order preserved.
+  """Run many jobs in parallel; one bool per test per job (True iff it passed), order preserved.
+  See `run_batch_outcomes` for the arguments."""
+  return [[c == "P" for c in o] for o in run_batch_outcomes(jobs, workers, jobs_per_harness, **limits)]
+
+
+def run_batch_outcomes(jobs: Sequence[dict], workers: int | None = None, jobs_per_harness: int = 8,
+                       **limits) -> list[str]:
+  """Run many jobs in parallel; one outcome string per job, a letter of `OUTCOMES` per test.
 
   Each job: {"program": str, "tests": [str], "setup": str (optional)}. `limits` go to every
   test (timeout_s, memory_mb, max_procs, fsize_mb, tmpfs_mb). Up to `workers` harnesses run at
@@ -322,9 +350,9 @@ def run_batch(jobs: Sequence[dict], workers: int | None = None, jobs_per_harness
   for i, j in enumerate(jobs):
     tests = list(j.get("tests") or [])
     if not tests:
-      out[i] = []
+      out[i] = ""
     elif not _valid(j):
-      out[i] = [False] * len(tests)
+      out[i] = "E" * len(tests)
     else:
       todo.append((i, {"program": j["program"], "tests": tests, "setup": j.get("setup") or ""}))
   if not todo:
