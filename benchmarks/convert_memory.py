@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 import psutil
 
-from egspo.model import convert
+from egspo.model import checkpoint_spec, safetensors_io
 from egspo.model.llada import ModelConfig
 
 MB = 2**20
@@ -39,7 +39,7 @@ import json, pathlib, sys
 import numpy as np
 import jax
 from egspo import convert as cli
-from egspo.model import convert
+from egspo.model import orbax_io
 
 def vmhwm():
   for line in open("/proc/self/status"):
@@ -48,7 +48,7 @@ def vmhwm():
 
 hf, out, warm = sys.argv[1:4]
 jax.devices()
-convert._save_group(pathlib.Path(warm), "warm", {"a": np.ones(4, np.float32)})
+orbax_io.save_group(pathlib.Path(warm), "warm", {("a",): np.ones(4, np.float32)})
 baseline = vmhwm()
 rc = cli.main(["--checkpoint", hf, "--output", out, "--quiet"])
 print(json.dumps({"rc": rc, "baseline": baseline, "peak": vmhwm()}))
@@ -59,7 +59,7 @@ LOAD_CHILD = r"""
 import json, pathlib, sys
 import numpy as np
 import jax
-from egspo.model import convert
+from egspo.model import orbax_io, pretrained
 
 def vmhwm():
   for line in open("/proc/self/status"):
@@ -68,9 +68,9 @@ def vmhwm():
 
 src, warm = sys.argv[1:3]
 jax.devices()
-convert._save_group(pathlib.Path(warm), "warm", {"a": np.ones(4, np.float32)})
+orbax_io.save_group(pathlib.Path(warm), "warm", {("a",): np.ones(4, np.float32)})
 baseline = vmhwm()
-model = convert.from_pretrained(src)
+model = pretrained.from_pretrained(src)
 jax.block_until_ready(jax.tree.leaves(model))
 print(json.dumps({"baseline": baseline, "peak": vmhwm()}))
 """
@@ -80,9 +80,9 @@ def build_checkpoint(path: pathlib.Path, cfg: ModelConfig, max_shard_bytes: int,
                      dtype: np.dtype) -> dict:
   """Random HF checkpoint of `cfg`, generated and written one tensor at a time."""
   path.mkdir(parents=True)
-  specs = convert.tensor_specs(cfg)
+  specs = checkpoint_spec.tensor_specs(cfg)
   sizes = [int(np.prod(s.hf_shape)) * dtype.itemsize for s in specs]
-  plan = convert._shard_plan(sizes, max_shard_bytes)
+  plan = safetensors_io.shard_plan(sizes, max_shard_bytes)
   rng = np.random.default_rng(0)
   weight_map = {}
 
@@ -91,17 +91,17 @@ def build_checkpoint(path: pathlib.Path, cfg: ModelConfig, max_shard_bytes: int,
 
   for k, idx in enumerate(plan):
     fname = f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
-    convert._write_safetensors(path / fname, [(specs[i].hf_name, fetch(specs[i].hf_shape), dtype,
-                                               specs[i].hf_shape) for i in idx])
+    safetensors_io.write_file(path / fname, [(specs[i].hf_name, fetch(specs[i].hf_shape), dtype,
+                                              specs[i].hf_shape) for i in idx])
     weight_map.update({specs[i].hf_name: fname for i in idx})
-  (path / convert.INDEX).write_text(json.dumps({"metadata": {"total_size": sum(sizes)},
+  (path / safetensors_io.INDEX).write_text(json.dumps({"metadata": {"total_size": sum(sizes)},
                                                 "weight_map": weight_map}))
   hf = cfg.to_hf_config()
   hf["torch_dtype"] = "float32" if dtype == np.float32 else "bfloat16"
-  (path / convert.CONFIG).write_text(json.dumps(hf))
+  (path / checkpoint_spec.CONFIG).write_text(json.dumps(hf))
   shard_sizes = [(path / f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors").stat().st_size
                  for k in range(len(plan))]
-  groups = convert._group_specs(cfg).values()
+  groups = checkpoint_spec.group_specs(cfg).values()
   return {"model_bytes": sum(sizes), "largest_tensor": max(sizes), "n_shards": len(plan),
           "largest_shard": max(shard_sizes),
           "largest_group": max(sum(int(np.prod(s.hf_shape)) * dtype.itemsize for s in g)

@@ -1,8 +1,8 @@
 """`python -m egspo.convert --checkpoint HF_DIR|ORG/NAME --output OUT_DIR [--param_dtype bfloat16|float32]`
 
 Streams a LLaDA checkpoint in the Hugging Face layout into an egspo orbax directory that
-`egspo.model.from_pretrained` reads (see `egspo.model.convert` for the format). With `--to_hf`
-the direction is reversed: an egspo orbax (or HF) directory is exported as HF safetensors.
+`egspo.model.from_pretrained` reads (`egspo.model.pretrained`; design in docs/conversion.md). With
+`--to_hf` the direction is reversed: an egspo orbax (or HF) directory is exported as HF safetensors.
 `--checkpoint` is a local directory or a hub repo id (e.g. GSAI-ML/LLaDA-8B-Instruct, fetched
 into the Hugging Face cache; `HF_HOME`, `HF_HUB_OFFLINE=1` honoured); `--output` is a local path
 (relative, `~/…`, absolute) or a `gs://…` URL.
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.error("--output is empty: give a directory or a gs:// URL")
 
   from egspo import hub, paths
-  from egspo.model import convert  # after argument parsing: --help stays fast
+  from egspo.model import pretrained  # after argument parsing: --help stays fast
 
   log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
   t0 = time.time()
@@ -46,16 +46,16 @@ def main(argv: list[str] | None = None) -> int:
               else hub.resolve_checkpoint(args.checkpoint))
     if args.to_hf:
       overrides = {} if args.param_dtype is None else {"param_dtype": args.param_dtype}
-      model = convert.from_pretrained(source, **overrides)
-      files = convert.export_hf(model, output, overwrite=args.overwrite, tokenizer=source,
-                                max_shard_bytes=int(args.max_shard_gb * 2**30))
+      model = pretrained.from_pretrained(source, **overrides)
+      files = pretrained.export_hf(model, output, overwrite=args.overwrite, tokenizer=source,
+                                   max_shard_bytes=int(args.max_shard_gb * 2**30))
       log(f"exported {len(files)} shard(s) to {output} in {time.time() - t0:.1f}s")
     else:
-      cfg = convert.convert_hf_to_orbax(source, output, param_dtype=args.param_dtype,
-                                        overwrite=args.overwrite, log=log)
+      cfg = pretrained.convert_hf_to_orbax(source, output, param_dtype=args.param_dtype,
+                                           overwrite=args.overwrite, log=log)
       log(f"converted {cfg.num_params():,} parameters ({cfg.param_dtype}) to {output} "
           f"in {time.time() - t0:.1f}s")
-  except (convert.CheckpointError, FileExistsError) as e:
+  except (hub.CheckpointError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

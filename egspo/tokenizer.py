@@ -198,7 +198,7 @@ def load_tokenizer(spec, config=None) -> TokenizerBase:
   A hub repo id (`ORG/NAME`, e.g. GSAI-ML/LLaDA-8B-Instruct) is fetched into the Hugging Face
   cache without its weights (`egspo.hub.resolve_checkpoint`). A directory whose config.json
   says `"egspo_tokenizer": "char"` (a checkpoint of a CPU preset saved with its tokenizer, see
-  `egspo.model.convert.save_tokenizer`) gives the CharTokenizer; otherwise the directory must
+  `egspo.model.pretrained.save_tokenizer`) gives the CharTokenizer; otherwise the directory must
   hold a Hugging Face tokenizer.
   """
   from egspo import hub

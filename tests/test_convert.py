@@ -1,7 +1,8 @@
 """HF safetensors ⇄ orbax conversion, from_pretrained and export_hf (REFERENCE §1).
 
-Checkpoints are written with the official `safetensors` library (the converter reads them with its
-own reader, so the two sides are independent) from the PyTorch reference `tests/torch_llada.py`.
+Checkpoints are written by the `safetensors` library's torch front-end from the PyTorch reference
+`tests/torch_llada.py`; exports are read back the same way (the converter reads through the
+library's numpy front-end and writes with its own streaming writer).
 """
 
 import json
@@ -18,7 +19,9 @@ from safetensors.torch import load_file, save_file
 
 import torch_llada
 from egspo import convert as convert_cli
-from egspo.model import convert, export_hf, from_pretrained, save_pretrained_orbax
+from egspo.hub import CheckpointError
+from egspo.model import LLaDA, export_hf, from_pretrained, pretrained, save_pretrained_orbax
+from egspo.model import safetensors_io
 
 HF_CFG = {"d_model": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 96,
           "vocab_size": 100, "embedding_size": 104, "mask_token_id": 99, "eos_token_id": 1,
@@ -54,7 +57,7 @@ def f32_ckpt(tmp_path_factory):
   root = tmp_path_factory.mktemp("f32")
   sd = torch_llada.random_state_dict(HF_CFG, seed=3)
   hf = write_hf(root / "hf", sd)
-  convert.convert_hf_to_orbax(hf, root / "orbax")
+  pretrained.convert_hf_to_orbax(hf, root / "orbax")
   return sd, hf, root / "orbax"
 
 
@@ -119,6 +122,40 @@ def test_single_file_layout(tmp_path):
                              torch_logits(sd, ids, mask)[mask], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_read_tensor_in_row_chunks(tmp_path, dtype):
+  t = torch.randn(37, 11).to(dtype)
+  save_file({"w": t, "v": torch.randn(29).to(dtype), "s": torch.tensor(2.5).to(dtype)},
+            str(tmp_path / "x.safetensors"))
+  entries = safetensors_io.read_header(tmp_path / "x.safetensors")
+  want = t.float().numpy()
+  assert entries["w"].shape == (37, 11) and entries["s"].shape == ()
+  for chunk_bytes in (1, 5 * 11 * t.element_size(), 2**20):  # one row, 5 rows, everything
+    for transpose in (False, True):
+      for cast in (None, np.float32):
+        got = safetensors_io.read_tensor(entries["w"], transpose=transpose, dtype=cast,
+                                         chunk_bytes=chunk_bytes)
+        assert got.dtype == (entries["w"].dtype if cast is None else np.float32)
+        assert got.flags.writeable and got.flags.c_contiguous
+        np.testing.assert_array_equal(got.astype(np.float32), want.T if transpose else want)
+    np.testing.assert_array_equal(
+        safetensors_io.read_tensor(entries["v"], chunk_bytes=chunk_bytes).astype(np.float32),
+        safetensors_io.read_tensor(entries["v"], dtype=np.float32))
+  assert float(safetensors_io.read_tensor(entries["s"], dtype=np.float32)) == 2.5
+  with pytest.raises(ValueError, match="transpose needs a 2-D tensor"):
+    safetensors_io.read_tensor(entries["v"], transpose=True)
+
+
+def test_read_header_errors_name_the_file(tmp_path):
+  save_file({"ids": torch.arange(4)}, str(tmp_path / "int.safetensors"))
+  with pytest.raises(CheckpointError, match=r"int\.safetensors: tensor ids has unsupported dtype "
+                                            r"'I64'; supported: \['BF16', 'F16', 'F32', 'F64'\]"):
+    safetensors_io.read_header(tmp_path / "int.safetensors")
+  (tmp_path / "junk.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{not json}      ")
+  with pytest.raises(CheckpointError, match=r"junk\.safetensors: cannot read safetensors file"):
+    safetensors_io.read_header(tmp_path / "junk.safetensors")
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_export_is_bit_identical(f32_ckpt, tmp_path, scan):
   sd, _, out = f32_ckpt
@@ -155,7 +192,7 @@ def test_save_pretrained_orbax_round_trip(f32_ckpt, tmp_path):
 def test_bf16_checkpoint(tmp_path):
   sd = torch_llada.random_state_dict(HF_CFG, seed=7, dtype=torch.bfloat16)
   hf = write_hf(tmp_path / "hf", sd, n_shards=2, torch_dtype="bfloat16")
-  convert.convert_hf_to_orbax(hf, tmp_path / "orbax")
+  pretrained.convert_hf_to_orbax(hf, tmp_path / "orbax")
   model = from_pretrained(tmp_path / "orbax")
   assert model.cfg.param_dtype == "bfloat16"
   assert model.blocks[0].q_proj.kernel[...].dtype == jnp.bfloat16
@@ -184,7 +221,7 @@ def test_param_dtype_defaults_to_stored_tensors(tmp_path):
   hf = write_hf(tmp_path / "hf", sd, n_shards=2)
   assert "torch_dtype" not in json.loads((hf / "config.json").read_text())
   assert from_pretrained(hf).cfg.param_dtype == "bfloat16"
-  assert convert.convert_hf_to_orbax(hf, tmp_path / "o").param_dtype == "bfloat16"
+  assert pretrained.convert_hf_to_orbax(hf, tmp_path / "o").param_dtype == "bfloat16"
   assert from_pretrained(tmp_path / "o").ln_f.weight[...].dtype == jnp.bfloat16
 
 
@@ -208,8 +245,8 @@ def test_sharded_load_on_8_devices(f32_ckpt):
   ids, mask = inputs()
   want = torch_logits(sd, ids, mask)
   for scan in (False, True):
-    cfg = convert.load_config(out, scan_layers=scan)
-    abstract = nnx.eval_shape(lambda: convert.LLaDA(cfg, rngs=nnx.Rngs(0)))
+    cfg = pretrained.load_config(out, scan_layers=scan)
+    abstract = nnx.eval_shape(lambda: LLaDA(cfg, rngs=nnx.Rngs(0)))
 
     def to_sharding(v):
       spec = tuple(rules[a] for a in v.get_metadata()["logical_axes"])
@@ -252,11 +289,11 @@ def test_error_missing_tensor(tmp_path):
   sd = _small_sd()
   del sd["model.transformer.blocks.2.up_proj.weight"]
   hf = write_hf(tmp_path / "hf", sd)
-  with pytest.raises(convert.CheckpointError,
+  with pytest.raises(CheckpointError,
                      match=r"missing tensor model\.transformer\.blocks\.2\.up_proj\.weight"):
-    convert.convert_hf_to_orbax(hf, tmp_path / "out")
+    pretrained.convert_hf_to_orbax(hf, tmp_path / "out")
   assert not (tmp_path / "out").exists()  # checked before anything is written
-  with pytest.raises(convert.CheckpointError, match="missing tensor"):
+  with pytest.raises(CheckpointError, match="missing tensor"):
     from_pretrained(hf)
 
 
@@ -264,52 +301,52 @@ def test_error_unexpected_tensor(tmp_path):
   sd = _small_sd()
   sd["model.transformer.blocks.3.q_proj.weight"] = torch.zeros(64, 64)
   hf = write_hf(tmp_path / "hf", sd)
-  with pytest.raises(convert.CheckpointError,
+  with pytest.raises(CheckpointError,
                      match=r"unexpected tensor model\.transformer\.blocks\.3\.q_proj\.weight"):
-    convert.convert_hf_to_orbax(hf, tmp_path / "out")
+    pretrained.convert_hf_to_orbax(hf, tmp_path / "out")
 
 
 def test_error_shape_mismatch(tmp_path):
   sd = _small_sd()
   sd["model.transformer.blocks.1.ff_out.weight"] = torch.zeros(64, 95)
   hf = write_hf(tmp_path / "hf", sd)
-  with pytest.raises(convert.CheckpointError,
+  with pytest.raises(CheckpointError,
                      match=r"shape mismatch for tensor model\.transformer\.blocks\.1\.ff_out\.weight"
                            r": checkpoint has \(64, 95\), config expects \(64, 96\)"):
-    convert.convert_hf_to_orbax(hf, tmp_path / "out")
+    pretrained.convert_hf_to_orbax(hf, tmp_path / "out")
 
 
 def test_error_config(tmp_path):
   hf = write_hf(tmp_path / "hf", _small_sd(), n_shards=2)
   (hf / "config.json").unlink()
-  with pytest.raises(convert.CheckpointError, match=r"config\.json not found"):
-    convert.convert_hf_to_orbax(hf, tmp_path / "out")
+  with pytest.raises(CheckpointError, match=r"config\.json not found"):
+    pretrained.convert_hf_to_orbax(hf, tmp_path / "out")
   (hf / "config.json").write_text("{not json")
-  with pytest.raises(convert.CheckpointError, match=r"config\.json is not valid JSON"):
+  with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON"):
     from_pretrained(hf)
   (hf / "config.json").write_text(json.dumps({"d_model": 64}))
-  with pytest.raises(convert.CheckpointError, match="missing LLaDA keys"):
-    convert.convert_hf_to_orbax(hf, tmp_path / "out")
-  with pytest.raises(convert.CheckpointError, match="does not exist"):
+  with pytest.raises(CheckpointError, match="missing LLaDA keys"):
+    pretrained.convert_hf_to_orbax(hf, tmp_path / "out")
+  with pytest.raises(CheckpointError, match="does not exist"):
     from_pretrained(tmp_path / "nowhere")
   (tmp_path / "empty").mkdir()
-  with pytest.raises(convert.CheckpointError, match="neither an egspo orbax checkpoint"):
+  with pytest.raises(CheckpointError, match="neither an egspo orbax checkpoint"):
     from_pretrained(tmp_path / "empty")
 
 
 def test_error_index_points_to_missing_shard(tmp_path):
   hf = write_hf(tmp_path / "hf", _small_sd(), n_shards=3)
   (hf / "model-00002-of-00003.safetensors").unlink()
-  with pytest.raises(convert.CheckpointError,
+  with pytest.raises(CheckpointError,
                      match=r"to shard model-00002-of-00003\.safetensors, which does not exist"):
-    convert.convert_hf_to_orbax(hf, tmp_path / "out")
+    pretrained.convert_hf_to_orbax(hf, tmp_path / "out")
 
 
 def test_error_corrupt_safetensors(tmp_path):
   hf = write_hf(tmp_path / "hf", _small_sd(), n_shards=2)
   shard = hf / "model-00001-of-00002.safetensors"
   shard.write_bytes(shard.read_bytes()[:1000])  # truncated
-  with pytest.raises(convert.CheckpointError, match="model-00001-of-00002.safetensors"):
+  with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors"):
     from_pretrained(hf)
 
 
@@ -320,27 +357,27 @@ def test_error_corrupt_orbax(f32_ckpt, tmp_path):
   bad = tmp_path / "bad"
   shutil.copytree(out, bad)
   (bad / "egspo_checkpoint.json").unlink()  # conversion that never finished
-  with pytest.raises(convert.CheckpointError, match="unfinished or corrupt conversion"):
+  with pytest.raises(CheckpointError, match="unfinished or corrupt conversion"):
     from_pretrained(bad)
   shutil.rmtree(bad)
   shutil.copytree(out, bad)
   shutil.rmtree(bad / "params" / "layer_00001")
-  with pytest.raises(convert.CheckpointError, match="orbax group layer_00001 is missing"):
+  with pytest.raises(CheckpointError, match="orbax group layer_00001 is missing"):
     from_pretrained(bad)
   shutil.rmtree(bad)
   shutil.copytree(out, bad)
   for f in (bad / "params" / "final").rglob("*"):
     if f.is_file():
       f.write_bytes(b"garbage")
-  with pytest.raises(convert.CheckpointError, match="cannot restore orbax group final"):
+  with pytest.raises(CheckpointError, match="cannot restore orbax group final"):
     from_pretrained(bad)
   shutil.rmtree(bad)
   shutil.copytree(out, bad)
   (bad / "egspo_checkpoint.json").write_text("{")
-  with pytest.raises(convert.CheckpointError, match="corrupt manifest"):
+  with pytest.raises(CheckpointError, match="corrupt manifest"):
     from_pretrained(bad)
   # The orbax group holds 3 layers; a config asking for 2 does not fit.
-  with pytest.raises(convert.CheckpointError, match="do not match the config"):
+  with pytest.raises(CheckpointError, match="do not match the config"):
     from_pretrained(out, n_layers=2)
 
 
@@ -353,7 +390,7 @@ def test_cli_reports_errors(tmp_path, capsys):
 def test_output_dir_not_overwritten(f32_ckpt, tmp_path):
   _, hf, out = f32_ckpt
   with pytest.raises(FileExistsError, match="not empty"):
-    convert.convert_hf_to_orbax(hf, out)
+    pretrained.convert_hf_to_orbax(hf, out)
 
 
 def test_cli_to_hf(f32_ckpt, tmp_path):
@@ -372,7 +409,7 @@ def test_tokenizer_travels_with_the_weights(tmp_path):
 
   hf = write_hf(tmp_path / "hf", _small_sd(), n_shards=2)
   build(hf)  # tokenizer files beside the weights, as in LLaDA's HF repo
-  convert.convert_hf_to_orbax(hf, tmp_path / "orbax")
+  pretrained.convert_hf_to_orbax(hf, tmp_path / "orbax")
   tok = load_tokenizer(tmp_path / "orbax")
   assert isinstance(tok, HFTokenizer) and tok.encode("hello world") == [7, 8]
   assert (tok.mask_id, tok.eos_id) == (HF_CFG["mask_token_id"], HF_CFG["eos_token_id"])

@@ -26,7 +26,7 @@ from test_tokenizer import build as build_tokenizer
 from egspo import generate as generate_cli
 from egspo import hub
 from egspo.convert import main as convert_main
-from egspo.model import convert, export_hf, from_pretrained, llada
+from egspo.model import export_hf, from_pretrained, llada, pretrained
 from egspo.tokenizer import CharTokenizer, HFTokenizer, load_tokenizer
 
 REPO_ID = "GSAI-ML/LLaDA-8B-Instruct"
@@ -165,8 +165,8 @@ def test_errors_are_one_clear_line(tmp_path, offline_hub):
     load_tokenizer("gs://bucket/tok")
   with pytest.raises(ValueError, match="model.checkpoint=random.*has no tokenizer"):
     load_tokenizer("random")
-  # from_pretrained and convert raise the same error (a convert.CheckpointError).
-  with pytest.raises(convert.CheckpointError, match="nobody/nothing"):
+  # from_pretrained and convert raise the same error (a CheckpointError).
+  with pytest.raises(hub.CheckpointError, match="nobody/nothing"):
     from_pretrained("nobody/nothing")
 
 
@@ -182,7 +182,7 @@ def test_convert_from_repo_id_to_relative_and_home_outputs(tiny_hf, tmp_path, mo
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
   assert convert_main(["--checkpoint", REPO_ID, "--output", "out/rel", "--quiet"]) == 0
   rel = tmp_path / "out" / "rel"
-  assert convert.checkpoint_layout(rel) == "orbax"
+  assert pretrained.checkpoint_layout(rel) == "orbax"
   assert load_tokenizer(rel).encode("the answer") == [9, 10]  # the tokenizer came along
   ids, mask = inputs()
   np.testing.assert_allclose(jax_logits(from_pretrained(rel), ids, mask)[mask],
@@ -190,7 +190,7 @@ def test_convert_from_repo_id_to_relative_and_home_outputs(tiny_hf, tmp_path, mo
   # Back to HF from the relative dir, written under ~ (orbax is given absolute paths only).
   assert convert_main(["--checkpoint", "out/rel", "--output", "~/hf", "--to_hf", "--quiet"]) == 0
   back = tmp_path / "home" / "hf"
-  assert convert.index_hf_checkpoint(back).keys() == set(sd)
+  assert pretrained.index_hf_checkpoint(back).keys() == set(sd)
   # An id that is not cached: one line on stderr, exit 2.
   assert convert_main(["--checkpoint", "nobody/nothing", "--output", "x", "--quiet"]) == 2
   err = capsys.readouterr().err.strip()
@@ -234,7 +234,7 @@ def test_export_to_a_gs_url(tiny_hf, tmp_path):
     assert convert_main(["--checkpoint", str(hf), "--output", "gs://bucket/export", "--to_hf",
                          "--quiet"]) == 0
   out = bucket / "export"
-  assert convert.index_hf_checkpoint(out).keys() == set(sd)
+  assert pretrained.index_hf_checkpoint(out).keys() == set(sd)
   assert load_tokenizer(out).encode("hello") == [7]
   ids, mask = inputs()
   np.testing.assert_allclose(jax_logits(from_pretrained(out), ids, mask)[mask],
@@ -249,7 +249,7 @@ def test_export_to_a_gs_url(tiny_hf, tmp_path):
 def tokenizerless_ckpt(tmp_path_factory):
   """The tiny preset (seed 4) exported without any tokenizer: config.json + weights only."""
   d = tmp_path_factory.mktemp("notok") / "ckpt"
-  export_hf(llada.init_model(llada.get_config("tiny"), 4), d)
+  export_hf(llada.init_model(llada.get_config("tiny", vocab=CharTokenizer()), 4), d)
   assert not any((d / f).exists() for f in hub.TOKENIZER_FILES)
   return d
 
@@ -300,7 +300,7 @@ def test_build_model_from_repo_id_and_random(tmp_path, offline_hub):
   from egspo import train
 
   src = tmp_path / "char_model"
-  init = llada.init_model(llada.get_config("tiny"), 7)
+  init = llada.init_model(llada.get_config("tiny", vocab=CharTokenizer()), 7)
   export_hf(init, src, tokenizer=CharTokenizer())
   hub_cache(offline_hub, "me/tiny-char", src)
   c = config_lib.base_config("copy", "tiny")
