@@ -64,17 +64,14 @@ import threading
 import time
 from typing import Sequence
 
+from egspo.tasks._sandbox_harness import OUTCOMES  # raw per-test outcomes; only "P" is a pass
+
 log = logging.getLogger(__name__)
 
 HARNESS = str(pathlib.Path(__file__).with_name("_sandbox_harness.py"))
 MAX_PROGRAM_CHARS = 1_000_000
 UID_BASE = 61000  # dedicated uids/gids (no passwd entry needed), see slot_uid
 MAX_SLOTS = 64
-# Raw per-test outcomes reported by the harness; only "P" is a pass.
-OUTCOMES = {"P": "passed", "F": "test failed", "E": "program or setup raised", "T": "timed out",
-            "K": "killed by a signal or limit", "X": "interpreter state changed (tampering)",
-            "B": "forbidden primitive used", "Z": "exited 0 without the pass token",
-            "H": "harness error in the test child"}
 _NS_FLAGS = ["--fork", "--pid", "--net", "--mount-proc", "--kill-child"]
 
 _mode_lock = threading.Lock()
