@@ -25,6 +25,7 @@ import dataclasses
 import functools
 from typing import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,6 +151,10 @@ def denoise_step(logits_fn: LogitsFn, prompt_ids, prompt_mask, completion, step,
   committed positions and outside the current block. The k = commit_schedule[t] most confident
   positions are committed.
   """
+  chex.assert_rank([prompt_ids, prompt_mask, completion, step], [2, 2, 2, 0])
+  chex.assert_equal_shape([prompt_ids, prompt_mask])
+  chex.assert_equal_shape_prefix([prompt_ids, completion], 1)
+  chex.assert_type([prompt_ids, completion, step], int)
   b, g = completion.shape
   if g != config.gen_length:
     raise ValueError(f"completion has length {g}, but config.gen_length={config.gen_length}")

@@ -8,6 +8,7 @@ selected-step columns) are handled column by column.
 
 from __future__ import annotations
 
+import chex
 import jax.numpy as jnp
 
 LAMBDA_SCHEDULES = ("constant", "linear")
@@ -87,10 +88,13 @@ def stepwise_advantages(r_final, values, group_size: int, lam: float, valid=None
     raise ValueError(f"unknown lambda_schedule {lambda_schedule!r}; choose one of {LAMBDA_SCHEDULES}")
   if baseline not in BASELINES:
     raise ValueError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
+  chex.assert_rank([r_final, values], [1, 2])
+  chex.assert_equal_shape_prefix([r_final, values], 1)
+  for x in (valid, steps):
+    if x is not None:
+      chex.assert_equal_shape([values, x])
   r_final = jnp.asarray(r_final, jnp.float32)
   values = jnp.asarray(values, jnp.float32)
-  if r_final.ndim != 1 or values.ndim != 2 or values.shape[0] != r_final.shape[0]:
-    raise ValueError(f"need r_final [B] and values [B, K]; got {r_final.shape} and {values.shape}")
   valid = jnp.ones(values.shape, bool) if valid is None else jnp.asarray(valid, bool)
   if lambda_schedule == "linear":
     if steps is None or num_steps is None:

@@ -14,6 +14,7 @@ caller cannot leak gradient into them by accident.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -62,10 +63,13 @@ def _zero_invalid(valid, cur, old, ref):
   return f(cur), _sg(f(old)), (None if ref is None else _sg(f(ref)))
 
 
-def _check_same_shape(**arrays):
-  shapes = {k: jnp.shape(v) for k, v in arrays.items() if v is not None}
-  if len(set(shapes.values())) > 1:
-    raise ValueError(f"shape mismatch: {shapes}")
+def _check_inputs(rank: int, *arrays, adv=None):
+  """Trace-time contract of a loss: the given `arrays` (None = absent) share one shape of `rank`;
+  the first (the current log-likelihood) and `adv` are floating point."""
+  given = [a for a in arrays if a is not None]
+  chex.assert_rank(given, rank)
+  chex.assert_equal_shape(given)
+  chex.assert_type([arrays[0]] + ([] if adv is None else [adv]), float)
 
 
 def gather_step_logprobs(token_logp, commit_step, steps, aggregation: str = "sum"):
@@ -78,6 +82,9 @@ def gather_step_logprobs(token_logp, commit_step, steps, aggregation: str = "sum
   trainer's `logps_aggregation='mean'`): their mean (0 for a step that commits nothing).
   Returns [B, K] float32.
   """
+  chex.assert_rank([token_logp, commit_step, steps], [{2, 3}, 2, 2])
+  chex.assert_equal_shape_prefix([token_logp, commit_step, steps], 1)
+  chex.assert_type([commit_step, steps], int)
   if aggregation not in ("sum", "mean"):
     raise ValueError(f"aggregation must be 'sum' or 'mean', got {aggregation!r}")
   act = commit_step[:, None, :] == steps[:, :, None]  # [B, K, G]: the action a_t
@@ -103,7 +110,7 @@ def egspo_step_loss(logp, logp_old, adv, valid=None, logp_ref=None, *, epsilon: 
   KL term is dropped.
   Returns (Σ_valid ℓ, #valid, metrics: clip fractions, kl (mean k3), ratio/mean).
   """
-  _check_same_shape(logp=logp, logp_old=logp_old, adv=adv, valid=valid, logp_ref=logp_ref)
+  _check_inputs(2, logp, logp_old, adv, valid, logp_ref, adv=adv)
   valid = jnp.ones(jnp.shape(logp), bool) if valid is None else valid.astype(bool)
   # Padding slots are zeroed before any exp(), so garbage there cannot overflow into NaN grads.
   logp, logp_old, logp_ref = _zero_invalid(valid, logp, logp_old, logp_ref)
@@ -146,9 +153,9 @@ def diffu_grpo_token_loss(logp, logp_old, adv, mask, logp_ref=None, *, epsilon: 
   """
   if reduction not in ("token", "sequence"):
     raise ValueError(f"reduction must be 'token' or 'sequence', got {reduction!r}")
-  _check_same_shape(logp=logp, logp_old=logp_old, mask=mask, logp_ref=logp_ref)
-  if adv.shape != logp.shape[:1]:
-    raise ValueError(f"adv must be [N]={logp.shape[:1]}, got {adv.shape}")
+  _check_inputs(2, logp, logp_old, mask, logp_ref, adv=adv)
+  chex.assert_rank(adv, 1)
+  chex.assert_equal_shape_prefix([logp, adv], 1)
   epsilon_high = epsilon if epsilon_high is None else epsilon_high
   mask = mask.astype(bool)
   logp, logp_old, logp_ref = _zero_invalid(mask, logp, logp_old, logp_ref)
@@ -195,7 +202,7 @@ def sequence_clipped_loss(logl, logl_old, adv, length, logl_ref=None, *, normali
     raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
   if kl not in KL_ESTIMATORS:
     raise ValueError(f"kl must be one of {tuple(KL_ESTIMATORS)}, got {kl!r}")
-  _check_same_shape(logl=logl, logl_old=logl_old, adv=adv, logl_ref=logl_ref, valid=valid)
+  _check_inputs(1, logl, logl_old, adv, logl_ref, valid, adv=adv)
   epsilon_high = epsilon if epsilon_high is None else epsilon_high
   valid = jnp.ones(jnp.shape(logl), bool) if valid is None else valid.astype(bool)
   logl, logl_old, logl_ref = _zero_invalid(valid, logl, logl_old, logl_ref)
@@ -264,6 +271,7 @@ def stabledrl_loss(logl, logl_old, adv, group_size: int, *, clip_iw: float = 5.0
   `log_iw_scale` = 1/L gives a per-token normalised weight (the released code uses 1).
   Returns (Σ over groups of loss_group, #groups, metrics).
   """
+  _check_inputs(1, logl, logl_old, adv, adv=adv)
   lg, lo, ag = (_grouped(x.astype(jnp.float32), group_size) for x in (logl, logl_old, adv))
   log_iw = _sg((lg - lo) * log_iw_scale)
   log_c = jnp.log(jnp.float32(clip_iw))
@@ -287,6 +295,7 @@ def wd1_loss(logl, adv, group_size: int, temperature: float = 1.0):
   logl: [B] sequence log-likelihood estimates (carry the gradient); adv: [B]; softmax over each
   contiguous group of `group_size`. Returns (Σ over groups, #groups, metrics).
   """
+  _check_inputs(1, logl, adv, adv=adv)
   lg, ag = (_grouped(x.astype(jnp.float32), group_size) for x in (logl, adv))
   ag = _sg(ag)
   w_pos = jax.nn.softmax(ag / temperature, axis=-1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +39,9 @@ def step_entropy(entropy, commit_step, num_steps: int):
   masked positions than steps) gets H_t = 0; pass `step_counts(...) > 0` as `step_valid` to the
   selectors to rank such steps last.
   """
+  chex.assert_rank([entropy, commit_step], 2)
+  chex.assert_equal_shape([entropy, commit_step])
+  chex.assert_type(commit_step, int)
   onehot = jax.nn.one_hot(commit_step, num_steps, dtype=jnp.float32)  # [B, G, T]
   total = jnp.einsum("bg,bgt->bt", entropy.astype(jnp.float32), onehot)
   count = onehot.sum(axis=1)
@@ -46,7 +50,18 @@ def step_entropy(entropy, commit_step, num_steps: int):
 
 def step_counts(commit_step, num_steps: int):
   """[B, T] int32: the number of completion positions committed at each step."""
+  chex.assert_rank(commit_step, 2)
+  chex.assert_type(commit_step, int)
   return jax.nn.one_hot(commit_step, num_steps, dtype=jnp.int32).sum(axis=1)
+
+
+def _check_scores(step_entropy, step_valid):
+  """[B, T] float step entropies and an optional [B, T] bool mask of the same shape."""
+  chex.assert_rank(step_entropy, 2)
+  chex.assert_type(step_entropy, float)
+  if step_valid is not None:
+    chex.assert_equal_shape([step_entropy, step_valid])
+    chex.assert_type(step_valid, bool)
 
 
 def _check_k(k: int, num_steps: int, name: str = "k"):
@@ -79,6 +94,7 @@ def entropy_topk_steps(step_entropy, k: int, step_valid=None):
   one. Ties go to the earlier step (`lax.top_k` keeps the lower index first). Returns
   (steps [B, K] int32 ascending, valid [B, K] bool all True).
   """
+  _check_scores(step_entropy, step_valid)
   _check_k(k, step_entropy.shape[-1])
   _, idx = jax.lax.top_k(_ranked_scores(step_entropy, step_valid), k)
   steps = jnp.sort(idx.astype(jnp.int32), axis=-1)
@@ -129,6 +145,7 @@ def adaptive_entropy_steps(step_entropy, alpha, k_max: int, step_valid=None):
   Returns (steps [B, k_max] int32, valid [B, k_max] bool): the k_max highest-entropy steps in
   ascending step order, `valid` marking the K_b that are selected.
   """
+  _check_scores(step_entropy, step_valid)
   _check_k(k_max, step_entropy.shape[-1], "k_max")
   scores = _ranked_scores(step_entropy, step_valid)
   top, idx = jax.lax.top_k(scores, k_max)  # [B, k_max], descending

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +22,10 @@ def one_step_guesses(x0_hat, steps):
 
   vmapped over samples: row b takes x0_hat[b, steps[b, k]] for each k.
   """
+  chex.assert_rank(x0_hat, 3)
+  chex.assert_rank(steps, 2)
+  chex.assert_equal_shape_prefix([x0_hat, steps], 1)
+  chex.assert_type(steps, int)
   return jax.vmap(lambda x, s: jnp.take(x, s, axis=0))(x0_hat, steps)
 
 
