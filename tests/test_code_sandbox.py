@@ -540,12 +540,11 @@ LEGIT_JOBS = {
             t.join()
           return sum(out)
         def roundtrip(s):
-          with tempfile.NamedTemporaryFile('w+', delete=False) as f:
-            f.write(s)
-          with open(f.name) as g:
-            out = g.read()
-          os.remove(f.name)
-          return out
+          with tempfile.TemporaryDirectory() as d:  # weakref.finalize flips class flags
+            with open(os.path.join(d, 'f'), 'w') as f:
+              f.write(s)
+            with open(os.path.join(d, 'f')) as f:
+              return f.read()
         """), ["assert psum(list(range(10))) == 45", "assert roundtrip('abc') == 'abc'"], "import tempfile"),
     "legit_shadowing_helpers": (_D("""
         import sys

@@ -75,7 +75,7 @@ _SYS_VOLATILE = frozenset({"stdin", "stdout", "stderr", "argv", "last_type", "la
                            "last_traceback", "last_exc", "tracebacklimit", "ps1", "ps2",
                            "dont_write_bytecode", "pycache_prefix"})
 _CLASS_ADDABLE = frozenset({"__annotations__", "__slotnames__"})  # lazily cached by the stdlib
-_STRICT, _MODULE, _CLASS, _PAIRS = 0, 1, 2, 3
+_STRICT, _MODULE, _CLASS, _PAIRS, _CELLS = 0, 1, 2, 3, 4
 _ModuleType = type(sys)
 _FunctionType = type(lambda: None)
 _BuiltinType = type(len)
@@ -261,7 +261,8 @@ def _preimport(codes, program_code):
       if name.split(".")[0] == "solution":
         explicit.update(n for n in (fromlist or ()) if isinstance(n, str) and n != "*")
         continue
-      wanted.append((name, tuple(fromlist or ())))
+      if name.split(".")[0] not in _NO_IMPORT:
+        wanted.append((name, tuple(fromlist or ())))
   used = set().union(*(_global_names(c) for c in codes)) if codes else set()
   modnames = {n for n in used & set(program_code.co_names) & sys.stdlib_module_names
               if n not in _NO_IMPORT and not n.startswith("_")}
@@ -300,14 +301,33 @@ def _closure(roots):
     seen.add(name)
     if "." in name:
       todo.append(name.rpartition(".")[0])
-    for v in tuple(sys.modules[name].__dict__.values()):
+    for k, v in tuple(sys.modules[name].__dict__.items()):
+      if k in _METADATA:  # the import system's records, not code the test runs
+        continue
       todo.append(_module_of(v))
       if isinstance(v, type) and not v.__flags__ & (1 << 8):
         todo.extend(_module_of(w) for w in tuple(v.__dict__.values()))
   return seen - {"builtins", "sys", "__main__", None}
 
 
+_METADATA = frozenset({"__spec__", "__loader__", "__builtins__", "__cached__", "__file__"})
 _STATES = {}
+
+
+class _Anchor:
+  """A weak-referenceable object kept for the harness's lifetime."""
+
+
+_ANCHOR = _Anchor()
+
+
+def _warm_up():
+  """Flip, before the snapshot, the library flags that legitimately change on first use (so a
+  test child's first use does not read as tampering): weakref.finalize's class flags (used by
+  tempfile.TemporaryDirectory and many libraries)."""
+  weakref = sys.modules.get("weakref")
+  if weakref is not None:
+    weakref.finalize(_ANCHOR, int)
 
 
 def _state(roots):
@@ -317,6 +337,7 @@ def _state(roots):
   key = (len(sys.modules), roots)
   if key in _STATES:
     return _STATES[key]
+  _warm_up()
   entries, funcs, mods_ids, seen = [], set(), set(), set()
 
   def add(kind, d, ident):
@@ -332,13 +353,14 @@ def _state(roots):
   mods = {n: sys.modules[n] for n in names}
   entries.append((_PAIRS, sys.modules, len(mods), (), (), tuple(mods.items())))
   add(_STRICT, mods, id(mods))
+  fns = []
   for m in mods.values():
     mods_ids.add(id(m))
     d = m.__dict__
     add(_MODULE, d, id(d))
     for v in tuple(d.values()):
       if isinstance(v, _FunctionType):
-        funcs.add(id(v))
+        fns.append(v)
       elif isinstance(v, type) and not v.__flags__ & (1 << 8) and id(v) not in seen:  # mutable
         cd = v.__dict__
         add(_CLASS, cd, id(v))
@@ -346,7 +368,27 @@ def _state(roots):
           if isinstance(w, (staticmethod, classmethod)):
             w = w.__func__
           if isinstance(w, _FunctionType):
-            funcs.add(id(w))
+            fns.append(w)
+  # Library functions: their closure cells (writable without an audit event) and keyword
+  # defaults (a dict), and the functions those cells hold (decorated originals).
+  cells, contents = [], []
+  while fns:
+    f = fns.pop()
+    if id(f) in funcs:
+      continue
+    funcs.add(id(f))
+    if f.__kwdefaults__:
+      add(_STRICT, f.__kwdefaults__, id(f.__kwdefaults__))
+    for c in f.__closure__ or ():
+      try:
+        v = c.cell_contents
+      except ValueError:  # empty cell
+        continue
+      cells.append(c)
+      contents.append(v)
+      if isinstance(v, _FunctionType):
+        fns.append(v)
+  entries.append((_CELLS, tuple(cells), len(cells), (), (), tuple(contents)))
   entries = tuple(entries)
   snap = (entries, frozenset(funcs), frozenset(mods_ids), mods, _forked_changes(entries))
   if len(_STATES) > 64:
@@ -390,22 +432,31 @@ def _after_fork(entries, changed):
     return entries
   out = list(entries)
   for k in changed:
-    out[k] = _entry(out[k][0], out[k][1])
+    kind, d = out[k][0], out[k][1]
+    if kind == _CELLS:
+      out[k] = (kind, d, len(d), (), (), tuple(c.cell_contents for c in d))
+    else:
+      out[k] = _entry(kind, d)
   return tuple(out)
 
 
 # --- the test child: everything below runs after fork -----------------------------------------
 
 def _make_check(snap, len_=len, tuple_=tuple, map_=map, id_=id, next_=next, reversed_=reversed,
-                range_=range, type_=type, str_=str, addable=_CLASS_ADDABLE):
+                range_=range, zip_=zip, type_=type, str_=str, addable=_CLASS_ADDABLE):
   """A closure that is True iff the state in `snap` is unchanged (see the module docstring)."""
-  strict, module, klass, pairs_kind = _STRICT, _MODULE, _CLASS, _PAIRS
+  strict, module, klass, pairs_kind, cells_kind = _STRICT, _MODULE, _CLASS, _PAIRS, _CELLS
 
   def check():
     for kind, d, n, vids, ks, vs in snap:
       if kind == pairs_kind:
         for k, v in vs:
           if d.get(k, check) is not v:
+            return False
+        continue
+      if kind == cells_kind:  # an emptied cell raises: the test fails
+        for c, v in zip_(d, vs):
+          if c.cell_contents is not v:
             return False
         continue
       m = len_(d)
@@ -454,8 +505,7 @@ def _reporter(token, pipe_w, go, main_ident, guard_code, test_code, test_globals
     exit_(7)
 
 
-def _make_guard(pipe_w, test_code, test_globals, end_offset, snap, importer, funcs, mod_ids,
-                check_paths):
+def _make_guard(pipe_w, test_code, test_globals, end_offset, snap, importer, funcs, mod_ids):
   """Start the reporter thread and return the audit hook (see the module docstring)."""
   exit_, getframe, get_ident, type_, str_, bytes_, id_ = (
       os._exit, sys._getframe, _thread.get_ident, type, str, bytes, id)
@@ -488,8 +538,9 @@ def _make_guard(pipe_w, test_code, test_globals, end_offset, snap, importer, fun
       name = args[0]
       if type_(name) is not str_ or name in blocked or name[:7] == "ctypes.":
         raise ImportError_(f"{name!r} is not available in the sandbox")
-    elif check_paths and (event == "open" or event == "os.chdir" or event == "os.symlink"):
-      # Plain mode only (namespace modes cover /proc): no /proc, no */mem.
+    elif event == "open" or event == "os.chdir" or event == "os.symlink":
+      # No /proc, no */mem (namespace modes also cover /proc with a tmpfs; a userns child could
+      # unmount it).
       p = args[0]
       if type_(p) is bytes_:
         p = p.decode("latin-1")
@@ -626,8 +677,7 @@ def _child(job, i, pipe_w, result_fd, prep):
     pk, pv = tuple(pristine), tuple(pristine.values())
     snap = entries + ((_STRICT, pristine, len(pk), tuple(map(id, pv)), pk, pv),
                       (_PAIRS, tg, 1, (), (), (("__builtins__", pristine),)))
-    guard = _make_guard(pipe_w, test_code, tg, end_offset, snap, importer, funcs, mod_ids,
-                        not job.get("mount"))
+    guard = _make_guard(pipe_w, test_code, tg, end_offset, snap, importer, funcs, mod_ids)
     cpu = int(job["timeout_s"]) + 1
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     mem = int(job["memory_mb"]) * 1024 * 1024
