@@ -79,6 +79,7 @@ from egspo.diffusion import sampler as sampler_lib  # noqa: E402
 from egspo.model import llada  # noqa: E402
 from egspo.model import lora as lora_lib  # noqa: E402
 from egspo.rl import algorithms as algo_lib  # noqa: E402
+from egspo.rl import registry  # noqa: E402
 from egspo.rl import update as update_lib  # noqa: E402
 
 GIB = 2**30
@@ -237,7 +238,7 @@ def _experiment_config(wl: Workload):
 
 
 def _egspo(policy, ref_params, model_cfg, wl: Workload):
-  ctx = algo_lib.Context(config=_experiment_config(wl), policy=policy, ref_params=ref_params,
+  ctx = registry.Context(config=_experiment_config(wl), policy=policy, ref_params=ref_params,
                          mask_token_id=model_cfg.mask_token_id,
                          max_commit=wl.max_commit(model_cfg.mask_token_id),
                          reward_fn=None, decode_fn=None)
@@ -306,7 +307,7 @@ def compile_iteration(model_cfg: llada.ModelConfig, plan: Plan, wl: Workload, de
     if name not in wanted:
       return
     t0 = time.time()
-    with jax.set_mesh(mesh):
+    with shard_lib.use_mesh(mesh, rules):
       compiled = fn.lower(*args).compile()
     programs[name] = dict(_memory(compiled), compile_s=time.time() - t0)
     return compiled

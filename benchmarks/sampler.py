@@ -58,11 +58,12 @@ def main():
   import torch_sampler
   from egspo.diffusion import sampler
   from egspo.model import llada
+  from egspo.tokenizer import CharTokenizer
 
   torch.set_num_threads(args.threads)
   torch.set_num_interop_threads(1)
 
-  cfg = llada.get_config(args.preset)
+  cfg = llada.get_config(args.preset, vocab=CharTokenizer())
   tcfg = torch_sampler.torch_config(cfg)
   # Random weights with peaked next-token distributions (as in tests/test_sampler.py), so that the
   # greedy JAX and PyTorch completions can be compared token for token without near-ties.

@@ -4,8 +4,9 @@
 LLaDA-8B setting (REFERENCE §3.8), 'tiny' runs the whole pipeline (SFT warm start, then RL) on a
 2-core CPU with a ~0.1M-parameter model over the built-in character tokenizer. `validate` checks
 every field the code reads (type, range, finiteness, choices) and raises `ConfigError` naming the
-bad one; `load_config` and `check_field` give `egspo.main` one-line errors for a broken config
-file or an unknown override.
+bad one; the choices come from their owners (the method registry, the model presets, the
+sampler), and the selected method checks its own section (`validate_config`). `load_config` and
+`check_field` give `egspo.main` one-line errors for a broken config file or an unknown override.
 """
 
 from __future__ import annotations
@@ -20,14 +21,7 @@ from typing import Any
 
 import ml_collections
 
-ALGORITHMS = ("egspo", "egspo_sa", "diffu_grpo", "espo", "gdpo", "stabledrl", "wd1")
-ELBO_ESTIMATORS = ("double_mc", "espo", "gauss_legendre")  # egspo.diffusion.masking.ESTIMATORS
-SEQ_NORMALIZATIONS = ("inside", "outside", "none")  # egspo.rl.losses.NORMALIZATIONS
-SELECTIONS = ("entropy", "uniform", "random", "adaptive")  # egspo.rl.selection.METHODS
-REMASKINGS = ("low_confidence", "random")  # egspo.diffusion.sampler.REMASKING
-DTYPES = ("float32", "bfloat16", "float16")  # egspo.model.llada._DTYPES
 VARIANTS = ("", "8b", "tiny")
-PROMPT_TRUNCATIONS = ("error", "left", "middle")  # egspo.tasks.data.PROMPT_TRUNCATIONS
 RANDOM_INIT = "random"  # model.checkpoint value: the preset with seeded random weights
 
 
@@ -193,7 +187,7 @@ def _baseline_sections(c: ml_collections.ConfigDict, task: str) -> None:
 
   c.stabledrl = ml_collections.ConfigDict()
   c.stabledrl.num_iterations = 2  # released configs: num_iterations 2
-  c.stabledrl.estimator = "espo"  # any of ELBO_ESTIMATORS
+  c.stabledrl.estimator = "espo"  # any of egspo.diffusion.masking.ESTIMATORS
   c.stabledrl.num_mc = 2  # draws for 'espo'/'double_mc' (released: num_mc_samples 2)
   c.stabledrl.num_nodes = 3  # for 'gauss_legendre'
   c.stabledrl.clip_iw = 5.0  # unconditional clip of the importance weight (released: 5.0)
@@ -353,28 +347,55 @@ def _local_file(c, field: str) -> None:
     _fail(field, v, f"no such file (cwd {os.getcwd()})")
 
 
+class Fields:
+  """Typed reads of a config's fields, each raising `ConfigError` naming the field, its value and
+  what is allowed. `validate` uses them, and passes one to the selected method's
+  `validate_config` (egspo.rl.registry), which checks its own section with them."""
+
+  def __init__(self, c: ml_collections.ConfigDict):
+    self.config = c
+
+  def get(self, field: str) -> Any:
+    return _get(self.config, field)
+
+  def integer(self, field: str, lo: int | None = None, hi: int | None = None,
+              also: tuple = ()) -> int:
+    return _int(self.config, field, lo, hi, also)
+
+  def real(self, field: str, lo: float | None = None, hi: float | None = None, *,
+           lo_open: bool = False, hi_open: bool = False) -> float:
+    return _real(self.config, field, lo, hi, lo_open=lo_open, hi_open=hi_open)
+
+  def choice(self, field: str, choices) -> Any:
+    return _choice(self.config, field, choices)
+
+  def boolean(self, field: str) -> bool:
+    return _bool(self.config, field)
+
+  def string(self, field: str) -> str:
+    return _str(self.config, field)
+
+  def require(self, cond: bool, field: str, value: Any, why: str) -> None:
+    _check(cond, field, value, why)
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks type, range, finiteness and choices of every field the code reads; raises
-  `ConfigError` naming the first bad field, its value and the allowed values."""
+  `ConfigError` naming the first bad field, its value and the allowed values.
+
+  Imports the method registry (JAX, no backend started): about a second.
+  """
+  # pylint: disable-next=import-outside-toplevel  (egspo.main fails fast on a bad file first)
+  from egspo.rl import registry
+
   _int(c, "seed", 0, 2**31 - 1)
   _choice(c, "variant", VARIANTS)
-  _choice(c, "algorithm", ALGORITHMS)
+  algorithm = _choice(c, "algorithm", registry.registered())
   _validate_task(c)
   _validate_model(c)
   _validate_mesh(c)
 
-  _choice(c, "egspo.selection", SELECTIONS)
-  k = _int(c, "egspo.num_selected_steps", 1)
-  _real(c, "egspo.adaptive_alpha", 0.0, 1.0, lo_open=True)
-  _real(c, "egspo.lam", 0.0)
-  _real(c, "loss.eps", 0.0, 1.0, lo_open=True, hi_open=True)
-  _real(c, "loss.eps_high", 0.0, lo_open=True)
-  _real(c, "loss.beta", 0.0)
-
-  steps = _sampling(c, "rollout")
-  _check(k <= steps, "egspo.num_selected_steps", k, f"must be <= rollout.steps={steps}")
-  _real(c, "rollout.temperature", 0.0)
-  _choice(c, "rollout.remasking", REMASKINGS)
+  _sampling(c, "rollout")
   prompt_len = _int(c, "rollout.max_prompt_length", 1)
   _sampling(c, "eval")
   _int(c, "eval.batch_size", 1)
@@ -407,16 +428,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                "max_refused_updates"):
     _int(c, f"train.{name}", 1)
-  _validate_baselines(c)
+  registry.get_algorithm(algorithm).validate_config(Fields(c))
 
 
 def _validate_task(c) -> None:
-  from egspo import tasks as tasks_lib  # pylint: disable=import-outside-toplevel  (no JAX)
+  # pylint: disable-next=import-outside-toplevel  (no JAX)
+  from egspo import tasks as tasks_lib
+  from egspo.tasks import data as data_lib  # pylint: disable=import-outside-toplevel
 
   _choice(c, "task.name", tasks_lib.task_names())
   _choice(c, "task.prompt_style", ("chat", "plain"))
   _choice(c, "task.eval_source", ("file", "generated"))
-  _choice(c, "task.prompt_truncation", PROMPT_TRUNCATIONS)
+  _choice(c, "task.prompt_truncation", data_lib.PROMPT_TRUNCATIONS)
   _int(c, "task.num_eval_examples", 0)
   options = _get(c, "task.options")
   _check(isinstance(options, (ml_collections.ConfigDict, dict)), "task.options", options,
@@ -431,7 +454,7 @@ def _validate_model(c) -> None:
   preset = _choice(c, "model.preset", sorted(llada.PRESETS))
   ckpt = _str(c, "model.checkpoint")
   for name in ("param_dtype", "dtype"):
-    _choice(c, f"model.{name}", DTYPES)
+    _choice(c, f"model.{name}", sorted(llada.DTYPES))
   _bool(c, "model.remat")
   _bool(c, "model.scan_layers")
   tok = _str(c, "tokenizer")
@@ -470,20 +493,17 @@ def _validate_mesh(c) -> None:
   _check(ok, "mesh.rules", rules, "must be a tuple of (logical_axis, mesh_axes) pairs")
 
 
-def _sampling(c, section: str) -> int:
-  """gen_length / block_length / steps of `rollout` or `eval` (egspo.diffusion.sampler)."""
-  gen = _int(c, f"{section}.gen_length", 1)
-  block = _int(c, f"{section}.block_length", 1)
-  steps = _int(c, f"{section}.steps", 1)
-  _check(gen % block == 0, f"{section}.gen_length", gen,
-         f"must be divisible by {section}.block_length={block}")
-  blocks = gen // block
-  _check(steps % blocks == 0, f"{section}.steps", steps,
-         f"must be divisible by the number of blocks {section}.gen_length/block_length={blocks}")
-  _check(steps // blocks <= block, f"{section}.steps", steps,
-         f"gives {steps // blocks} steps per block, more than {section}.block_length={block} "
-         "(a step would commit no token)")
-  return steps
+def _sampling(c, section: str) -> None:
+  """`rollout` or `eval`: the fields of a `SamplerConfig`, checked by the sampler itself."""
+  from egspo.diffusion import sampler  # pylint: disable=import-outside-toplevel
+
+  names = ("gen_length", "steps", "block_length") + (
+      ("temperature", "remasking") if section == "rollout" else ())
+  try:
+    sampler.check_sampling(**{n: _get(c, f"{section}.{n}") for n in names},
+                           prefix=f"{section}.")
+  except sampler.SamplerConfigError as e:
+    _fail(f"{section}.{e.field}", e.value, e.why)
 
 
 def _check_sequence_length(c, prompt_len: int) -> None:
@@ -492,7 +512,7 @@ def _check_sequence_length(c, prompt_len: int) -> None:
     return
   from egspo.model import llada  # pylint: disable=import-outside-toplevel
 
-  max_len = llada.get_config(c.model.preset).max_sequence_length
+  max_len = llada.PRESETS[c.model.preset]["max_sequence_length"]
   gen = c.rollout.gen_length
   _check(prompt_len + gen <= max_len, "rollout.max_prompt_length", prompt_len,
          f"+ rollout.gen_length={gen} must be <= model.preset={c.model.preset!r}'s "
@@ -517,34 +537,6 @@ def _validate_sft(c) -> None:
   if schedule == "wsd" and steps:
     _check(span > warmup, "sft.warmup_steps", warmup,
            f"must be < the {span} steps of the 'wsd' schedule")
-
-
-def _validate_baselines(c) -> None:
-  for sec in ("diffu_grpo", "espo", "gdpo", "stabledrl", "wd1"):
-    _int(c, f"{sec}.num_iterations", 1)
-  _real(c, "diffu_grpo.p_mask_prompt", 0.0, 1.0, hi_open=True)
-  _choice(c, "diffu_grpo.reduction", ("token", "sequence"))
-  _int(c, "espo.num_mc", 1)
-  _bool(c, "espo.coupled")
-  _int(c, "gdpo.num_nodes", 1)
-  _choice(c, "gdpo.normalize", SEQ_NORMALIZATIONS)
-  for sec in ("diffu_grpo", "espo", "gdpo"):
-    _real(c, f"{sec}.eps", 0.0, 1.0, lo_open=True, hi_open=True)
-    _real(c, f"{sec}.beta", 0.0)
-  for sec in ("stabledrl", "wd1"):
-    _choice(c, f"{sec}.estimator", ELBO_ESTIMATORS)
-    _int(c, f"{sec}.num_mc", 1)
-    _int(c, f"{sec}.num_nodes", 1)
-  _real(c, "stabledrl.clip_iw", 0.0, lo_open=True)
-  _choice(c, "stabledrl.normalize_over", ("group", "micro_batch"))
-  _real(c, "stabledrl.log_iw_scale", 0.0, lo_open=True)
-  _real(c, "wd1.temperature", 0.0, lo_open=True)
-  if c.algorithm in ("stabledrl", "wd1"):
-    # Their losses normalise over whole groups, so a micro-batch must not split a group.
-    _check(c.batch.micro_batch_size % c.batch.group_size == 0, "batch.micro_batch_size",
-           c.batch.micro_batch_size,
-           f"{c.algorithm} needs whole groups per micro-batch: a multiple of batch.group_size="
-           f"{c.batch.group_size}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -261,7 +261,8 @@ def _load_model(args, parser):
     from egspo.model import llada
     from egspo.tokenizer import CharTokenizer
     try:
-      return llada.init_model(llada.get_config(args.preset), args.seed), CharTokenizer()
+      tok = CharTokenizer()
+      return llada.init_model(llada.get_config(args.preset, vocab=tok), args.seed), tok
     except ValueError as e:
       parser.error(str(e))
   from egspo import model as model_pkg

@@ -51,7 +51,7 @@ def _load(args, parser):
   if args.preset is not None:
     from egspo.model import llada
     try:
-      cfg = llada.get_config(args.preset)
+      cfg = llada.get_config(args.preset, vocab=tok_pkg.CharTokenizer())
     except ValueError as e:
       parser.error(str(e))
     return llada.init_model(cfg, args.seed), tok_pkg.CharTokenizer(), None

@@ -7,31 +7,27 @@ The mesh has three axes (MaxText / big_vision style):
 
 Parameters name their dimensions with logical axes (`logical_axes` variable metadata, see
 `egspo.model.llada`); `RULES` maps each logical name to mesh axes. Rules are plain data, a tuple
-of `(logical_name, mesh_axes)` pairs, so a config can override them (`merge_rules`). A dimension
-whose size is not divisible by its mesh axes, or whose mesh axis is already used by an earlier
-dimension of the same array, is replicated instead (logged at debug level) — correct, only less
-sharded.
+of `(logical_name, mesh_axes)` pairs, so a config can override them (`merge_rules`; the mapping
+itself is `egspo.partitioning`'s). A dimension whose size is not divisible by its mesh axes, or
+whose mesh axis is already used by an earlier dimension of the same array, is replicated instead
+(logged at debug level) — correct, only less sharded. `use_mesh` makes a mesh and rules current,
+so the model pins its activations by the same rules.
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-log = logging.getLogger(__name__)
+from egspo.partitioning import Rules, logical_to_mesh_axes, merge_rules
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # mesh axes a [B, ...] batch is split over
-
-MeshAxes = str | tuple[str, ...] | None
-Rules = tuple[tuple[str, MeshAxes], ...]
 
 # Default logical → mesh axis rules. `layers` is the leading axis of scanned block stacks;
 # `lora_rank` the inner dimension of LoRA factors; `batch`/`length` name activation dimensions.
@@ -88,89 +84,19 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
   return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=auto, devices=devices)
 
 
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules = RULES):
+  """`mesh` and `rules` current (`jax.set_mesh`, flax's `nnx.logical_axis_rules`): the model
+  pins activation shardings by its logical names (`egspo.model.llada.constrain`).
+
+  A function jitted inside keeps the rules it was traced with; use one rule set per process.
+  """
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(merge_rules(rules)):
+    yield mesh
+
+
 # ----------------------------------------------------------------------------------------------
-# Rules
-
-
-def _normalise_axes(value, name: str) -> MeshAxes:
-  if value is None or value == () or value == []:
-    return None
-  if isinstance(value, str):
-    return value
-  if isinstance(value, Iterable) and all(isinstance(a, str) for a in value):
-    value = tuple(value)
-    return value[0] if len(value) == 1 else value
-  raise ValueError(f"sharding rule for {name!r}: mesh axes must be None, a mesh axis name or a "
-                   f"sequence of names, got {value!r}")
-
-
-def merge_rules(rules: Rules | Mapping | Sequence = RULES,
-                overrides: Mapping | Sequence | None = None) -> Rules:
-  """`rules` with the entries of `overrides` replaced or added (both: pairs or a mapping).
-
-  Accepts what a config holds (lists of [name, axes] pairs, or a dict), returns a tuple of
-  (logical_name, mesh_axes) pairs with mesh_axes None, a str or a tuple of str.
-  """
-  def pairs(r):
-    items = r.items() if isinstance(r, Mapping) else r
-    out = []
-    for item in items:
-      if not (isinstance(item, Sequence) and len(item) == 2 and isinstance(item[0], str)):
-        raise ValueError(f"a sharding rule must be a (logical_name, mesh_axes) pair, got {item!r}")
-      out.append((item[0], _normalise_axes(item[1], item[0])))
-    return out
-
-  merged = dict(pairs(rules))
-  if overrides:
-    merged.update(pairs(overrides))
-  return tuple(merged.items())
-
-
-def _rules_dict(rules) -> dict[str, MeshAxes]:
-  return dict(merge_rules(rules))
-
-
-def logical_to_mesh_axes(logical_axes: Sequence[str | None], rules=RULES, mesh: Mesh | None = None,
-                         shape: Sequence[int] | None = None, name: str = "") -> P:
-  """PartitionSpec for an array with the given logical axis names.
-
-  With `mesh` and `shape`, dimensions not divisible by their mesh axes' total size, and mesh
-  axes already used by an earlier dimension, are replicated (debug log) so the spec is always
-  valid for that array.
-  """
-  table = _rules_dict(rules)
-  spec, used = [], set()
-  for dim, logical in enumerate(logical_axes):
-    if logical is None:
-      spec.append(None)
-      continue
-    if logical not in table:
-      raise ValueError(f"no sharding rule for logical axis {logical!r}{' of ' + name if name else ''}"
-                       f"; known: {sorted(table)}")
-    axes = table[logical]
-    axes_t = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    if mesh is not None:
-      unknown = [a for a in axes_t if a not in mesh.shape]
-      if unknown:
-        raise ValueError(f"sharding rule {logical!r} → {axes!r} names mesh axes {unknown} not in "
-                         f"the mesh {dict(mesh.shape)}")
-      # Size-1 mesh axes shard nothing; dropping them keeps specs minimal and comparable.
-      axes_t = tuple(a for a in axes_t if mesh.shape[a] > 1)
-    if used.intersection(axes_t):
-      log.debug("%s dim %d (%s): mesh axes %s already used by another dim; replicated",
-                name, dim, logical, axes_t)
-      axes_t = ()
-    if mesh is not None and shape is not None and axes_t:
-      size = math.prod(mesh.shape[a] for a in axes_t)
-      if shape[dim] % size:
-        log.debug("%s dim %d (%s) of size %d is not divisible by mesh axes %s (size %d); "
-                  "replicated", name, dim, logical, shape[dim], axes_t, size)
-        axes_t = ()
-    used.update(axes_t)
-    spec.append(None if not axes_t else axes_t[0] if len(axes_t) == 1 else axes_t)
-  while spec and spec[-1] is None:
-    spec.pop()
-  return P(*spec)
+# Parameters
 
 
 def _is_variable(x) -> bool:
@@ -212,18 +138,6 @@ def logical_to_mesh_sharding(state, mesh: Mesh, rules=RULES):
     return var.replace(NamedSharding(mesh, spec))
 
   return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_variable)
-
-
-def create_sharded_model(cfg, mesh: Mesh, rules=RULES, seed: int = 0):
-  """A freshly initialised LLaDA whose parameters are created directly in their shardings.
-
-  The model is traced abstractly (`nnx.eval_shape`) and initialised inside a jit with
-  `out_shardings`, so no device or host ever holds the full unsharded model. The values equal
-  `init_model(cfg, seed)` (JAX's partitionable threefry makes random draws sharding-invariant).
-  """
-  from egspo.model.llada import LLaDA  # local: sharding does not otherwise depend on the model
-
-  return create_sharded(lambda: LLaDA(cfg, rngs=nnx.Rngs(seed)), mesh, rules)
 
 
 def create_sharded(make_module, mesh: Mesh, rules=RULES):
@@ -341,8 +255,8 @@ def describe(state, max_rows: int = 50) -> str:
 
 
 __all__ = [
-    "MESH_AXES", "BATCH_AXES", "RULES", "make_mesh", "merge_rules", "logical_to_mesh_axes",
-    "logical_to_mesh_sharding", "create_sharded_model", "create_sharded", "shard_model",
+    "MESH_AXES", "BATCH_AXES", "RULES", "make_mesh", "use_mesh", "merge_rules",
+    "logical_to_mesh_axes", "logical_to_mesh_sharding", "create_sharded", "shard_model",
     "model_shardings", "data_sharding", "replicated", "batch_size_multiple", "shard_batch",
     "is_main_process", "host_local_to_global", "process_allgather", "sync_global_devices",
     "describe",

@@ -58,11 +58,10 @@ def build_model(config, tokenizer, mesh, rules):
 
     model = from_pretrained(config.model.checkpoint, mesh=mesh, rules=rules, **overrides)
   else:
-    cfg = llada.get_config(config.model.preset, **overrides)
-    if cfg.vocab_size < tokenizer.vocab_size:
-      raise ValueError(f"model.preset={config.model.preset!r} has vocab_size={cfg.vocab_size} "
-                       f"< the tokenizer's {tokenizer.vocab_size}")
-    model = shard_lib.create_sharded_model(cfg, mesh, rules, seed=config.seed)
+    from egspo.model.init import create_sharded_model
+
+    cfg = llada.get_config(config.model.preset, vocab=tokenizer, **overrides)
+    model = create_sharded_model(cfg, mesh, rules, seed=config.seed)
   for name in ("mask_id", "eos_id"):
     want = getattr(tokenizer, name)
     have = model.cfg.mask_token_id if name == "mask_id" else model.cfg.eos_token_id
@@ -596,8 +595,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tr = Trainer.create(config, workdir)
     history = {}
     try:
-      # Under the mesh context the model's activation sharding hints (llada.constrain) apply.
-      with jax.set_mesh(tr.mesh):
+      # Under the mesh and its rules the model's activation sharding hints (llada.constrain) apply.
+      with shard_lib.use_mesh(tr.mesh, tr.rules):
         if not _stop_requested(tr, guard):
           params = sft_stage(tr, guard)
           if not _stop_requested(tr, guard):

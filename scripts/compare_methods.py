@@ -130,8 +130,9 @@ def iteration_flops(c) -> dict:
   """Analytic FLOPs of one RL iteration of config `c` → {rollout, plan, update, total}."""
   from egspo.diffusion import sampler as sampler_lib  # noqa: PLC0415
   from egspo.model import llada  # noqa: PLC0415
+  from egspo.tokenizer import CharTokenizer  # noqa: PLC0415
 
-  cfg = llada.get_config(c.model.preset)
+  cfg = llada.get_config(c.model.preset, vocab=CharTokenizer())
   b = c.batch.num_prompts * c.batch.group_size
   p, g, t = c.rollout.max_prompt_length, c.rollout.gen_length, c.rollout.steps
   s = p + g

@@ -14,10 +14,11 @@ from egspo import config as config_lib
 from egspo.diffusion import masking
 from egspo.diffusion.rollout import Rollout
 from egspo.model import llada
-from egspo.rl import algorithms as algo_lib
 from egspo.rl import baselines
 from egspo.rl import losses as loss_lib
+from egspo.rl import registry
 from egspo.rl import update as U
+from egspo.tokenizer import CharTokenizer
 
 METHODS = ("diffu_grpo", "espo", "gdpo", "stabledrl", "wd1")
 NP, G, P, L, MICRO = 2, 4, 6, 8, 4  # 2 prompts × G=4 = 8 rows, 2 micro-batches of 4
@@ -27,7 +28,7 @@ B = NP * G
 @pytest.fixture(scope="module")
 def model():
   # One layer: the tests compile each method's plan and update step; depth only adds compile time.
-  return llada.init_model(llada.get_config("tiny", n_layers=1), seed=3)
+  return llada.init_model(llada.get_config("tiny", vocab=CharTokenizer(), n_layers=1), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +72,15 @@ REWARDS = np.array([1.0, 0.0, 0.5, 0.0, 0.2, 0.2, 0.9, 0.1], np.float32)
 
 def _algo(name, split, ref_params=None, **over):
   policy, params, frozen = split
-  ctx = algo_lib.Context(config=_config(name, **over), policy=policy,
+  ctx = registry.Context(config=_config(name, **over), policy=policy,
                          ref_params=params if ref_params is None else ref_params,
                          mask_token_id=2, max_commit=1, reward_fn=None, decode_fn=None)
-  return algo_lib.get_algorithm(name)(ctx)
+  return registry.get_algorithm(name)(ctx)
 
 
 def _plan(algo, split, rewards=REWARDS, seed=0):
   _, params, frozen = split
-  it = algo_lib.Iteration(_rollout(seed), rewards, [None] * B, jax.random.key(seed))
+  it = registry.Iteration(_rollout(seed), rewards, [None] * B, jax.random.key(seed))
   return algo.plan(params, frozen, it)
 
 
@@ -112,8 +113,8 @@ def _micro(batch, a):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_registry_and_config(name):
-  assert algo_lib.get_algorithm(name).__module__ == "egspo.rl.baselines"
-  assert name in algo_lib.registered()
+  assert registry.get_algorithm(name).__module__ == "egspo.rl.baselines"
+  assert name in registry.registered()
   for task in ("countdown", "sudoku", "gsm8k", "math500", "kodcode", "copy"):
     c = config_lib.base_config(task, "tiny")
     c.algorithm = name
@@ -121,19 +122,25 @@ def test_registry_and_config(name):
 
 
 def test_config_rejects_bad_baseline_fields():
-  def bad(match, **over):
-    c = _config("stabledrl")
-    for k, v in over.items():
-      sec, field = k.split(".")
-      c[sec][field] = v
-    with pytest.raises(ValueError, match=match):
+  """The selected method checks its own section (`validate_config`), with the choices of the
+  lists it uses (masking.ESTIMATORS, losses.NORMALIZATIONS / REDUCTIONS)."""
+  def bad(name, field, value, match=None):
+    c = _config(name, **{field: value})
+    with pytest.raises(config_lib.ConfigError, match=match or f"^bad config field {field}="):
       config_lib.validate(c)
+    c = _config(name)
+    c.algorithm = "egspo_sa"  # another method's section is not read: not checked
+    c[field.split(".")[0]][field.split(".")[1]] = value
+    config_lib.validate(c)
 
-  bad("diffu_grpo.p_mask_prompt", **{"diffu_grpo.p_mask_prompt": 1.0})
-  bad("espo.num_iterations", **{"espo.num_iterations": 0})
-  bad("gdpo.normalize", **{"gdpo.normalize": "sideways"})
-  bad("stabledrl.estimator", **{"stabledrl.estimator": "exact"})
-  bad("batch.micro_batch_size", **{"batch.micro_batch_size": 2})  # splits a group of 4
+  bad("diffu_grpo", "diffu_grpo.p_mask_prompt", 1.0)
+  bad("diffu_grpo", "diffu_grpo.reduction", "mean", r"must be one of \('token', 'sequence'\)")
+  bad("espo", "espo.num_iterations", 0)
+  bad("gdpo", "gdpo.normalize", "sideways", r"must be one of \('inside', 'outside', 'none'\)")
+  bad("stabledrl", "stabledrl.estimator", "exact",
+      r"must be one of \('double_mc', 'espo', 'gauss_legendre'\)")
+  bad("wd1", "wd1.temperature", 0.0)
+  bad("stabledrl", "batch.micro_batch_size", 2, "stabledrl needs whole groups")  # splits G=4
   assert config_lib.base_config("countdown").espo.beta == pytest.approx(3e-3)  # ESPO's script
   assert config_lib.base_config("gsm8k").espo.beta == pytest.approx(0.01)
 
@@ -347,7 +354,7 @@ def test_compare_methods_iteration_flops_counts():
   over = ["--config.batch.num_prompts=2", "--config.batch.group_size=4"]
   c = cm.resolved_config(over + ["--config.algorithm=diffu_grpo",
                                  "--config.diffu_grpo.num_iterations=3"])
-  cfg = llada.get_config(c.model.preset)
+  cfg = llada.get_config(c.model.preset, vocab=CharTokenizer())
   s, g, b = c.rollout.max_prompt_length + c.rollout.gen_length, c.rollout.gen_length, 8
   f = cm.forward_flops(cfg, s, g)
   got = cm.iteration_flops(c)

@@ -201,7 +201,7 @@ def test_generation_mode_preset_and_checkpoint_agree(tmp_path, monkeypatch):
   # The same weights saved as a checkpoint (with the char tokenizer) give the same greedy texts.
   from egspo.model import get_config, init_model, save_pretrained_orbax
   ckpt = tmp_path / "ckpt"
-  save_pretrained_orbax(init_model(get_config("tiny"), 0), ckpt, tokenizer=CharTokenizer())
+  save_pretrained_orbax(init_model(get_config("tiny", vocab=CharTokenizer()), 0), ckpt, tokenizer=CharTokenizer())
   res2 = ev.main(["--task", "sudoku", "--checkpoint", str(ckpt), "--style", "plain",
                   "--gen_lengths", "16", "--limit", "2", "--batch_size", "2"])
   assert [g["generations"] for g in res2["results"]["16"]["generations"]] == [g["generations"] for g in gens]
@@ -227,8 +227,8 @@ def test_preset_output_relative_path_regrades(tmp_path, monkeypatch):
 # --- the training loop's evaluation ------------------------------------------------------------
 
 def _tiny_trainer(tmp_path):
-  import jax
   from egspo import config as config_lib
+  from egspo import sharding as shard_lib
   from egspo import train
 
   c = config_lib.base_config("countdown", "tiny")
@@ -237,7 +237,7 @@ def _tiny_trainer(tmp_path):
   c.eval.batch_size = 4
   c.mesh.num_devices = 1
   tr = train.Trainer.create(c, tmp_path / "work")
-  return tr, jax.set_mesh(tr.mesh)
+  return tr, shard_lib.use_mesh(tr.mesh, tr.rules)
 
 
 def test_trainer_eval_file_regrades_to_same_metrics_and_compiles_once(tmp_path):

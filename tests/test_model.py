@@ -6,6 +6,7 @@ and input validation.
 """
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from flax import nnx
 
 import torch_llada
 from egspo.model import llada
+from egspo.tokenizer import CharTokenizer
 
 PAD = 0
 
@@ -230,11 +232,30 @@ def test_num_params_matches_model():
 
 def test_presets_and_hf_config_round_trip():
   for name in llada.PRESETS:
-    cfg = llada.get_config(name)
+    cfg = llada.get_config(name, vocab=None if name == "llada_8b" else CharTokenizer())
     back = llada.ModelConfig.from_hf_config(cfg.to_hf_config())
     for f in llada.ModelConfig.HF_KEYS + ("pad_token_id",):
       assert getattr(back, f) == getattr(cfg, f), (name, f)
-  assert llada.get_config("tiny", n_layers=3).n_layers == 3
+  assert llada.get_config("tiny", vocab=CharTokenizer(), n_layers=3).n_layers == 3
+
+
+def test_presets_take_the_vocabulary_ids():
+  """The CPU presets are built over the ids given (the model imports no tokenizer); llada_8b
+  keeps its checkpoint's ids, which a vocabulary must fit."""
+  tok = CharTokenizer()
+  cfg = llada.get_config("small", vocab=tok)
+  assert (cfg.vocab_size, cfg.embedding_size) == (tok.vocab_size, tok.vocab_size)
+  assert (cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id) == (tok.mask_id, tok.eos_id,
+                                                                      tok.pad_id)
+  other = types.SimpleNamespace(vocab_size=50, mask_id=7, eos_id=8, pad_id=9)
+  cfg = llada.get_config("tiny", vocab=other)
+  assert (cfg.vocab_size, cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id) == (50, 7, 8, 9)
+  with pytest.raises(ValueError, match="model preset 'tiny' is built over a tokenizer's vocab"):
+    llada.get_config("tiny")
+  llada_ids = types.SimpleNamespace(vocab_size=126349, mask_id=126336, eos_id=126081, pad_id=0)
+  assert llada.get_config("llada_8b", vocab=llada_ids) == llada.get_config("llada_8b")
+  with pytest.raises(ValueError, match="'llada_8b' has mask_token_id=126336, the vocabulary 2"):
+    llada.get_config("llada_8b", vocab=tok)
 
 
 @pytest.mark.parametrize("kw, field", [
@@ -258,7 +279,7 @@ def test_bad_preset_and_inputs(torch_sd):
   with pytest.raises(ValueError, match="unknown model preset 'huge'.*tiny"):
     llada.get_config("huge")
   with pytest.raises(TypeError):
-    llada.get_config("tiny", no_such_field=1)
+    llada.get_config("tiny", vocab=CharTokenizer(), no_such_field=1)
   with pytest.raises(ValueError, match="missing LLaDA keys"):
     llada.ModelConfig.from_hf_config({"d_model": 8})
   model = from_torch(small_config(max_sequence_length=8), torch_sd[2])

@@ -20,6 +20,7 @@ from egspo import generate as generate_cli
 from egspo.diffusion import rollout as rollout_lib
 from egspo.diffusion import sampler
 from egspo.model import llada
+from egspo.tokenizer import CharTokenizer
 
 # Prompts of different lengths, left-padded to P = 6.
 PROMPTS = [[20, 21, 22, 23, 24, 25], [40, 41, 42], [60]]
@@ -38,7 +39,7 @@ def _pad(prompts, pad_id, width=None):
 
 @pytest.fixture(scope="module")
 def setup():
-  cfg = llada.get_config("tiny")
+  cfg = llada.get_config("tiny", vocab=CharTokenizer())
   tcfg = torch_sampler.torch_config(cfg)
   sd = torch_llada.random_state_dict(tcfg, seed=3)
   sd["model.transformer.ff_out.weight"] *= 3.0  # peaked next-token distributions
@@ -316,7 +317,6 @@ def test_generate_rejects_bad_inputs(setup):
 
 
 def test_decode_completions_cuts_at_eos():
-  from egspo.tokenizer import CharTokenizer
   tok = CharTokenizer()
   ids = tok.encode("ab") + [tok.eos_id] + tok.encode("cd") + [tok.eos_id]
   tokens = np.array([ids, tok.encode("xyzw") + [tok.eos_id] * 2])
@@ -337,7 +337,7 @@ def test_cli_preset_json(capsys):
   assert printed == result
   assert printed["prompt_ids"] == [10, 11, 12] and len(printed["completion_ids"]) == 16
   # Same as the library on the same model.
-  cfg = llada.get_config("tiny")
+  cfg = llada.get_config("tiny", vocab=CharTokenizer())
   c = sampler.SamplerConfig(gen_length=16, steps=8, block_length=8,
                             mask_token_id=cfg.mask_token_id)
   r = sampler.generate_with_model(llada.init_model(cfg, 0), np.array([[10, 11, 12]], np.int32),
@@ -395,10 +395,9 @@ def test_cli_checkpoint_and_text_prompt(tmp_path, capsys):
   """--checkpoint (an HF-layout export of the tiny preset, with its char tokenizer) and --prompt
   give the same completion as the same randomly initialised preset."""
   from egspo.model import export_hf
-  from egspo.tokenizer import CharTokenizer
 
-  export_hf(llada.init_model(llada.get_config("tiny"), 4), tmp_path / "ckpt",
-            tokenizer=CharTokenizer())
+  export_hf(llada.init_model(llada.get_config("tiny", vocab=CharTokenizer()), 4),
+            tmp_path / "ckpt", tokenizer=CharTokenizer())
   common = ["--prompt", "Hi!", "--gen_length", "16", "--steps", "4", "--block_length", "8",
             "--json"]
   from_ckpt = generate_cli.main(["--checkpoint", str(tmp_path / "ckpt")] + common)

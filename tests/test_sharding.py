@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from egspo import sharding
 from egspo.model import llada
+from egspo.model.init import create_sharded_model
 
 
 def small_config(**kw):
@@ -63,7 +64,7 @@ def test_rules_override_and_errors(caplog):
   assert sharding.logical_to_mesh_axes(("mlp", "heads"), sharding.RULES, mesh, (8, 8)) == \
       P("tensor")
   # Not divisible: replicated, and the debug log says so.
-  with caplog.at_level(logging.DEBUG, logger="egspo.sharding"):
+  with caplog.at_level(logging.DEBUG, logger="egspo.partitioning"):
     spec = sharding.logical_to_mesh_axes(("vocab", "embed"), sharding.RULES, mesh, (51, 32),
                                          name="wte")
   assert spec == P(None, "fsdp")
@@ -170,7 +171,7 @@ def test_sharded_model_equals_unsharded(shape, scan, create, batch, reference):
   cfg, ref, (ref_loss, ref_logits), ref_grads = reference[scan]
   mesh = sharding.make_mesh(*shape)
   if create:
-    model = sharding.create_sharded_model(cfg, mesh, seed=1)
+    model = create_sharded_model(cfg, mesh, seed=1)
   else:
     model = sharding.shard_model(nnx.clone(ref), mesh)
 
@@ -202,8 +203,8 @@ def test_sharded_model_equals_unsharded(shape, scan, create, batch, reference):
   step = _grad_step(nnx.graphdef(model), p_shardings, sharding.data_sharding(mesh))
   if shape == (8, 1, 1):  # without a mesh context: no activation constraints, XLA propagates
     (loss, logits), grads = step(params, ids_s, mask_s, targets_s)
-  else:  # under jax.set_mesh the model pins activation shardings (llada.constrain)
-    with jax.set_mesh(mesh):
+  else:  # under the mesh and its rules the model pins activation shardings (llada.constrain)
+    with sharding.use_mesh(mesh):
       (loss, logits), grads = step(params, ids_s, mask_s, targets_s)
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
   np.testing.assert_allclose(loss, ref_loss, atol=0, rtol=2e-6)
@@ -218,7 +219,7 @@ def test_indivisible_dims_fall_back_to_replication(caplog):
   cfg = small_config(embedding_size=50, n_kv_heads=1)  # 50 % 4 != 0; kv width 8 % 4 == 0
   mesh = sharding.make_mesh(1, 2, 4)
   abstract = nnx.eval_shape(lambda: llada.LLaDA(cfg, rngs=nnx.Rngs(0)))  # no memory, no compute
-  with caplog.at_level(logging.DEBUG, logger="egspo.sharding"):
+  with caplog.at_level(logging.DEBUG, logger="egspo.partitioning"):
     shardings = sharding.logical_to_mesh_sharding(nnx.state(abstract), mesh)
   assert shardings["wte"]["embedding"].get_value().spec == P(None, "fsdp")
   assert shardings["ff_out"]["kernel"].get_value().spec == P("fsdp")
@@ -238,9 +239,19 @@ def test_activation_constraints_follow_the_rules():
   assert llada.constrain(x, ("batch", "length", "act_embed")) is x  # no mesh: identity
   graphdef, state = nnx.split(model)
   ids = jax.ShapeDtypeStruct((8, 12), jnp.int32)
-  with jax.set_mesh(mesh):
-    hlo = jax.jit(lambda s, i: nnx.merge(graphdef, s).hidden_states(i)).lower(state, ids).as_text()
-  lines = [l for l in hlo.splitlines() if "sharding_constraint" in l]
+
+  def constraints(context):
+    with context:
+      hlo = jax.jit(lambda s, i: nnx.merge(graphdef, s).hidden_states(i)).lower(state, ids)
+    return [l for l in hlo.as_text().splitlines() if "sharding_constraint" in l]
+
+  # The rules reach the model from flax's rules context only: a mesh alone pins nothing.
+  assert not constraints(jax.set_mesh(mesh))
+  # Overridden rules (a config's mesh.rules) apply to activations too.
+  lines = constraints(sharding.use_mesh(mesh, sharding.merge_rules(sharding.RULES,
+                                                                   [("act_embed", "tensor")])))
+  assert sum('[{"data", "fsdp"}, {}, {"tensor"}]> : tensor<8x12x32xf32>' in l for l in lines) == 3
+  lines = constraints(sharding.use_mesh(mesh))
   # Embedding output + per layer (q, k, v, MLP hidden, block output).
   assert len(lines) == 1 + 5 * cfg.n_layers
   # Residual stream [8,12,32] split over data×fsdp; heads [8,12,4,8] also over tensor.

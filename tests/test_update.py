@@ -10,13 +10,14 @@ import pytest
 
 from egspo.model import llada
 from egspo.rl import update as U
+from egspo.tokenizer import CharTokenizer
 
 B, P, G, T = 3, 5, 8, 4
 
 
 @pytest.fixture(scope="module")
 def model():
-  return llada.init_model(llada.get_config("tiny"), seed=3)
+  return llada.init_model(llada.get_config("tiny", vocab=CharTokenizer()), seed=3)
 
 
 def _record(seed=0):

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+import numbers
+from typing import Any, Callable
 
 import chex
 import jax
@@ -59,27 +60,9 @@ class SamplerConfig:
   remasking: str = "low_confidence"
 
   def __post_init__(self):
-    def bad(field, why):
-      raise ValueError(f"SamplerConfig.{field}={getattr(self, field)!r}: {why}")
-
-    for f in ("gen_length", "steps", "block_length"):
-      v = getattr(self, f)
-      if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
-        bad(f, "must be a positive integer")
-    if not isinstance(self.mask_token_id, (int, np.integer)) or self.mask_token_id < 0:
-      bad("mask_token_id", "must be a non-negative token id")
-    if self.gen_length % self.block_length:
-      bad("gen_length", f"must be divisible by block_length={self.block_length}")
-    if self.steps % self.num_blocks:
-      bad("steps", f"must be divisible by the number of blocks "
-                   f"gen_length/block_length={self.num_blocks}")
-    if self.steps_per_block > self.block_length:
-      bad("steps", f"gives {self.steps_per_block} steps per block, more than "
-                   f"block_length={self.block_length} (a step would commit no token)")
-    if not np.isfinite(self.temperature) or self.temperature < 0:
-      bad("temperature", "must be a finite number >= 0")
-    if self.remasking not in REMASKING:
-      bad("remasking", f"must be one of {REMASKING}")
+    if self.mask_token_id is None:
+      raise SamplerConfigError("mask_token_id", None, "must be a non-negative token id")
+    check_sampling(**dataclasses.asdict(self))
 
   @property
   def num_blocks(self) -> int:
@@ -91,6 +74,45 @@ class SamplerConfig:
 
   def replace(self, **kw) -> "SamplerConfig":
     return dataclasses.replace(self, **kw)
+
+
+class SamplerConfigError(ValueError):
+  """A bad sampler field: `field`, its `value` and `why` (the config wraps it in its own error)."""
+
+  def __init__(self, field: str, value: Any, why: str, owner: str = "SamplerConfig"):
+    super().__init__(f"{owner}.{field}={value!r}: {why}")
+    self.field, self.value, self.why = field, value, why
+
+
+def check_sampling(gen_length, steps, block_length, mask_token_id=None, temperature=0.0,
+                   remasking="low_confidence", *, prefix: str = "") -> None:
+  """Raises `SamplerConfigError` for the first bad `SamplerConfig` field (`mask_token_id=None`:
+  not known yet, not checked); `prefix` names the other fields in the reasons (e.g. 'rollout.')."""
+  def bad(field, value, why):
+    raise SamplerConfigError(field, value, why)
+
+  def is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+  for field, v in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length)):
+    if not is_int(v) or v <= 0:
+      bad(field, v, "must be a positive integer")
+  if mask_token_id is not None and (not is_int(mask_token_id) or mask_token_id < 0):
+    bad("mask_token_id", mask_token_id, "must be a non-negative token id")
+  if gen_length % block_length:
+    bad("gen_length", gen_length, f"must be divisible by {prefix}block_length={block_length}")
+  blocks = gen_length // block_length
+  if steps % blocks:
+    bad("steps", steps, f"must be divisible by the number of blocks "
+                        f"{prefix}gen_length/block_length={blocks}")
+  if steps // blocks > block_length:
+    bad("steps", steps, f"gives {steps // blocks} steps per block, more than "
+                        f"{prefix}block_length={block_length} (a step would commit no token)")
+  if (not isinstance(temperature, numbers.Real) or isinstance(temperature, bool)
+      or not np.isfinite(temperature) or temperature < 0):
+    bad("temperature", temperature, "must be a finite number >= 0")
+  if not isinstance(remasking, str) or remasking not in REMASKING:
+    bad("remasking", remasking, f"must be one of {REMASKING}")
 
 
 def commit_schedule(config: SamplerConfig) -> np.ndarray:

@@ -11,7 +11,8 @@ same logits as the same prompt alone.
 
 Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``,
 ``mlp``, ``norm``, and ``layers`` for scanned stacks); `egspo.sharding` maps them to mesh axes.
-Under `jax.set_mesh(mesh)` activations are pinned by logical names too (`constrain`).
+Under a mesh and flax's logical-axis rules context (`egspo.sharding.use_mesh`) activations are
+pinned by logical names too (`constrain`); the model itself knows no mesh and no rules.
 Numerics: matmuls in `dtype` (bf16 for the 8B preset); RMSNorm, RoPE and softmax statistics in
 float32; the LM head accumulates and returns float32 logits.
 """
@@ -24,8 +25,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from egspo import partitioning
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Names of `jax.checkpoint` policies for `ModelConfig.remat_policy`.
 REMAT_POLICIES = {
@@ -82,8 +86,8 @@ class ModelConfig:
       if not 0 <= getattr(self, f) < self.vocab_size:
         bad(f, f"must be a token id in [0, vocab_size={self.vocab_size})")
     for f in ("param_dtype", "dtype"):
-      if getattr(self, f) not in _DTYPES:
-        bad(f, f"must be one of {sorted(_DTYPES)}")
+      if getattr(self, f) not in DTYPES:
+        bad(f, f"must be one of {sorted(DTYPES)}")
     if self.remat_policy not in REMAT_POLICIES:
       bad("remat_policy", f"must be one of {sorted(REMAT_POLICIES)}")
     if not self.rms_norm_eps > 0:
@@ -97,11 +101,11 @@ class ModelConfig:
 
   @property
   def jnp_dtype(self):
-    return _DTYPES[self.dtype]
+    return DTYPES[self.dtype]
 
   @property
   def jnp_param_dtype(self):
-    return _DTYPES[self.param_dtype]
+    return DTYPES[self.param_dtype]
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
@@ -143,45 +147,51 @@ class ModelConfig:
     return cls(**kw)
 
 
-def _builtin_vocab() -> tuple[int, int, int, int]:
-  """(vocab_size, mask, eos, pad) of the built-in character tokenizer used by CPU presets."""
-  from egspo import tokenizer  # local import: the model does not otherwise depend on tokenizers
+# The checkpoint's vocabulary (REFERENCE §1): LLaDA-8B's ids.
+LLADA_8B_VOCAB = dict(vocab_size=126464, embedding_size=126464, mask_token_id=126336,
+                      eos_token_id=126081, pad_token_id=126081)
 
-  tok = tokenizer.CharTokenizer()
-  return tok.vocab_size, tok.mask_id, tok.eos_id, tok.pad_id
-
-
-def _llada_8b() -> ModelConfig:
-  return ModelConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288,
-                     vocab_size=126464, embedding_size=126464, mask_token_id=126336,
-                     eos_token_id=126081, pad_token_id=126081, rope_theta=500000.0,
-                     rms_norm_eps=1e-5, max_sequence_length=4096, param_dtype="bfloat16",
-                     dtype="bfloat16", remat=True)
-
-
-def _small(d_model, n_layers, n_heads, mlp, max_len) -> ModelConfig:
-  v, mask, eos, pad = _builtin_vocab()
-  return ModelConfig(d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
-                     mlp_hidden_size=mlp, vocab_size=v, embedding_size=v, mask_token_id=mask,
-                     eos_token_id=eos, pad_token_id=pad, rope_theta=10000.0,
-                     max_sequence_length=max_len)
-
-
+# Architectures by name. The CPU presets are built over a tokenizer's vocabulary, given to
+# `get_config` (the built-in character tokenizer: `egspo.tokenizer.CharTokenizer`).
 PRESETS = {
-    "llada_8b": _llada_8b,
-    # CPU presets over the built-in character tokenizer.
-    "tiny": lambda: _small(64, 2, 4, 192, 256),  # ~0.15M parameters
-    "small": lambda: _small(128, 4, 4, 384, 512),  # ~0.9M parameters
-    "base": lambda: _small(256, 6, 8, 768, 1024),  # ~5M parameters
+    "llada_8b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                     mlp_hidden_size=12288, rope_theta=500000.0, rms_norm_eps=1e-5,
+                     max_sequence_length=4096, param_dtype="bfloat16", dtype="bfloat16",
+                     remat=True, **LLADA_8B_VOCAB),
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=192,
+                 rope_theta=10000.0, max_sequence_length=256),  # ~0.15M parameters
+    "small": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden_size=384,
+                  rope_theta=10000.0, max_sequence_length=512),  # ~0.9M parameters
+    "base": dict(d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, mlp_hidden_size=768,
+                 rope_theta=10000.0, max_sequence_length=1024),  # ~5M parameters
 }
 
 
-def get_config(preset: str, **overrides) -> ModelConfig:
-  """A named preset (`llada_8b`, `tiny`, `small`, `base`) with optional field overrides."""
+def get_config(preset: str, vocab=None, **overrides) -> ModelConfig:
+  """A named preset (`llada_8b`, `tiny`, `small`, `base`) with optional field overrides.
+
+  vocab: the token ids, anything with `vocab_size`, `mask_id`, `eos_id` and `pad_id` (a
+  tokenizer). The CPU presets are built over it (required); `llada_8b` has its checkpoint's
+  ids, which `vocab` must fit (its size at most the preset's, the same mask and EOS ids).
+  """
   if preset not in PRESETS:
     raise ValueError(f"unknown model preset {preset!r}; known presets: {sorted(PRESETS)}")
-  cfg = PRESETS[preset]()
-  return cfg.replace(**overrides) if overrides else cfg
+  fields = dict(PRESETS[preset])
+  if "vocab_size" not in fields:
+    if vocab is None:
+      raise ValueError(f"model preset {preset!r} is built over a tokenizer's vocabulary: pass "
+                       "vocab= (e.g. egspo.tokenizer.CharTokenizer())")
+    fields.update(vocab_size=vocab.vocab_size, embedding_size=vocab.vocab_size,
+                  mask_token_id=vocab.mask_id, eos_token_id=vocab.eos_id, pad_token_id=vocab.pad_id)
+  elif vocab is not None:
+    if vocab.vocab_size > fields["vocab_size"]:
+      raise ValueError(f"model preset {preset!r} has vocab_size={fields['vocab_size']} < the "
+                       f"vocabulary's {vocab.vocab_size}")
+    for name, want in (("mask_token_id", vocab.mask_id), ("eos_token_id", vocab.eos_id)):
+      if want != fields[name]:
+        raise ValueError(f"model preset {preset!r} has {name}={fields[name]}, the vocabulary "
+                         f"{want}")
+  return ModelConfig(**{**fields, **overrides})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,21 +212,19 @@ def _dense(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], rngs:
 
 
 def constrain(x, logical_axes: tuple[str | None, ...]):
-  """Pins the sharding of activation x by logical axis names under the current mesh.
+  """Pins the sharding of activation x by logical axis names.
 
-  Active only inside `jax.set_mesh(mesh)` with egspo's ("data", "fsdp", "tensor") axes (see
-  `egspo.sharding.RULES`: batch → (data, fsdp), act_heads/act_vocab → tensor); identity
-  otherwise, so the model runs unchanged on one device. Without these hints XLA's propagation
-  may keep activations replicated or reshard them back and forth between FSDP matmuls.
+  Active only under a mesh (`jax.set_mesh`) and flax's logical-axis rules
+  (`nnx.logical_axis_rules`; `egspo.sharding.use_mesh` sets both, e.g. batch → (data, fsdp),
+  act_heads/act_vocab → tensor); identity otherwise, so the model runs unchanged on one device.
+  Without these hints XLA's propagation may keep activations replicated or reshard them back and
+  forth between FSDP matmuls.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  rules = spmd.get_logical_axis_rules()
+  if mesh.empty or not rules:
     return x
-  from egspo import sharding  # local: the model does not otherwise depend on sharding
-
-  if not set(sharding.MESH_AXES) <= set(mesh.axis_names):
-    return x
-  spec = sharding.logical_to_mesh_axes(logical_axes, sharding.RULES, mesh, x.shape)
+  spec = partitioning.logical_to_mesh_axes(logical_axes, rules, mesh, x.shape)
   return jax.lax.with_sharding_constraint(x, spec)
 
 
@@ -383,5 +391,5 @@ class LLaDA(nnx.Module):
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> LLaDA:
-  """A randomly initialised LLaDA (unsharded; see `egspo.sharding.create_sharded_model`)."""
+  """A randomly initialised LLaDA (unsharded; see `egspo.model.init.create_sharded_model`)."""
   return LLaDA(cfg, rngs=nnx.Rngs(seed))

@@ -1,95 +1,36 @@
-"""The registry of RL algorithms: one rollout in, optimizer-step batches and a loss out.
-
-An algorithm is a class registered by name (`--config.algorithm=NAME`) with two methods:
-
-  plan(params, frozen, it) -> (batches, metrics)
-      Host-side and jitted no-grad work on one iteration's rollout: step selection, values,
-      advantages, old/reference log-likelihoods. Returns the list of optimizer-step batches;
-      each is a pytree of arrays with a leading micro-batch axis [A, b, ...].
-  loss(model, micro_batch, key) -> (loss_sum, denom, metrics)
-      A pure function of arrays, differentiated by `egspo.rl.update.make_update_step`.
-
-A new method is one registered class and a config; the training loop does not change.
-"""
+"""EGSPO / EGSPO-SA as a registered method (REFERENCE §3); the contract is `egspo.rl.registry`'s."""
 
 from __future__ import annotations
-
-import dataclasses
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from egspo.diffusion.rollout import Rollout
 from egspo.rl import advantages as adv_lib
 from egspo.rl import losses as loss_lib
 from egspo.rl import selection as sel_lib
 from egspo.rl import update as update_lib
 from egspo.rl import value as value_lib
-
-_REGISTRY: dict[str, type] = {}
-
-
-def register(*names: str):
-  def deco(cls):
-    for n in names:
-      _REGISTRY[n] = cls
-    return cls
-
-  return deco
-
-
-def get_algorithm(name: str):
-  if name not in _REGISTRY:
-    raise ValueError(f"unknown algorithm {name!r}; registered: {sorted(_REGISTRY)}")
-  return _REGISTRY[name]
-
-
-def registered() -> list[str]:
-  return sorted(_REGISTRY)
-
-
-@dataclasses.dataclass
-class Iteration:
-  """One RL iteration's rollout and rewards (B = num_prompts × G completions, groups contiguous)."""
-
-  rollout: Rollout
-  rewards: np.ndarray  # [B] float32
-  examples: list  # [B] task examples (each prompt's example repeated G times)
-  key: jax.Array
-
-
-@dataclasses.dataclass
-class Context:
-  """What algorithms need from the trainer."""
-
-  config: Any  # the experiment ConfigDict
-  policy: update_lib.Policy
-  ref_params: Any  # frozen reference policy's trainable part (see update.reference_params)
-  mask_token_id: int
-  max_commit: int  # the most tokens one sampler step commits
-  reward_fn: Callable[[list, list], np.ndarray]  # (texts, examples) -> [B]
-  decode_fn: Callable[[np.ndarray], list]  # completion tokens [N, G] -> texts (cut at EOS)
-  to_host: Callable[[Any], np.ndarray] = np.asarray  # a (multi-host) array → full numpy array
-
-
-def _split_micro(tree, micro_batch_size: int):
-  """[B, ...] leaves → [B / m, m, ...]."""
-
-  def f(x):
-    b = x.shape[0]
-    if b % micro_batch_size:
-      raise ValueError(f"batch {b} is not divisible by micro_batch_size {micro_batch_size}")
-    return x.reshape((b // micro_batch_size, micro_batch_size) + x.shape[1:])
-
-  return jax.tree.map(f, tree)
+from egspo.rl.registry import Context, Iteration, register, split_micro
 
 
 @register("egspo", "egspo_sa")
 class EGSPO:
   """EGSPO / EGSPO-SA (REFERENCE §3): entropy-guided step selection, per-step clipped surrogate
   with k3 KL, stepwise advantages from the one-step value (λ > 0, EGSPO-SA)."""
+
+  @classmethod
+  def validate_config(cls, f) -> None:
+    """The `egspo` (selection, K, λ) and `loss` (clip, KL) sections."""
+    f.choice("egspo.selection", sel_lib.METHODS)
+    k = f.integer("egspo.num_selected_steps", 1)
+    steps = f.integer("rollout.steps", 1)
+    f.require(k <= steps, "egspo.num_selected_steps", k, f"must be <= rollout.steps={steps}")
+    f.real("egspo.adaptive_alpha", 0.0, 1.0, lo_open=True)
+    f.real("egspo.lam", 0.0)
+    f.real("loss.eps", 0.0, 1.0, lo_open=True, hi_open=True)
+    f.real("loss.eps_high", 0.0, lo_open=True)
+    f.real("loss.beta", 0.0)
 
   def __init__(self, ctx: Context):
     self.ctx = ctx
@@ -110,7 +51,7 @@ class EGSPO:
                                       mask_token_id=self.ctx.mask_token_id,
                                       max_commit=self.ctx.max_commit)
 
-    micro = _split_micro(batch, self.micro)
+    micro = split_micro(batch, self.micro)
     out = jax.lax.map(one, micro)
     return out.reshape((-1,) + out.shape[2:])
 
@@ -148,8 +89,8 @@ class EGSPO:
       per_k = [{**batch, **{n: batch[n][:, j:j + 1] for n in
                             ("steps", "valid", "adv", "logp_old", "logp_ref")}}
                for j in range(steps.shape[1])]
-      return [_split_micro(b, self.micro) for b in per_k], metrics
-    return [_split_micro(batch, self.micro)], metrics
+      return [split_micro(b, self.micro) for b in per_k], metrics
+    return [split_micro(batch, self.micro)], metrics
 
   def loss(self, model, mb, key):
     del key
@@ -162,7 +103,3 @@ class EGSPO:
                                     epsilon=c.loss.eps, epsilon_high=c.loss.eps_high,
                                     beta=c.loss.beta)
 
-
-# The baselines register themselves (diffu_grpo, espo, gdpo, stabledrl, wd1); imported last because
-# they build on the names above.
-from egspo.rl import baselines as _baselines  # noqa: E402,F401  pylint: disable=wrong-import-position

@@ -1,6 +1,6 @@
 """The seed papers' baselines as registered algorithms: diffu-GRPO, ESPO, GDPO, StableDRL, wd1.
 
-Each is a class with the `plan`/`loss` contract of `egspo.rl.algorithms` (REFERENCE §4), so it runs
+Each is a class with the `plan`/`loss` contract of `egspo.rl.registry` (REFERENCE §4), so it runs
 on the same rollouts, with the same loop, as EGSPO. What they share:
 
   * the likelihood quantity is a function of the policy and a masking key: one-step token
@@ -30,7 +30,7 @@ from egspo.diffusion import masking
 from egspo.diffusion import sampler as sampler_lib
 from egspo.rl import advantages as adv_lib
 from egspo.rl import losses as loss_lib
-from egspo.rl.algorithms import Context, Iteration, _split_micro, register
+from egspo.rl.registry import Context, Iteration, register, split_micro
 
 
 def micro_batch_keys(key, batch_size: int, micro_batch_size: int):
@@ -61,6 +61,24 @@ class _Baseline:
 
   section = ""
   needs_old = True
+
+  @classmethod
+  def validate_config(cls, f) -> None:
+    """The method's section (`f`: an `egspo.config.Fields`); subclasses add their fields."""
+    f.integer(f"{cls.section}.num_iterations", 1)
+
+  @classmethod
+  def _validate_clip_and_kl(cls, f) -> None:
+    f.real(f"{cls.section}.eps", 0.0, 1.0, lo_open=True, hi_open=True)
+    f.real(f"{cls.section}.beta", 0.0)
+
+  @classmethod
+  def _validate_whole_groups(cls, f) -> None:
+    """Losses normalised over whole groups: a micro-batch must not split a group."""
+    micro, group = f.integer("batch.micro_batch_size", 1), f.integer("batch.group_size", 1)
+    f.require(micro % group == 0, "batch.micro_batch_size", micro,
+              f"{f.get('algorithm')} needs whole groups per micro-batch: a multiple of "
+              f"batch.group_size={group}")
 
   def __init__(self, ctx: Context):
     self.ctx = ctx
@@ -103,7 +121,7 @@ class _Baseline:
     """The quantity for all B rows, micro-batch by micro-batch (memory of one micro-batch)."""
     model = self.ctx.policy.model(params, frozen)
     out = jax.lax.map(lambda mb: self.quantity(model, mb, micro_batch_key(mb)),
-                      _split_micro(batch, self.micro))
+                      split_micro(batch, self.micro))
     return out.reshape((-1,) + out.shape[2:])
 
   def plan(self, params, frozen, it: Iteration):
@@ -125,7 +143,7 @@ class _Baseline:
         old_means.append(float(jnp.mean(batch["old"])))
       if self.needs_ref:
         batch["ref"] = self._quantity_all(self.ctx.ref_params, frozen, batch)
-      batches.append(_split_micro(batch, self.micro))
+      batches.append(split_micro(batch, self.micro))
     metrics = {"adv_abs_mean": float(jnp.mean(jnp.abs(base["adv"]))),
                "inner_iterations": float(self.num_iterations)}
     if old_means:
@@ -144,6 +162,13 @@ class DiffuGRPO(_Baseline):
   over the completion through its first EOS, A = r − mean_G r, μ optimizer steps per rollout."""
 
   section = "diffu_grpo"
+
+  @classmethod
+  def validate_config(cls, f) -> None:
+    super().validate_config(f)
+    f.real("diffu_grpo.p_mask_prompt", 0.0, 1.0, hi_open=True)
+    f.choice("diffu_grpo.reduction", loss_lib.REDUCTIONS)
+    cls._validate_clip_and_kl(f)
 
   def quantity(self, model, mb, key):
     toks = mb["tokens"]
@@ -169,6 +194,13 @@ class _SequenceELBO(_Baseline):
   length, EOS padding included, as in ESPO)."""
 
   estimator = "espo"
+
+  @classmethod
+  def _validate_estimator(cls, f) -> None:
+    """A configurable estimator: its name and the draws of each kind."""
+    f.choice(f"{cls.section}.estimator", sorted(masking.ESTIMATORS))
+    f.integer(f"{cls.section}.num_mc", 1)
+    f.integer(f"{cls.section}.num_nodes", 1)
 
   def estimator_name(self) -> str:
     return self.cfg.get("estimator", self.estimator)
@@ -203,6 +235,13 @@ class ESPO(_SequenceELBO):
 
   section = "espo"
 
+  @classmethod
+  def validate_config(cls, f) -> None:
+    super().validate_config(f)
+    f.integer("espo.num_mc", 1)
+    f.boolean("espo.coupled")
+    cls._validate_clip_and_kl(f)
+
   def estimator_name(self) -> str:
     return "espo"
 
@@ -221,6 +260,13 @@ class GDPO(_SequenceELBO):
 
   section = "gdpo"
 
+  @classmethod
+  def validate_config(cls, f) -> None:
+    super().validate_config(f)
+    f.integer("gdpo.num_nodes", 1)
+    f.choice("gdpo.normalize", loss_lib.NORMALIZATIONS)
+    cls._validate_clip_and_kl(f)
+
   def estimator_name(self) -> str:
     return "gauss_legendre"
 
@@ -237,6 +283,16 @@ class StableDRL(_SequenceELBO):
   A = r − mean_G r."""
 
   section = "stabledrl"
+  NORMALIZE_OVER = ("group", "micro_batch")
+
+  @classmethod
+  def validate_config(cls, f) -> None:
+    super().validate_config(f)
+    cls._validate_estimator(f)
+    f.real("stabledrl.clip_iw", 0.0, lo_open=True)
+    f.choice("stabledrl.normalize_over", cls.NORMALIZE_OVER)
+    f.real("stabledrl.log_iw_scale", 0.0, lo_open=True)
+    cls._validate_whole_groups(f)
 
   @property
   def needs_ref(self) -> bool:
@@ -255,6 +311,13 @@ class WD1(_SequenceELBO):
 
   section = "wd1"
   needs_old = False
+
+  @classmethod
+  def validate_config(cls, f) -> None:
+    super().validate_config(f)
+    cls._validate_estimator(f)
+    f.real("wd1.temperature", 0.0, lo_open=True)
+    cls._validate_whole_groups(f)
 
   @property
   def needs_ref(self) -> bool:

@@ -138,6 +138,9 @@ def completion_mask_through_eos(tokens, eos_id: int):
   return jnp.arange(tokens.shape[-1])[None, :] <= first[:, None]
 
 
+REDUCTIONS = ("token", "sequence")  # of diffu_grpo_token_loss
+
+
 def diffu_grpo_token_loss(logp, logp_old, adv, mask, logp_ref=None, *, epsilon: float = 0.5,
                           epsilon_high: float | None = None, beta: float = 0.04,
                           reduction: str = "token"):
@@ -151,8 +154,8 @@ def diffu_grpo_token_loss(logp, logp_old, adv, mask, logp_ref=None, *, epsilon: 
   reduction="sequence": each sequence's token mean, then a mean over sequences (denominator N).
   ε = 0.5 as in d1's released runs; epsilon_high defaults to epsilon.
   """
-  if reduction not in ("token", "sequence"):
-    raise ValueError(f"reduction must be 'token' or 'sequence', got {reduction!r}")
+  if reduction not in REDUCTIONS:
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
   _check_inputs(2, logp, logp_old, mask, logp_ref, adv=adv)
   chex.assert_rank(adv, 1)
   chex.assert_equal_shape_prefix([logp, adv], 1)
