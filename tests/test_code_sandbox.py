@@ -353,6 +353,15 @@ INTERPRETER_JOBS = {
         def count(s):
           return collections.Counter()
         """), ["from collections import Counter\nassert count('aab') == Counter('aab')"], "", "X"),
+    "class_bases_swap": (_D("""
+        import collections
+        class AlwaysEqual(dict):
+          def __eq__(self, other):
+            return True
+        collections.Counter.__bases__ = (AlwaysEqual,)
+        def count(s):
+          return collections.Counter()
+        """), ["from collections import Counter\nassert count('aab') == Counter('aab')"], "", "B"),
     "pytest_raises_patch": (_D("""
         import pytest, contextlib
         pytest.raises = lambda *a, **k: contextlib.suppress(BaseException)

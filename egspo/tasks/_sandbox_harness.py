@@ -1,10 +1,10 @@
 """Trusted harness of the code sandbox (run by `egspo.tasks.sandbox`; stdlib only).
 
-Started as `python -I -S _sandbox_harness.py RESULT_FD` — normally as pid 1 of fresh pid, network
-and mount namespaces — it reads a list of jobs (a marshalled dict) from stdin; each job gets a fresh
-tmpfs work directory, and each of its tests a forked child (a fresh copy of this process, which
-never runs untrusted code) that drops to an unprivileged uid under rlimits and runs program, setup
-and test. Whatever a test leaves running is killed before the next test. The harness reports one
+Started as `python -I -S _sandbox_harness.py RESULT_FD` — normally as pid 1 of fresh pid,
+network and mount namespaces — it reads a list of jobs (a marshalled dict) from stdin; each job
+gets a fresh tmpfs work directory, and each of its tests a forked child (a copy of this process,
+which never runs untrusted code) that drops to an unprivileged uid under rlimits and runs program,
+setup and test. Whatever a test leaves running is killed before the next test. The harness reports one
 raw outcome letter per test (`OUTCOMES`), tagged with the caller's job nonce, on RESULT_FD, a pipe
 the children never hold; the caller decides. Program output goes to /dev/null and is never read.
 
@@ -18,28 +18,32 @@ Why the program cannot change how its tests run or how their verdict is reported
     program) from that snapshot and `solution` to the program's module, and the program's names
     minus those that shadow a builtin or stand for a module (unless imported from `solution` by
     name).
-  * Integrity: the harness snapshots (identity of every value) the builtins, `sys`,
-    `sys.modules`, every module's namespace and every mutable class's namespace. The test counts
-    only if that state is unchanged after the program and setup ran and again when the test ends
-    (additions are allowed, e.g. newly imported submodules, and a module global that was None
-    may be set). A program that monkeypatches a library the tests use scores 0.
+  * Integrity: the harness snapshots (identity of every value) the builtins, `sys`, and, for the
+    modules the tests import and every module their code can reach, `sys.modules`, the module
+    namespaces, mutable class namespaces and library functions' closure cells and keyword
+    defaults. The test counts only if that state is unchanged after the program and setup ran
+    and again when the test ends (additions are allowed, e.g. newly imported submodules, and a
+    module global that was None may be set). A program that monkeypatches a library the tests
+    use scores 0.
   * An audit hook (it cannot be removed) ends the child on the primitives that reach past the
     Python level: ctypes (also unimportable), gc object walks, sys.settrace/setprofile,
     `sys._current_frames`, new code objects, `__code__`/`__defaults__` swaps of library
-    functions, `__class__` swaps of modules, new audit hooks, sub-interpreters. /proc is covered
-    by an empty tmpfs in namespace modes (no /proc/self/mem).
-  * Verdict channel: a reporter thread, started before the program, writes a fresh random token on
-    the child's pipe (commitment) and writes it again only after verifying, itself, that the main
-    thread is inside the audit event raised by the test's own last statement (code object,
-    namespace and instruction offset) and that the state is intact. The token lives only in that
-    thread's frame, which the program cannot reach (frames of other threads, gc walks, tracing
-    and audit hooks are blocked; signal handlers only run in the main thread). Exit status,
-    printed text, atexit handlers, files and other fds mean nothing.
+    functions, `__class__`/`__bases__` swaps of library modules and classes, new audit hooks,
+    sub-interpreters, /proc and `*/mem` paths; in namespace modes /proc is also covered by an
+    empty tmpfs.
+  * Verdict channel: before the program runs, the child commits to a fresh random token on its
+    pipe and hands it to a reporter thread, which writes it again only after verifying, itself,
+    that the main thread is inside the audit event raised by the test's own last statement (code
+    object, namespace and instruction offset) and that the state is intact. The token then lives
+    only in that thread's frame, which the program cannot reach (frames of other threads, gc
+    walks, tracing and audit hooks are blocked; signal handlers run only in the main thread).
+    Exit status, printed text, atexit handlers, files and other fds mean nothing.
 Limits (not fixable in-process): a program that corrupts interpreter memory (crafted bytecode
-through the import system, extension-loader internals) or that, from inside its own call, edits
-objects of the test's frame or a library it patched and restores before the test ends, could
-still fake its own tests; it cannot affect other tests, other jobs or the caller. A returned
-object whose `__eq__` always answers True is judged by the test as written.
+through the import system, extension-loader internals), that sets attributes on library
+*instances* (e.g. json's default encoder), or that, from inside its own call, edits objects of
+the test's frame or a library it patched and restores them before the test ends, could still fake
+its own tests; it cannot affect other tests, other jobs or the caller. A returned object whose
+`__eq__` always answers True is judged by the test as written.
 """
 
 import _thread
@@ -332,13 +336,14 @@ def _warm_up():
 
 def _state(roots):
   """Snapshot of the interpreter state a test importing `roots` can depend on: (entries,
-  protected function ids, module ids, module map, entries fork changes). Entries are (kind, mapping, length, value ids,
-  keys, values); the values are held, so ids stay unique. Cached while no module is added."""
+  protected function ids, protected module and class ids, module map, indexes of the entries
+  fork changes). Entries are (kind, mapping, length, value ids, keys, values); the values are
+  held, so ids stay unique. Cached while no module is added."""
   key = (len(sys.modules), roots)
   if key in _STATES:
     return _STATES[key]
   _warm_up()
-  entries, funcs, mods_ids, seen = [], set(), set(), set()
+  entries, funcs, objs, seen = [], set(), set(), set()
 
   def add(kind, d, ident):
     if ident not in seen:
@@ -355,13 +360,14 @@ def _state(roots):
   add(_STRICT, mods, id(mods))
   fns = []
   for m in mods.values():
-    mods_ids.add(id(m))
+    objs.add(id(m))
     d = m.__dict__
     add(_MODULE, d, id(d))
     for v in tuple(d.values()):
       if isinstance(v, _FunctionType):
         fns.append(v)
       elif isinstance(v, type) and not v.__flags__ & (1 << 8) and id(v) not in seen:  # mutable
+        objs.add(id(v))
         cd = v.__dict__
         add(_CLASS, cd, id(v))
         for w in cd.values():
@@ -390,7 +396,7 @@ def _state(roots):
         fns.append(v)
   entries.append((_CELLS, tuple(cells), len(cells), (), (), tuple(contents)))
   entries = tuple(entries)
-  snap = (entries, frozenset(funcs), frozenset(mods_ids), mods, _forked_changes(entries))
+  snap = (entries, frozenset(funcs), frozenset(objs), mods, _forked_changes(entries))
   if len(_STATES) > 64:
     _STATES.clear()
   _STATES[key] = snap
@@ -410,7 +416,8 @@ def _forked_changes(entries):
   if pid == 0:
     try:
       os.close(r)
-      bad = [k for k, e in enumerate(entries) if e[0] != _PAIRS and not _make_check((e,))()]
+      bad = [k for k, e in enumerate(entries)
+             if e[0] != _PAIRS and not _make_check((e,))()]
       os.write(w, marshal.dumps(bad))
     finally:
       os._exit(0)
@@ -460,7 +467,8 @@ def _make_check(snap, len_=len, tuple_=tuple, map_=map, id_=id, next_=next, reve
             return False
         continue
       m = len_(d)
-      if m == n and tuple_(map_(id_, d.values())) == vids and (n == 0 or next_(reversed_(d)) is ks[-1]):
+      if (m == n and tuple_(map_(id_, d.values())) == vids
+          and (n == 0 or next_(reversed_(d)) is ks[-1])):
         continue
       if m < n or kind == strict:
         return False
@@ -505,7 +513,7 @@ def _reporter(token, pipe_w, go, main_ident, guard_code, test_code, test_globals
     exit_(7)
 
 
-def _make_guard(pipe_w, test_code, test_globals, end_offset, snap, importer, funcs, mod_ids):
+def _make_guard(pipe_w, test_code, test_globals, end_offset, snap, importer, funcs, objs):
   """Start the reporter thread and return the audit hook (see the module docstring)."""
   exit_, getframe, get_ident, type_, str_, bytes_, id_ = (
       os._exit, sys._getframe, _thread.get_ident, type, str, bytes, id)
@@ -530,14 +538,16 @@ def _make_guard(pipe_w, test_code, test_globals, end_offset, snap, importer, fun
       name = args[1]
       if type_(name) is not str_ or name == "__code__":
         exit_(4)
-      if (name == "__defaults__" or name == "__kwdefaults__") and (args[0] is importer or id_(args[0]) in funcs):
+      target = args[0]
+      if (name == "__defaults__" or name == "__kwdefaults__") and (
+          target is importer or id_(target) in funcs):
         exit_(4)
-      if name == "__class__" and id_(args[0]) in mod_ids:
+      if (name == "__class__" or name == "__bases__") and id_(target) in objs:
         exit_(4)
     elif event == "import":
       name = args[0]
       if type_(name) is not str_ or name in blocked or name[:7] == "ctypes.":
-        raise ImportError_(f"{name!r} is not available in the sandbox")
+        raise ImportError_("not available in the sandbox")
     elif event == "open" or event == "os.chdir" or event == "os.symlink":
       # No /proc, no */mem (namespace modes also cover /proc with a tmpfs; a userns child could
       # unmount it).
@@ -665,7 +675,7 @@ def _child(job, i, pipe_w, result_fd, prep):
     os.environ.update({"PATH": "/usr/bin:/bin", "HOME": job["workdir"], "TMPDIR": job["workdir"],
                        "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                        "MKL_NUM_THREADS": "1"})
-    entries, funcs, mod_ids, mods, changed = prep["state"]
+    entries, funcs, objs, mods, changed = prep["state"]
     entries = _after_fork(entries, changed)
     test_code, end_offset = prep["tests"][i]
     module = _ModuleType("solution")
@@ -677,7 +687,7 @@ def _child(job, i, pipe_w, result_fd, prep):
     pk, pv = tuple(pristine), tuple(pristine.values())
     snap = entries + ((_STRICT, pristine, len(pk), tuple(map(id, pv)), pk, pv),
                       (_PAIRS, tg, 1, (), (), (("__builtins__", pristine),)))
-    guard = _make_guard(pipe_w, test_code, tg, end_offset, snap, importer, funcs, mod_ids)
+    guard = _make_guard(pipe_w, test_code, tg, end_offset, snap, importer, funcs, objs)
     cpu = int(job["timeout_s"]) + 1
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     mem = int(job["memory_mb"]) * 1024 * 1024
@@ -699,7 +709,7 @@ def _child(job, i, pipe_w, result_fd, prep):
     args = (job["_program_code"], module.__dict__, prep["setup"], test_code, tg, pristine,
             prep["explicit"], prep["modnames"], mods, _adopt, object(), sys.audit, exec, os._exit,
             tuple, type, str, _ModuleType, _FunctionType, BaseException)
-    del entries, funcs, mod_ids, mods, module, pristine, tg, snap, importer, job, prep
+    del entries, funcs, objs, mods, module, pristine, tg, snap, importer, job, prep
   except BaseException:
     os._exit(6)
   _trusted_run(*args)
