@@ -1,5 +1,6 @@
 """Group baselines, leave-one-out and stepwise advantages against hand-computed values (REFERENCE §3.6)."""
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -74,3 +75,36 @@ def test_stepwise_invalid_slots():
   valid = jnp.ones((4, 2), bool).at[0, 1].set(False)
   a = adv.stepwise_advantages(R_FINAL, values, 2, 0.5, valid)
   np.testing.assert_allclose(a[:2], [[7 / 12, 0.0], [-7 / 12, -1 / 3]], atol=1e-6)
+
+
+class AdvantagesVariantsTest(chex.TestCase):
+  """The hand-computed advantages traced under `jax.jit` and run eagerly (chex variants)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_group_baseline_and_leave_one_out(self):
+    r = jnp.array([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 6.0])
+    chex.assert_trees_all_close(
+        self.variant(adv.group_baseline_advantages, static_argnums=1)(r, 4),
+        jnp.array([0.5, -0.5, -0.5, 0.5, -1, -1, -1, 3]), atol=1e-6)
+    chex.assert_trees_all_close(
+        self.variant(adv.leave_one_out_advantages, static_argnums=1)(r[:4], 4),
+        jnp.array([2 / 3, -2 / 3, -2 / 3, 2 / 3]), atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_stepwise_lambda_half_and_invalid_slot(self):
+    f = self.variant(adv.stepwise_advantages, static_argnums=(2, 3))
+    want = jnp.array([[7 / 12, 1 / 3], [-7 / 12, -1 / 3], [0.15, 0.15], [-0.15, -0.15]])
+    chex.assert_trees_all_close(f(R_FINAL, VALUES, 2, 0.5), want, atol=1e-6)
+    valid = jnp.ones((4, 2), bool).at[0, 1].set(False)
+    out = f(R_FINAL, VALUES.at[0, 1].set(0.0), 2, 0.5, valid)
+    chex.assert_trees_all_close(out, want.at[0, 1].set(0.0), atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_stepwise_contracts(self):
+    f = self.variant(adv.stepwise_advantages, static_argnums=(2, 3))
+    with self.assertRaisesRegex(AssertionError, "assert_rank"):
+      f(R_FINAL[:, None], VALUES, 2, 0.5)
+    with self.assertRaisesRegex(AssertionError, "assert_equal_shape_prefix"):
+      f(R_FINAL[:2], VALUES, 2, 0.5)
+    with self.assertRaisesRegex(AssertionError, "assert_equal_shape"):
+      f(R_FINAL, VALUES, 2, 0.5, jnp.ones((4, 3), bool))

@@ -137,7 +137,8 @@ def test_hub_download_without_datasets_says_which_extra(monkeypatch):
     monkeypatch.delenv(var, raising=False)
   monkeypatch.setattr(data, "_online", lambda: True)
   monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets → ImportError
-  with pytest.raises(FileNotFoundError, match=r"needs the `datasets` package \(pip install -e \"\.\[datasets\]\"\)"):
+  with pytest.raises(FileNotFoundError,
+                     match=r"needs the `datasets` package \(pip install -e \"\.\[datasets\]\"\)"):
     data.load_hf_records("x", "test", hf_id="org/x", env_var="EGSPO_X_FILE")
 
 

@@ -1,7 +1,9 @@
 """Policy losses against hand-computed values, on both sides of the clip, with gradients."""
 
+import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,25 +31,6 @@ ADV = np.array([1.0, 1.0, 1.0, -1.0, -1.0, -1.0], np.float32)
 WANT = np.array([-E(0.1), -1.5, -E(-0.5), 0.8, E(0.6), E(0.1)])
 # d loss / d logp = −A·r where unclipped, 0 where the clipped branch is chosen.
 WANT_GRAD = np.array([-E(0.1), 0.0, -E(-0.5), 0.0, E(0.6), E(0.1)])
-
-
-def test_egspo_step_loss_both_sides_of_clip_and_grads():
-  old = jnp.full((2, 3), -2.0)
-  logp = old + LOG_RATIO.reshape(2, 3)
-  adv = jnp.asarray(ADV.reshape(2, 3))
-  f = lambda lp: L.egspo_step_loss(lp, old, adv, beta=0.0)
-  loss_sum, denom, m = f(logp)
-  np.testing.assert_allclose(loss_sum, WANT.sum(), rtol=1e-5)
-  assert float(denom) == 6
-  np.testing.assert_allclose(m["clip/high_frac"], 1 / 6, rtol=1e-6)
-  np.testing.assert_allclose(m["clip/low_frac"], 1 / 6, rtol=1e-6)
-  np.testing.assert_allclose(m["clip/frac"], 2 / 6, rtol=1e-6)
-  np.testing.assert_allclose(m["ratio/mean"], np.exp(LOG_RATIO).mean(), rtol=1e-5)
-  grad = jax.grad(lambda lp: f(lp)[0])(logp)
-  np.testing.assert_allclose(grad.reshape(-1), WANT_GRAD, rtol=1e-5, atol=1e-7)
-  # logp_old never receives gradient.
-  g_old = jax.grad(lambda o: L.egspo_step_loss(logp, o, adv, beta=0.0)[0])(old)
-  np.testing.assert_array_equal(g_old, 0.0)
 
 
 def test_egspo_step_loss_k3_term_and_valid_mask():
@@ -109,25 +92,6 @@ def _token_loss_loop(lp, old, ref, adv, mask, eps, beta):
   return tot, n, np.mean(per_seq)
 
 
-def test_diffu_grpo_token_loss_matches_loop():
-  rng = np.random.default_rng(0)
-  lp = -rng.uniform(0.1, 3, (3, 5)).astype(np.float32)
-  old = (lp + rng.normal(0, 0.6, lp.shape)).astype(np.float32)
-  ref = (lp + rng.normal(0, 0.3, lp.shape)).astype(np.float32)
-  adv = np.array([1.0, -0.5, 2.0], np.float32)
-  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
-  tot, n, seq_mean = _token_loss_loop(lp, old, ref, adv, mask, 0.5, 0.04)
-  loss_sum, denom, m = L.diffu_grpo_token_loss(jnp.asarray(lp), old, adv, mask, ref)
-  np.testing.assert_allclose(loss_sum, tot, rtol=1e-5)
-  assert float(denom) == n == 9
-  loss_sum, denom, _ = L.diffu_grpo_token_loss(jnp.asarray(lp), old, adv, mask, ref,
-                                               reduction="sequence")
-  np.testing.assert_allclose(loss_sum / denom, seq_mean, rtol=1e-5)
-  # Masked tokens get no gradient.
-  g = jax.grad(lambda x: L.diffu_grpo_token_loss(x, old, adv, mask, ref)[0])(jnp.asarray(lp))
-  assert np.all(np.asarray(g)[~mask] == 0) and np.all(np.asarray(g)[mask] != 0)
-
-
 def test_espo_sequence_loss_inside_normalisation():
   # ratio = exp((−10 + 12) / 4) = e^0.5 ≈ 1.65 > 1.2.
   logl, old, ref = jnp.array([-10.0, -10.0]), jnp.array([-12.0, -12.0]), jnp.array([-11.0, -11.0])
@@ -183,15 +147,6 @@ def test_stabledrl_self_normalised_unconditional_clip():
   assert float(ls4[1]) == 2
 
 
-def test_wd1_hand_computed():
-  logl, adv = jnp.array([-1.0, -2.0]), jnp.array([1.0, -1.0])
-  p = E(1) / (E(1) + E(-1))
-  loss_sum, denom, _ = L.wd1_loss(logl, adv, 2)
-  np.testing.assert_allclose(loss_sum, (1 - p - p) * -1 + (p - (1 - p)) * -2, rtol=1e-6)
-  np.testing.assert_allclose(jax.grad(lambda x: L.wd1_loss(x, adv, 2)[0])(logl),
-                             [(1 - p) - p, p - (1 - p)], rtol=1e-6)
-
-
 def test_gather_step_logprobs_sum_and_mean():
   commit = jnp.array([[0, 1, 1, 2]])
   steps = jnp.array([[1, 2, 3]])  # step 3 commits nothing
@@ -204,3 +159,73 @@ def test_gather_step_logprobs_sum_and_mean():
   rollout_logp = jnp.array([[-1.0, -2.0, -3.0, -4.0]])  # [B, G]
   np.testing.assert_allclose(L.gather_step_logprobs(rollout_logp, commit, steps),
                              [[-5.0, -4.0, 0.0]])
+
+
+class LossVariantsTest(chex.TestCase):
+  """Losses, metrics and gradients against hand-computed values, traced under `jax.jit` and run
+  eagerly (chex variants), and the losses' chex contracts."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_egspo_step_loss_both_sides_of_clip_and_grads(self):
+    old = jnp.full((2, 3), -2.0)
+    logp = old + LOG_RATIO.reshape(2, 3)
+    adv = jnp.asarray(ADV.reshape(2, 3))
+    loss = self.variant(functools.partial(L.egspo_step_loss, beta=0.0))
+    chex.assert_trees_all_close(loss(logp, old, adv), (WANT.sum(), 6.0, {
+        "clip/low_frac": 1 / 6, "clip/high_frac": 1 / 6, "clip/frac": 2 / 6,
+        "ratio/mean": np.exp(LOG_RATIO).mean(), "loss": WANT.sum() / 6}), rtol=1e-5)
+    grad = self.variant(jax.grad(lambda lp: L.egspo_step_loss(lp, old, adv, beta=0.0)[0]))(logp)
+    chex.assert_trees_all_close(grad.reshape(-1), WANT_GRAD, rtol=1e-5, atol=1e-7)
+    # logp_old never receives gradient.
+    g_old = self.variant(jax.grad(lambda o: L.egspo_step_loss(logp, o, adv, beta=0.0)[0]))(old)
+    chex.assert_trees_all_equal(g_old, jnp.zeros_like(old))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_diffu_grpo_token_loss_matches_loop(self):
+    rng = np.random.default_rng(0)
+    lp = -rng.uniform(0.1, 3, (3, 5)).astype(np.float32)
+    old = (lp + rng.normal(0, 0.6, lp.shape)).astype(np.float32)
+    ref = (lp + rng.normal(0, 0.3, lp.shape)).astype(np.float32)
+    adv = np.array([1.0, -0.5, 2.0], np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
+    tot, n, seq_mean = _token_loss_loop(lp, old, ref, adv, mask, 0.5, 0.04)
+    assert n == 9
+    token = self.variant(L.diffu_grpo_token_loss)
+    loss_sum, denom, _ = token(jnp.asarray(lp), old, adv, mask, ref)
+    chex.assert_trees_all_close((loss_sum, denom), (tot, float(n)), rtol=1e-5)
+    sequence = self.variant(functools.partial(L.diffu_grpo_token_loss, reduction="sequence"))
+    loss_sum, denom, _ = sequence(jnp.asarray(lp), old, adv, mask, ref)
+    chex.assert_trees_all_close(loss_sum / denom, seq_mean, rtol=1e-5)
+    # Masked tokens get no gradient.
+    grad = self.variant(jax.grad(lambda x: L.diffu_grpo_token_loss(x, old, adv, mask, ref)[0]))
+    g = np.asarray(grad(jnp.asarray(lp)))
+    assert np.all(g[~mask] == 0) and np.all(g[mask] != 0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_wd1_hand_computed(self):
+    logl, adv = jnp.array([-1.0, -2.0]), jnp.array([1.0, -1.0])
+    p = E(1) / (E(1) + E(-1))
+    loss_sum = (1 - p - p) * -1 + (p - (1 - p)) * -2
+    loss = self.variant(L.wd1_loss, static_argnums=2)
+    chex.assert_trees_all_close(loss(logl, adv, 2), (loss_sum, 1.0, {"loss": loss_sum}),
+                                rtol=1e-6)
+    grad = self.variant(jax.grad(lambda x: L.wd1_loss(x, adv, 2)[0]))(logl)
+    chex.assert_trees_all_close(grad, jnp.array([(1 - p) - p, p - (1 - p)]), rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_contracts(self):
+    step_loss = self.variant(L.egspo_step_loss)
+    x = jnp.zeros((2, 3))
+    with self.assertRaisesRegex(AssertionError, "assert_equal_shape"):
+      step_loss(x, x, jnp.zeros((2, 2)))
+    with self.assertRaisesRegex(AssertionError, "assert_rank"):
+      step_loss(x[0], x[0], x[0])  # [B, K] expected
+    with self.assertRaisesRegex(AssertionError, "assert_type"):
+      step_loss(x.astype(jnp.int32), x, x)
+    with self.assertRaisesRegex(AssertionError, "assert_rank"):
+      self.variant(L.diffu_grpo_token_loss)(x, x, x, x > 0)  # adv must be [N]
+    with self.assertRaisesRegex(AssertionError, "assert_rank"):
+      self.variant(L.stabledrl_loss, static_argnums=3)(x, x, x, 2)  # [B] expected
+    steps = jnp.zeros((2, 3), jnp.int32)
+    with self.assertRaisesRegex(AssertionError, "assert_rank"):
+      self.variant(L.gather_step_logprobs)(x[0], steps, steps)  # [B, G] or [B, K, G]

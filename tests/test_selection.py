@@ -1,5 +1,6 @@
 """Step entropy and step selection against hand-computed cases (REFERENCE §3.2–3.3)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,3 +116,42 @@ def test_select_steps_dispatch_and_errors():
     sel.select_steps("entropy", k=2, num_steps=4, batch_size=1)
   with pytest.raises(ValueError, match=r"\[B, T=5\]"):
     sel.select_steps("entropy", k=2, num_steps=5, step_entropy=h)
+
+
+class SelectionVariantsTest(chex.TestCase):
+  """Hand-computed cases traced under `jax.jit` and run eagerly (chex variants), and the
+  functions' chex contracts, which fire in both."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_entropy_then_topk_with_empty_steps_last(self):
+    ent = jnp.array([[1.0, 3.0, 5.0, 7.0], [1.0, 2.0, 3.0, 4.0]])
+    cs = jnp.array([[0, 0, 2, 1], [3, 3, 3, 3]])
+    h = self.variant(sel.step_entropy, static_argnums=2)(ent, cs, 4)
+    chex.assert_trees_all_close(h, jnp.array([[2.0, 7.0, 5.0, 0.0], [0.0, 0.0, 0.0, 2.5]]))
+    counts = self.variant(sel.step_counts, static_argnums=1)(cs, 4)
+    # Row 1 commits only at step 3; its second pick is the earliest empty step, 0.
+    steps, valid = self.variant(sel.entropy_topk_steps, static_argnums=1)(h, 2, counts > 0)
+    chex.assert_trees_all_equal((steps, valid),
+                                (jnp.array([[1, 2], [0, 3]], jnp.int32), jnp.ones((2, 2), bool)),
+                                strict=True)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_adaptive(self):
+    h = jnp.array([[4.0, 1.0, 3.0, 2.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    steps, valid = self.variant(sel.adaptive_entropy_steps, static_argnums=2)(h, 0.7, 4)
+    chex.assert_trees_all_equal(valid.sum(-1), jnp.array([2, 3, 1]))
+    chex.assert_trees_all_equal(steps[0][valid[0]], jnp.array([0, 2], jnp.int32))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_contracts(self):
+    entropy = self.variant(sel.step_entropy, static_argnums=2)
+    topk = self.variant(sel.entropy_topk_steps, static_argnums=1)
+    h = jnp.ones((2, 4))
+    with self.assertRaisesRegex(AssertionError, "assert_equal_shape"):
+      entropy(h, jnp.zeros((2, 3), jnp.int32), 4)
+    with self.assertRaisesRegex(AssertionError, "assert_type"):
+      entropy(h, jnp.zeros((2, 4)), 4)  # float commit steps
+    with self.assertRaisesRegex(AssertionError, "assert_rank"):
+      topk(jnp.ones((4,)), 2)
+    with self.assertRaisesRegex(AssertionError, "assert_type"):
+      topk(h, 2, jnp.ones((2, 4), jnp.int32))  # step_valid must be bool

@@ -1,5 +1,6 @@
 """The one-step value estimator: the gather and the batched, deduplicated host-side scoring."""
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -71,3 +72,21 @@ def test_one_step_values_errors():
     value.one_step_values(np.zeros((2, 3), int), c.reward, c.decode, [{}, {}])
   with pytest.raises(ValueError, match="reward_fn returned 1 rewards for 2"):
     value.one_step_values(np.array([[[0]], [[1]]]), lambda t, e: [0.0], c.decode, [{}, {}])
+
+
+class GuessesVariantsTest(chex.TestCase):
+  """The gather traced under `jax.jit` and run eagerly (chex variants), and its contract."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_gather_and_contract(self):
+    gather = self.variant(value.one_step_guesses.__wrapped__)  # the function under jax.jit
+    x0_hat = jnp.arange(2 * 3 * 2, dtype=jnp.int32).reshape(2, 3, 2)
+    steps = jnp.array([[2, 0], [1, 1]])
+    want = jnp.stack([x0_hat[0][jnp.array([2, 0])], x0_hat[1][jnp.array([1, 1])]])
+    chex.assert_trees_all_equal(gather(x0_hat, steps), want)
+    with self.assertRaisesRegex(AssertionError, "assert_rank"):
+      gather(x0_hat[0], steps)
+    with self.assertRaisesRegex(AssertionError, "assert_equal_shape_prefix"):
+      gather(x0_hat, steps[:1])
+    with self.assertRaisesRegex(AssertionError, "assert_type"):
+      gather(x0_hat, steps.astype(jnp.float32))
