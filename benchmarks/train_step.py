@@ -168,7 +168,7 @@ def main(argv=None):
   from egspo import config as config_lib
   from egspo import train as train_lib
   from egspo.diffusion import sampler as sampler_lib
-  from egspo.rl import algorithms as algo_lib
+  from egspo.rl import registry as algo_lib
   from egspo.rl import update as update_lib
 
   if args.threads > 0:

@@ -39,7 +39,7 @@ from egspo import tasks as tasks_lib
 from egspo.diffusion import masking
 from egspo.diffusion import sampler as sampler_lib
 from egspo.model import llada
-from egspo.rl import algorithms as algo_lib
+from egspo.rl import registry as algo_lib
 from egspo.rl import update as update_lib
 from egspo.tasks import data as data_lib
 
