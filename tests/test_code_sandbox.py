@@ -1,7 +1,8 @@
 """The code sandbox against hostile programs, and the code-task rewards built on it.
 
-All hostile jobs run in one parallel batch (short timeouts) so the suite is bounded in time; each
-case then asserts its own verdict and side effects. The test process surviving to the asserts is
+The hostile jobs run in two parallel batches (escapes and resource bombs; interpreter tampering
+with legitimate controls), short timeouts, so the suite is bounded in time; each case then asserts
+its own verdict and side effects. The test process surviving to the asserts is
 itself part of the test (several programs try to kill it)."""
 
 import json
@@ -278,7 +279,7 @@ INTERPRETER_JOBS = {
           time.sleep(0.05)
           os._exit(0)
         threading.Thread(target=later, daemon=True).start()
-        """) + WRONG, T2, "", "FF"),
+        """) + WRONG, T2, "", None),
     "atexit_fake_verdict": (_D("""
         import atexit, os, sys
         def fake():
