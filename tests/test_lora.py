@@ -1,6 +1,7 @@
 """LoRA (egspo.model.lora): zero-init identity, merge equivalence, LoRA-only gradients, counts,
 scanned stacks and sharding metadata."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,7 +73,7 @@ def test_zero_init_identity_and_merge(scan, bases):
   assert not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))
   # Same parameter paths and shapes as a freshly built model: exportable as is.
   fresh = nnx.state(bases[scan], nnx.Param)
-  assert jax.tree.map(jnp.shape, nnx.state(merged, nnx.Param)) == jax.tree.map(jnp.shape, fresh)
+  chex.assert_trees_all_equal_shapes(nnx.state(merged, nnx.Param), fresh)
   np.testing.assert_allclose(fwd(merged, IDS, MASK), adapted, atol=1e-5, rtol=0)
   # Hand check of one merged kernel: W + (alpha/r) A B.
   mk = merged.blocks.q_proj.kernel[...] if scan else merged.blocks[1].q_proj.kernel[...]
@@ -118,8 +119,7 @@ def test_only_lora_params_get_gradients_and_train(scan, bases):
   losses = [float(loss)] + [float(train_step(model, optimizer)[0]) for _ in range(4)]
   assert losses[-1] < losses[0]
   base_after = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
-  for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(base_after)):
-    np.testing.assert_array_equal(a, b)  # the base weights are frozen
+  chex.assert_trees_all_equal(base_before, base_after)  # the base weights are frozen
   ff_out = lora.lora_modules(model)["blocks.ff_out" if scan else "blocks.1.ff_out"]
   assert float(jnp.abs(ff_out.lora_b[...]).max()) > 1e-3
 
