@@ -32,7 +32,8 @@ _REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/[A-Za-z0-9_]
 
 
 class CheckpointError(ValueError):
-  """A checkpoint directory or file that cannot be read as a LLaDA checkpoint."""
+  """A model or training checkpoint that cannot be read or written; the message is one line
+  naming the file or directory and the cause (`egspo.main` prints it as `error: …`)."""
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):

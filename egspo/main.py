@@ -165,10 +165,11 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), workdir)
   from egspo import checkpoint as ckpt_lib
+  from egspo.rl import update as update_lib
 
   try:
     train.run(config, workdir)
-  except (ckpt_lib.CheckpointError, ckpt_lib.NonFiniteError) as e:
+  except (ckpt_lib.CheckpointError, update_lib.NonFiniteError) as e:
     # Already one line naming the directory / stage and cause; no traceback over it.
     logging.error("%s", e)
     sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")

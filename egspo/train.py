@@ -33,6 +33,7 @@ from egspo import checkpoint as ckpt_lib
 from egspo import config as config_lib
 from egspo import eval as eval_lib
 from egspo import metrics as metrics_lib
+from egspo import preemption
 from egspo import sharding as shard_lib
 from egspo import tokenizer as tok_lib
 from egspo import tasks as tasks_lib
@@ -354,17 +355,17 @@ RL_FIELDS = ("optim.learning_rate, optim.max_grad_norm, optim.warmup_steps, loss
              "parameters RL starts from (the SFT checkpoint, or model.checkpoint)")
 
 
-def sft_stage(tr: Trainer, guard: ckpt_lib.PreemptionGuard | None = None):
+def sft_stage(tr: Trainer, guard: preemption.PreemptionGuard | None = None):
   """Masked-diffusion SFT from the last SFT checkpoint (if any) → the parameters.
 
   Sets `tr.sft_steps_done`. When `guard` asks to stop, saves a checkpoint, sets `tr.preempted`
-  and returns (None: never stops). Raises `checkpoint.NonFiniteError` after
+  and returns (None: never stops). Raises `update.NonFiniteError` after
   `train.max_refused_updates` refused updates in a row.
   """
   c = tr.config
   if c.sft.steps == 0:
     return tr.params
-  guard = guard or ckpt_lib.PreemptionGuard()  # not entered: never asks to stop
+  guard = guard or preemption.PreemptionGuard()  # not entered: never asks to stop
   ckpt = ckpt_lib.Checkpointer(tr.workdir / "checkpoints" / "sft", max_to_keep=2)
   span = c.sft.schedule_steps or c.sft.steps
   decay_steps = min(max(1, round(c.sft.decay_fraction * span)),
@@ -406,7 +407,7 @@ def sft_stage(tr: Trainer, guard: ckpt_lib.PreemptionGuard | None = None):
                             mask_token_id=tr.model_cfg.mask_token_id)
 
   update = tr.make_update(tx, loss_fn, state)
-  refused = ckpt_lib.RefusedUpdates(c.train.max_refused_updates, "SFT", SFT_FIELDS)
+  refused = update_lib.RefusedUpdates(c.train.max_refused_updates, "SFT", SFT_FIELDS)
   # The previous step's update_ok, read one step late: the host never waits for the device.
   pending = None
   base_key = jax.random.fold_in(jax.random.key(c.seed), 1)
@@ -460,14 +461,14 @@ def apply_updates(tr: Trainer, update, state, batches, key):
   return state, jax.device_get(ms)
 
 
-def rl_stage(tr: Trainer, init_params, guard: ckpt_lib.PreemptionGuard | None = None) -> dict:
+def rl_stage(tr: Trainer, init_params, guard: preemption.PreemptionGuard | None = None) -> dict:
   """RL iterations from `init_params` (or the last RL checkpoint) → the evaluation history.
 
   The pre-RL evaluation is saved with the initial state as RL step 0, so a relaunch does not
   redo it. When `guard` asks to stop, saves, sets `tr.preempted` and returns the history so far.
   """
   c = tr.config
-  guard = guard or ckpt_lib.PreemptionGuard()  # not entered: never asks to stop
+  guard = guard or preemption.PreemptionGuard()  # not entered: never asks to stop
   tx = update_lib.make_optimizer(
       c.optim.learning_rate, b1=c.optim.b1, b2=c.optim.b2, weight_decay=c.optim.weight_decay,
       max_grad_norm=c.optim.max_grad_norm, warmup_steps=c.optim.warmup_steps,
@@ -504,7 +505,7 @@ def rl_stage(tr: Trainer, init_params, guard: ckpt_lib.PreemptionGuard | None = 
   # stopped run logged is redone below, so its records at that step go too.
   tr.writer.rewind(tr.sft_steps_done + start, redo=() if restored else ("eval/",))
   update = tr.make_update(tx, algo.loss, state)
-  refused = ckpt_lib.RefusedUpdates(c.train.max_refused_updates, "RL", RL_FIELDS)
+  refused = update_lib.RefusedUpdates(c.train.max_refused_updates, "RL", RL_FIELDS)
 
   bar = None
   try:
@@ -588,10 +589,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   SIGTERM/SIGINT at any time (start-up, compilation, an evaluation, the loops) stops the run at
   the next step or stage boundary, after a checkpoint where there is something to save; `run`
   then returns the history so far with `"preempted": True` (no history.json), and the same
-  command resumes. Raises `checkpoint.NonFiniteError` / `checkpoint.CheckpointError` (one-line
+  command resumes. Raises `update.NonFiniteError` / `checkpoint.CheckpointError` (one-line
   messages) when training diverges or a checkpoint cannot be written or read.
   """
-  with ckpt_lib.PreemptionGuard() as guard:
+  with preemption.PreemptionGuard() as guard:
     tr = Trainer.create(config, workdir)
     history = {}
     try:
@@ -611,7 +612,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return history
 
 
-def _stop_requested(tr: Trainer, guard: ckpt_lib.PreemptionGuard) -> bool:
+def _stop_requested(tr: Trainer, guard: preemption.PreemptionGuard) -> bool:
   """A stage boundary: has a signal (during start-up, compilation, evaluation) asked to stop?"""
   tr.preempted = tr.preempted or guard.should_stop()
   return tr.preempted

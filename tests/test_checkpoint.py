@@ -1,5 +1,6 @@
-"""Tests for egspo.checkpoint: round trips, sharded restore, keep-N, atomicity, corruption,
-exact resume (normal stop, SIGKILL, SIGTERM), the preemption guard and the non-finite guard.
+"""Tests for egspo.checkpoint: round trips, sharded restore, keep-N and best-N, atomicity,
+corruption, exact resume (normal stop, SIGKILL, SIGTERM with egspo.preemption's guard, one and two
+processes) and the refusal to save NaN/Inf.
 
 This file is also the toy training program the subprocess tests run:
     python tests/test_checkpoint.py WORKDIR TOTAL_STEPS [--sleep S] [--guard]
@@ -24,14 +25,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from egspo import checkpoint as ckpt_lib
-from egspo.checkpoint import (CheckpointError, Checkpointer, PreemptionGuard, all_finite,
-                              select_if_finite)
+from egspo.checkpoint import CheckpointError, Checkpointer
+from egspo.preemption import PreemptionGuard
 
 P = jax.sharding.PartitionSpec
 NamedSharding = jax.sharding.NamedSharding
 THIS_FILE = pathlib.Path(__file__).resolve()
+
+
+def _is_key(x) -> bool:
+  return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _assert_trees_identical(a, b):
@@ -40,8 +46,8 @@ def _assert_trees_identical(a, b):
   lb, tb = jax.tree_util.tree_flatten(b)
   assert ta == tb
   for x, y in zip(la, lb):
-    if ckpt_lib._is_prng_key(x):
-      assert ckpt_lib._is_prng_key(y)
+    if _is_key(x):
+      assert _is_key(y)
       x, y = jax.random.key_data(x), jax.random.key_data(y)
     x, y = np.asarray(x).reshape(-1), np.asarray(y).reshape(-1)
     assert x.dtype == y.dtype and x.shape == y.shape
@@ -212,7 +218,7 @@ def test_roundtrip_typed_keys_optax_state_and_meta(tmp_path):
     assert type(restored["opt"][0]) is type(state["opt"][0])
     # Without a target: the saved structure as plain containers, keys still typed.
     untargeted, _ = ckpt.restore(41)
-    assert ckpt_lib._is_prng_key(untargeted["key"])
+    assert _is_key(untargeted["key"])
     np.testing.assert_array_equal(jax.random.key_data(untargeted["batch_keys"]),
                                   jax.random.key_data(state["batch_keys"]))
     np.testing.assert_array_equal(untargeted["params"]["w"], state["params"]["w"])
@@ -250,11 +256,6 @@ def test_nnx_model_optimizer_and_rngs_roundtrip(tmp_path):
   _assert_trees_identical(nnx.state((model, opt)), nnx.state((model2, opt2)))
 
 
-def test_meta_reserved_key_rejected(tmp_path):
-  with Checkpointer(tmp_path) as ckpt, np.testing.assert_raises(ValueError):
-    ckpt.save(0, {"x": jnp.ones(2)}, {"__prng_keys__": 1})
-
-
 def test_sharded_restore_into_other_mesh_layout(tmp_path):
   assert jax.device_count() == 8
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -278,20 +279,44 @@ def test_sharded_restore_into_other_mesh_layout(tmp_path):
   _assert_trees_identical(state, restored)
 
 
-def test_keep_n_keep_every_and_interval(tmp_path):
-  with Checkpointer(tmp_path / "a", max_to_keep=2, keep_every=4) as ckpt:
+def test_keep_latest_n_beside_the_best_n(tmp_path):
+  accuracy = {2: 0.3, 4: 0.7, 6: 0.5, 8: 0.6}  # evaluated at even steps only
+  with Checkpointer(tmp_path, max_to_keep=2, best_metric="eval/accuracy") as ckpt:
+    assert ckpt.best_step() is None
     for s in range(10):
-      ckpt.save(s, {"x": jnp.full(2, s, jnp.float32)}, {"step": s})
+      metrics = {"eval/accuracy": accuracy[s], "eval/n": 8} if s in accuracy else None
+      assert ckpt.save(s, {"x": jnp.full(2, s, jnp.float32)}, {"step": s}, metrics=metrics)
     ckpt.wait_until_finished()
-    assert ckpt.all_steps() == [0, 4, 8, 9]
-    state, meta = ckpt.restore(4)
+    assert ckpt.all_steps() == [4, 8, 9] and ckpt.best_step() == 4
+    assert not ckpt.save(9, {"x": jnp.zeros(2)})  # not newer than the latest step
+    with np.testing.assert_raises(ValueError):  # the ranked metric is required and finite
+      ckpt.save(10, {"x": jnp.zeros(2)}, metrics={"eval/n": 8})
+    with np.testing.assert_raises(ValueError):
+      ckpt.save(10, {"x": jnp.zeros(2)}, metrics={"eval/accuracy": float("nan")})
+  with Checkpointer(tmp_path, max_to_keep=2, best_metric="eval/accuracy") as ckpt:
+    assert ckpt.best_step() == 4  # the metrics are stored with the steps
+    state, meta = ckpt.restore(ckpt.best_step())
     assert meta == {"step": 4} and float(state["x"][0]) == 4.0
-  with Checkpointer(tmp_path / "b", max_to_keep=None, save_interval_steps=3) as ckpt:
-    saved = [ckpt.save(s, {"x": jnp.zeros(1)}) for s in range(7)]
-    assert saved == [True, False, False, True, False, False, True]
-    assert ckpt.save(7, {"x": jnp.zeros(1)}, force=True)
+    ckpt.save(10, {"x": jnp.zeros(2)}, {"step": 10}, metrics={"eval/accuracy": 0.9})
+    ckpt.save(11, {"x": jnp.zeros(2)}, {"step": 11})
     ckpt.wait_until_finished()
-    assert ckpt.all_steps() == [0, 3, 6, 7]
+    assert ckpt.all_steps() == [10, 11] and ckpt.best_step() == 10
+  with Checkpointer(tmp_path / "min", max_to_keep=1, best_metric="loss", best_mode="min",
+                    keep_best=2) as ckpt:
+    for s, loss in enumerate([3.0, 1.0, 2.0, 4.0]):
+      ckpt.save(s, {"x": jnp.zeros(1)}, metrics={"loss": loss})
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == [1, 2, 3] and ckpt.best_step() == 1
+  with Checkpointer(tmp_path / "plain", max_to_keep=None) as ckpt:
+    for s in range(4):
+      ckpt.save(s, {"x": jnp.zeros(1)})
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == [0, 1, 2, 3] and ckpt.best_step() is None
+    with np.testing.assert_raises(ValueError):  # metrics need best_metric
+      ckpt.save(4, {"x": jnp.zeros(1)}, metrics={"eval/accuracy": 0.5})
+  for bad in ({"max_to_keep": 0}, {"best_mode": "best"}, {"best_metric": "a", "keep_best": 0}):
+    with np.testing.assert_raises(ValueError):
+      Checkpointer(tmp_path / "bad", **bad)
 
 
 def _two_steps(directory):
@@ -315,16 +340,25 @@ def test_interrupted_save_is_ignored_and_cleaned(tmp_path):
   assert not tmp.exists()  # swept when the directory was opened
 
 
-def test_corrupt_checkpoint_message_and_fallback(tmp_path):
+@pytest.mark.parametrize("damage", ["state metadata deleted", "meta emptied"])
+def test_corrupt_checkpoint_message_and_fallback(tmp_path, damage):
   _two_steps(tmp_path)
-  (tmp_path / "2" / "state" / "_METADATA").unlink()
+  if damage == "state metadata deleted":
+    (tmp_path / "2" / "state" / "_METADATA").unlink()
+  else:
+    for f in (tmp_path / "2" / "meta").iterdir():
+      f.write_bytes(b"")
+  target = {"x": jax.ShapeDtypeStruct((256,), jnp.float32)}
   ckpt = Checkpointer(tmp_path)
-  with np.testing.assert_raises(CheckpointError) as cm:
-    ckpt.restore()
-  msg = str(cm.exception)
-  assert str(tmp_path / "2") in msg and "state/_METADATA" in msg and "missing" in msg
-  state, meta = ckpt.restore(fallback=True)
+  for t in (None, target):  # from the saved metadata, and into a target
+    with np.testing.assert_raises(CheckpointError) as cm:
+      ckpt.restore(target=t)
+    msg = str(cm.exception)
+    assert msg.startswith(f"checkpoint {tmp_path / '2'} cannot be restored: "), msg
+    assert len(msg.splitlines()) == 1
+  state, meta = ckpt.restore(target=target, fallback=True)
   assert meta == {"step": 1} and float(state["x"][0]) == 1.0
+  assert ckpt.all_steps() == [1]  # step 2 moved aside
   ckpt.close()
 
 
@@ -492,94 +526,6 @@ def test_failed_save_is_one_line_and_leaves_no_tmp_dir(tmp_path):
   assert len(lines) <= 3, out[-3000:]  # orbax's one-line notice, the error (no tracebacks)
   assert "Traceback" not in out and "Event loop is closed" not in out
   assert sorted(p.name for p in workdir.iterdir()) == ["1"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Preemption guard.
-
-
-def test_preemption_guard_sets_flag_and_restores_handlers():
-  seen = []
-  sentinel = lambda signum, frame: seen.append(signum)
-  old = signal.signal(signal.SIGTERM, sentinel)
-  try:
-    with PreemptionGuard() as guard:
-      assert not guard.should_stop(0)
-      os.kill(os.getpid(), signal.SIGTERM)
-      time.sleep(0.01)  # Python runs handlers between bytecodes of the main thread
-      assert guard.should_stop(1) and guard.received == [signal.SIGTERM]
-    assert signal.getsignal(signal.SIGTERM) is sentinel
-    assert seen == []  # the guard, not the previous handler, got the signal
-  finally:
-    signal.signal(signal.SIGTERM, old)
-
-
-def test_preemption_guard_second_sigint_interrupts():
-  with PreemptionGuard() as guard:
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.01)
-    assert guard.should_stop()
-    with np.testing.assert_raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)
-      time.sleep(0.01)
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-# ---------------------------------------------------------------------------------------------
-# Non-finite guard.
-
-
-def test_all_finite_cases():
-  f = jax.jit(all_finite)
-  good = {"a": jnp.ones(3), "i": jnp.arange(3), "k": jax.random.key(0), "h": jnp.ones(2, jnp.bfloat16)}
-  assert bool(f(good))
-  assert not bool(f({**good, "a": jnp.array([1.0, jnp.nan, 2.0])}))
-  assert not bool(f({**good, "h": jnp.array([jnp.inf, 0], jnp.bfloat16)}))
-  assert not bool(f({**good, "a": jnp.array([-jnp.inf])}))
-  assert bool(f({"i": jnp.array([2**31 - 1])}))  # integers are never non-finite
-  assert bool(f({}))
-
-
-def test_select_if_finite_refuses_a_nan_update():
-  tx = optax.adamw(0.1)
-  params = {"w": jnp.array([1.0, -2.0])}
-
-  @jax.jit
-  def step(params, opt, key, scale):
-    new_key, sub = jax.random.split(key)
-    loss, grads = jax.value_and_grad(lambda p: jnp.sum(p["w"] ** 2) * scale)(params)
-    updates, new_opt = tx.update(grads, opt, params)
-    ok = all_finite((loss, grads))
-    new = (optax.apply_updates(params, updates), new_opt, new_key)
-    return select_if_finite(ok, new, (params, opt, key)), ok
-
-  state = (params, tx.init(params), jax.random.key(1))
-  (bad_state, ok) = step(*state, jnp.float32(jnp.nan))
-  assert not bool(ok)
-  _assert_trees_identical(bad_state, state)  # params, moments, count and key all kept
-  (good_state, ok) = step(*state, jnp.float32(1.0))
-  assert bool(ok)
-  # One AdamW step moves each weight by lr·sign(g) (bias-corrected first step) plus decay.
-  np.testing.assert_allclose(good_state[0]["w"], [1.0 - 0.1 - 0.1 * 1e-4 * 1.0,
-                                                   -2.0 + 0.1 + 0.1 * 1e-4 * 2.0], rtol=1e-5)
-  assert int(good_state[1][0].count) == 1
-  with np.testing.assert_raises(ValueError):
-    select_if_finite(jnp.array([True, False]), params, params)
-
-
-def test_refused_updates_stop_after_the_limit_in_a_row():
-  refused = ckpt_lib.RefusedUpdates(3, "RL", "optim.learning_rate")
-  for ok in (False, False, True, False, False):  # an accepted update resets the count
-    refused.record(ok, "iteration 1")
-  assert refused.in_a_row == 2 and refused.total == 4
-  with np.testing.assert_raises(ckpt_lib.NonFiniteError) as cm:
-    refused.record(False, "iteration 7 (update 2/4)")
-  msg = str(cm.exception)
-  assert msg.startswith("RL stopped at iteration 7 (update 2/4): 3 updates in a row were refused")
-  assert "optim.learning_rate" in msg and "train.max_refused_updates=3" in msg
-  assert len(msg.splitlines()) == 1
-  with np.testing.assert_raises(ValueError):
-    ckpt_lib.RefusedUpdates(0, "SFT", "sft.learning_rate")
 
 
 def big_saves(workdir):

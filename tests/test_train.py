@@ -52,7 +52,7 @@ def micro_config(**overrides):
 
 
 def final_params(workdir, stage="rl"):
-  ck = ckpt_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints" / stage, read_only=True)
+  ck = ckpt_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints" / stage)
   state, meta = ck.restore()
   ck.close()
   return state, meta
@@ -219,7 +219,7 @@ def test_nonfinite_learning_rate_stops_with_a_clear_error(tmp_path, monkeypatch,
   overflows, or a non-finite checkpoint to start from)."""
   monkeypatch.setattr(config_lib, "validate", lambda c: None)
   c = micro_config(**{field: value, "sft.steps": 3, "train.max_refused_updates": 2})
-  with pytest.raises(ckpt_lib.NonFiniteError) as e:
+  with pytest.raises(update_lib.NonFiniteError) as e:
     train.run(c, tmp_path)
   msg = str(e.value)
   assert msg.startswith(f"{stage} stopped at ") and "2 updates in a row were refused" in msg
@@ -227,7 +227,7 @@ def test_nonfinite_learning_rate_stops_with_a_clear_error(tmp_path, monkeypatch,
   assert not (tmp_path / "history.json").exists()
   saved = 0
   for d in (tmp_path / "checkpoints").iterdir():
-    with ckpt_lib.Checkpointer(d, read_only=True) as ck:
+    with ckpt_lib.Checkpointer(d) as ck:
       for step in ck.all_steps():
         state, _ = ck.restore(step)
         assert ckpt_lib.nonfinite_leaves(state) == [], (d.name, step)

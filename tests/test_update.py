@@ -2,6 +2,7 @@
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,8 +80,7 @@ def test_update_accumulation_matches_full_batch(model):
     step = U.make_update_step(policy, tx, _toy_loss)
     new, m = step(state, frozen, {"ids": ids.reshape(a, 4 // a, 6)}, jax.random.key(0))
     outs.append((new, m))
-  for x, y in zip(jax.tree.leaves(outs[0][0].params), jax.tree.leaves(outs[1][0].params)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+  chex.assert_trees_all_close(outs[0][0].params, outs[1][0].params, atol=1e-6)
   assert float(outs[0][1]["loss"]) == pytest.approx(float(outs[1][1]["loss"]), rel=1e-6)
   assert int(outs[0][0].step) == 1
 
@@ -99,8 +99,7 @@ def test_non_finite_loss_keeps_the_old_state(model):
   new, m = step(state, frozen, {"ids": jnp.ones((1, 2, 6), jnp.int32) * 20}, jax.random.key(0))
   assert float(m["update_ok"]) == 0.0
   assert int(new.step) == 0
-  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(new)):
-    np.testing.assert_array_equal(np.asarray(x), y)
+  chex.assert_trees_all_equal(before, new)
 
 
 def test_reference_params_for_lora_are_zeros():
@@ -139,3 +138,63 @@ def test_schedules_by_hand():
   assert [float(const(s)) for s in (0, 2, 4, 99)] == pytest.approx([0.0, 1.5, 3.0, 3.0])
   with pytest.raises(ValueError, match="decay_steps"):
     U.make_schedule(1.0, total_steps=100, schedule="wsd", decay_steps=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The non-finite guard.
+
+
+def test_all_finite_cases():
+  f = jax.jit(U.all_finite)
+  good = {"a": jnp.ones(3), "i": jnp.arange(3), "k": jax.random.key(0), "h": jnp.ones(2, jnp.bfloat16)}
+  assert bool(f(good))
+  assert not bool(f({**good, "a": jnp.array([1.0, jnp.nan, 2.0])}))
+  assert not bool(f({**good, "h": jnp.array([jnp.inf, 0], jnp.bfloat16)}))
+  assert not bool(f({**good, "a": jnp.array([-jnp.inf])}))
+  assert bool(f({"i": jnp.array([2**31 - 1])}))  # integers are never non-finite
+  assert bool(f({}))
+
+
+def test_select_if_finite_refuses_a_nan_update():
+  tx = optax.adamw(0.1)
+  params = {"w": jnp.array([1.0, -2.0])}
+
+  @jax.jit
+  def step(params, opt, key, scale):
+    new_key, sub = jax.random.split(key)
+    loss, grads = jax.value_and_grad(lambda p: jnp.sum(p["w"] ** 2) * scale)(params)
+    updates, new_opt = tx.update(grads, opt, params)
+    ok = U.all_finite((loss, grads))
+    new = (optax.apply_updates(params, updates), new_opt, new_key)
+    return U.select_if_finite(ok, new, (params, opt, key)), ok
+
+  state = (params, tx.init(params), jax.random.key(1))
+  (bad_state, ok) = step(*state, jnp.float32(jnp.nan))
+  assert not bool(ok)
+  for got, want in zip(jax.tree.leaves(bad_state), jax.tree.leaves(state)):  # all kept:
+    if jnp.issubdtype(got.dtype, jax.dtypes.prng_key):  # params, moments, count and key
+      got, want = jax.random.key_data(got), jax.random.key_data(want)
+    np.testing.assert_array_equal(got, want)
+  (good_state, ok) = step(*state, jnp.float32(1.0))
+  assert bool(ok)
+  # One AdamW step moves each weight by lr·sign(g) (bias-corrected first step) plus decay.
+  np.testing.assert_allclose(good_state[0]["w"], [1.0 - 0.1 - 0.1 * 1e-4 * 1.0,
+                                                   -2.0 + 0.1 + 0.1 * 1e-4 * 2.0], rtol=1e-5)
+  assert int(good_state[1][0].count) == 1
+  with np.testing.assert_raises(ValueError):
+    U.select_if_finite(jnp.array([True, False]), params, params)
+
+
+def test_refused_updates_stop_after_the_limit_in_a_row():
+  refused = U.RefusedUpdates(3, "RL", "optim.learning_rate")
+  for ok in (False, False, True, False, False):  # an accepted update resets the count
+    refused.record(ok, "iteration 1")
+  assert refused.in_a_row == 2 and refused.total == 4
+  with np.testing.assert_raises(U.NonFiniteError) as cm:
+    refused.record(False, "iteration 7 (update 2/4)")
+  msg = str(cm.exception)
+  assert msg.startswith("RL stopped at iteration 7 (update 2/4): 3 updates in a row were refused")
+  assert "optim.learning_rate" in msg and "train.max_refused_updates=3" in msg
+  assert len(msg.splitlines()) == 1
+  with np.testing.assert_raises(ValueError):
+    U.RefusedUpdates(0, "SFT", "sft.learning_rate")

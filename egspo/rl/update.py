@@ -17,9 +17,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from flax import nnx, struct
 
-from egspo import checkpoint as ckpt_lib
 from egspo.diffusion import rollout as rollout_lib
 
 
@@ -148,10 +148,10 @@ def make_update_step(policy: Policy, tx: optax.GradientTransformation, loss_fn: 
     new_params = optax.apply_updates(state.params, updates)
     # Refuse what would be applied, not only its inputs: a finite gradient times an infinite
     # (or NaN) learning rate is a non-finite parameter.
-    ok = ckpt_lib.all_finite((loss, grads, new_params, new_opt))
+    ok = all_finite((loss, grads, new_params, new_opt))
     new_state = TrainState(step=state.step + ok.astype(state.step.dtype),
                            params=new_params, opt_state=new_opt)
-    new_state = ckpt_lib.select_if_finite(ok, new_state, state)  # refuse a non-finite update
+    new_state = select_if_finite(ok, new_state, state)  # refuse a non-finite update
     out = {k: jnp.mean(v) for k, v in metrics.items()}
     out.update(loss=loss, grad_norm=optax.global_norm(grads), update_ok=ok.astype(jnp.float32),
                denom=d_sum)
@@ -216,3 +216,73 @@ def make_optimizer(learning_rate, *, b1=0.9, b2=0.99, weight_decay=0.1, max_grad
 
   return optax.chain(optax.clip_by_global_norm(max_grad_norm),
                      optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite guard: a NaN/Inf update is refused inside the step; the loop stops after a run of them.
+
+
+def all_finite(tree) -> jax.Array:
+  """True iff every floating leaf of `tree` is free of NaN/±Inf → bool scalar (traced in jit).
+
+  Integer, bool and PRNG-key leaves are ignored.
+  """
+  oks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+         if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(oks)) if oks else jnp.bool_(True)
+
+
+def select_if_finite(ok, new_state, old_state):
+  """`new_state` where `ok` else `old_state`, leaf by leaf (trees of the same structure).
+
+      ok = all_finite((loss, grads, new_params, new_opt))   # check what would be applied
+      params, opt_state = select_if_finite(ok, (new_params, new_opt), (params, opt_state))
+
+  `ok` is a bool scalar; a `jnp.where` select costs one elementwise pass and keeps donation.
+  """
+  ok = jnp.asarray(ok)
+  if ok.shape != () or ok.dtype != jnp.bool_:
+    raise ValueError(f"select_if_finite needs a bool scalar, got {ok.dtype}{list(ok.shape)}")
+  if jax.tree.structure(new_state) != jax.tree.structure(old_state):
+    raise ValueError("select_if_finite: new_state and old_state have different tree structures")
+  return jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, old_state)
+
+
+class NonFiniteError(RuntimeError):
+  """Training stopped: too many updates in a row were refused for non-finite values."""
+
+
+class RefusedUpdates:
+  """Counts consecutive refused (non-finite) updates and stops the run after `limit` in a row.
+
+      refused = RefusedUpdates(limit=10, stage="RL", fields="optim.learning_rate, ...")
+      state, m = update(state, batch)              # refuses a non-finite update (keeps state)
+      refused.record(bool(m["update_ok"]), where="iteration 12")
+
+  `record` logs each refusal and raises `NonFiniteError` naming the stage, the place, the config
+  fields to look at and the limit's own field, once `limit` consecutive updates were refused.
+  """
+
+  LIMIT_FIELD = "train.max_refused_updates"
+
+  def __init__(self, limit: int, stage: str, fields: str):
+    if limit < 1:
+      raise ValueError(f"{self.LIMIT_FIELD} must be >= 1, got {limit}")
+    self.limit, self.stage, self.fields = int(limit), stage, fields
+    self.in_a_row = 0
+    self.total = 0
+
+  def record(self, ok: bool, where: str) -> None:
+    if ok:
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    self.total += 1
+    logging.warning("%s %s: update refused (non-finite loss, gradients or new state); %d in a "
+                    "row", self.stage, where, self.in_a_row)
+    if self.in_a_row >= self.limit:
+      raise NonFiniteError(
+          f"{self.stage} stopped at {where}: {self.in_a_row} updates in a row were refused "
+          f"because the loss, the gradients or the updated parameters/optimizer state were not "
+          f"finite (NaN/Inf); no non-finite state was applied or saved. Check {self.fields} "
+          f"(the limit is {self.LIMIT_FIELD}={self.limit})")
