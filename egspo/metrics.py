@@ -5,8 +5,7 @@ Files a run leaves in its workdir (main process only; other processes write noth
     metrics.jsonl          one JSON object per `write_scalars` call:
                            {"step": 12, "time": 1763781234.5, "train/loss": 0.31, ...}
                            (non-finite values are written as null, so the file is strict JSON)
-    hparams.json           the flattened config given to `write_hparams`
-    tensorboard/           TensorBoard event files (scalars under their names, and the hparams)
+    tensorboard/           TensorBoard event files (scalars under their names)
 
 Resume without duplicates: a run that restarts from checkpoint step s passes `resume_step=s`;
 records with step > s (written after that checkpoint by the run that crashed) are dropped from
@@ -49,7 +48,6 @@ from egspo.paths import is_remote  # noqa: F401  (tests patch metrics.is_remote)
 log = logging.getLogger(__name__)
 
 JSONL_NAME = "metrics.jsonl"
-HPARAMS_NAME = "hparams.json"
 TB_DIR = "tensorboard"
 
 
@@ -71,24 +69,6 @@ def _to_scalar(name: str, value) -> float | int | None:
       raise ValueError(f"metric {name!r} must be a real scalar, got {arr.dtype}")
     value = float(arr)
   return value if math.isfinite(value) else None
-
-
-def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
-  """Nested mapping (dict, ConfigDict via `.to_dict()`) → {"a.b": value}; non-scalars as str."""
-  if hasattr(config, "to_dict"):
-    config = config.to_dict()
-  flat = {}
-  for key, value in config.items():
-    name = f"{prefix}{key}"
-    if hasattr(value, "to_dict"):
-      value = value.to_dict()
-    if isinstance(value, Mapping):
-      flat.update(flatten_config(value, prefix=name + "."))
-    elif isinstance(value, (bool, int, float, str)):
-      flat[name] = value
-    else:
-      flat[name] = str(value)  # tuples, None, dtypes: readable, and TensorBoard accepts str
-  return flat
 
 
 def read_jsonl(path) -> list[dict[str, Any]]:
@@ -114,7 +94,6 @@ class MetricsWriter:
 
       writer = MetricsWriter(workdir, is_main_process=jax.process_index() == 0,
                              resume_step=restored_step)
-      writer.write_hparams(config)
       writer.write_scalars(step, {"train/reward": r, "train/loss": l, "train/kl": kl})
       writer.close()
   """
@@ -225,20 +204,6 @@ class MetricsWriter:
         self._tb.add_scalar(name, float("nan") if value is None else value, step, walltime=now)
     if self.remote is not None and time.monotonic() - self._last_sync >= self.sync_every_s:
       self.flush()
-
-  def write_hparams(self, config: Mapping[str, Any]) -> None:
-    """Writes the flattened config to hparams.json and TensorBoard's hparams plugin."""
-    if not self.enabled:
-      return
-    flat = flatten_config(config)
-    with open(self.workdir / HPARAMS_NAME, "w") as f:
-      json.dump(flat, f, indent=1, sort_keys=True)
-    if self._tb is not None:
-      from tensorboardX.summary import hparams  # pylint: disable=import-outside-toplevel
-      # Into this run's own event file (tensorboardX's add_hparams opens a sub-run instead).
-      file_writer = self._tb._get_file_writer()  # pylint: disable=protected-access
-      for summary in hparams(flat, {}):
-        file_writer.add_summary(summary)
 
   def flush(self) -> None:
     if self._jsonl is not None:
