@@ -271,7 +271,10 @@ class Checkpointer:
     removed = []
     try:
       for p in self.directory.glob(f"*{_ORBAX_TMP_SUFFIX}*"):
-        p.rmtree() if p.is_dir() else p.unlink()
+        if p.is_dir():
+          p.rmtree()
+        else:
+          p.unlink()
         removed.append(p.name)
     except OSError as e:
       log.warning("could not remove temporary checkpoint directories in %s: %s",

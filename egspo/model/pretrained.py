@@ -52,7 +52,10 @@ def _prepare_out_dir(out_dir, overwrite: bool):
     if not overwrite:
       raise FileExistsError(f"output directory {out_dir} exists and is not empty "
                             "(pass overwrite=True / --overwrite)")
-    shutil.rmtree(out_dir) if isinstance(out_dir, pathlib.Path) else out_dir.rmtree()
+    if isinstance(out_dir, pathlib.Path):
+      shutil.rmtree(out_dir)
+    else:
+      out_dir.rmtree()
   out_dir.mkdir(parents=True, exist_ok=True)
   return out_dir
 
