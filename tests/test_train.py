@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -71,13 +72,11 @@ def assert_params_close(a, b, atol=1e-4, max_outlier_frac=1e-3, outlier_atol=5e-
 
 
 def assert_trees_equal(a, b, atol=0.0):
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(la) == len(lb)
-  for x, y in zip(la, lb):
-    if atol:
-      np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
-    else:
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  """Same structure; leaves equal, or within `atol` when given."""
+  if atol:
+    chex.assert_trees_all_close(a, b, atol=atol, rtol=1e-7)
+  else:
+    chex.assert_trees_all_equal(a, b)
 
 
 def test_resume_after_clean_stop_is_exact(tmp_path):
