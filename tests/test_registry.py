@@ -85,6 +85,9 @@ def test_register_names_and_refuses_a_taken_name(toy):
       registry.registered())
   with pytest.raises(ValueError, match="algorithm 'egspo' is already registered by EGSPO"):
     registry.register("egspo")(ToyReinforce)
+  redefined = type("ToyReinforce", (ToyReinforce,), {"__module__": ToyReinforce.__module__})
+  registry.register(TOY)(redefined)  # a re-run definition (notebook cell, reload) replaces it
+  assert registry.get_algorithm(TOY) is redefined
   with pytest.raises(ValueError, match=r"unknown algorithm 'nope'; registered: \["):
     registry.get_algorithm("nope")
 

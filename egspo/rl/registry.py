@@ -31,11 +31,17 @@ from egspo.diffusion.rollout import Rollout
 _REGISTRY: dict[str, type] = {}
 
 
+def _same_class(a: type, b: type) -> bool:
+  """The same class, or a redefinition of it (a reloaded module, a re-run notebook cell)."""
+  return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
 def register(*names: str):
-  """Class decorator: registers the method under each of `names` (a name may not be reused)."""
+  """Class decorator: registers the method under each of `names` (a name another class holds
+  is refused)."""
   def deco(cls):
     for n in names:
-      if n in _REGISTRY and _REGISTRY[n] is not cls:
+      if n in _REGISTRY and not _same_class(_REGISTRY[n], cls):
         raise ValueError(f"algorithm {n!r} is already registered by {_REGISTRY[n].__qualname__}")
       _REGISTRY[n] = cls
     return cls
