@@ -7,10 +7,11 @@ batch-1 loop; FLOPs of EGSPO (K selected steps) against training on all T steps.
 Setting: `configs/countdown.py:tiny` (Countdown, char tokenizer, B = 16 prompts × 8, G = 32,
 T = 16, K = 4, EGSPO-SA, the reference per-step update schedule) with the model preset and the
 flags below replacing its fields; random initial weights (no SFT: the cost of a step does not
-depend on the weights, only the reward texts do). The iteration is assembled from the functions
-`egspo.train.rl_stage` runs: `Trainer.create`, the same jitted `sampler.generate` rollout,
-`task.rewards` on decoded texts, `algorithm.plan` (step selection, one-step values, advantages,
-reference log-probs), and the jitted, donated `update_step` of `Trainer.make_update`.
+depend on the weights, only the reward texts do). The iteration is `egspo.train.rl_iteration`,
+as `rl_stage` runs it (`Trainer.create`, `make_rollout`'s jitted `sampler.generate`,
+`task.rewards` on decoded texts, `algorithm.plan`: step selection, one-step values, advantages,
+reference log-probs; the jitted, donated `update_step` of `Trainer.make_update`), each phase
+timed.
 
 Printed (one line each, then one JSON line `RESULT {...}` with every figure):
   1. seconds per RL iteration split into rollout / reward / plan (values + advantages + the
@@ -35,6 +36,7 @@ so CPU time ≈ wall time on an idle core and the matmul peak is a one-core peak
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -90,6 +92,19 @@ class Clock:
   def __exit__(self, *exc):
     self.wall = time.perf_counter() - self.w0
     self.cpu = time.process_time() - self.c0
+
+
+class PhaseClocks:
+  """A `metrics.Timer` for `train.rl_iteration` that keeps a `Clock` (wall and CPU) per phase."""
+
+  def __init__(self):
+    self.clocks = {}
+
+  @contextlib.contextmanager
+  def __call__(self, name):
+    with Clock() as ck:
+      yield
+    self.clocks[name] = ck
 
 
 def _flops_of(compiled) -> float:
@@ -161,14 +176,12 @@ def main(argv=None):
 
   import jax
   import jax.numpy as jnp
-  import numpy as np
   import optax
   import torch
 
   from egspo import config as config_lib
   from egspo import train as train_lib
   from egspo.diffusion import sampler as sampler_lib
-  from egspo.rl import registry as algo_lib
   from egspo.rl import update as update_lib
 
   if args.threads > 0:
@@ -206,29 +219,16 @@ def main(argv=None):
   workdir = tempfile.mkdtemp(prefix="egspo_bench_")
   tr = train_lib.Trainer.create(c, workdir)
   mcfg = tr.model_cfg
-  tx = update_lib.make_optimizer(c.optim.learning_rate, b1=c.optim.b1, b2=c.optim.b2,
-                                 weight_decay=c.optim.weight_decay,
-                                 max_grad_norm=c.optim.max_grad_norm)
+  tx = train_lib.rl_optimizer(c)
   state = tr.new_state(tr.params, tx)
   ref_params = update_lib.reference_params(tr.params, tr.trainable)
   scfg = train_lib.sampler_config(c, mcfg, "rollout")
-  sampler_lib.check_model_config(mcfg, scfg, c.rollout.max_prompt_length)
-  schedule = sampler_lib.commit_schedule(scfg)
-  max_commit = int(schedule.max())
-  ctx = algo_lib.Context(config=c, policy=tr.policy, ref_params=ref_params,
-                         mask_token_id=mcfg.mask_token_id, max_commit=max_commit,
-                         reward_fn=tr.task.rewards, decode_fn=tr.decode, to_host=train_lib.to_host)
-  algo = algo_lib.get_algorithm(c.algorithm)(ctx)
-
-  @jax.jit
-  def rollout_fn(params, frozen, ids, mask, key):  # as in train.rl_stage
-    model = tr.policy.model(params, frozen)
-    return sampler_lib.generate(sampler_lib.model_logits_fn(model, scfg.gen_length), ids, mask,
-                                key, scfg)
-
+  max_commit = int(sampler_lib.commit_schedule(scfg).max())
+  algo = train_lib.make_algorithm(tr, ref_params, scfg)
+  rollout = train_lib.make_rollout(tr, scfg)
   update = tr.make_update(tx, algo.loss, state)
   stream = tr.train_stream(c.batch.num_prompts, c.batch.group_size, seed=c.seed)
-  base_key = jax.random.fold_in(jax.random.key(c.seed), 2)
+  base_key = jax.random.fold_in(jax.random.key(c.seed), train_lib.RL_KEY)
 
   b, g, t, k = bsz, c.rollout.gen_length, c.rollout.steps, c.egspo.num_selected_steps
   p = c.rollout.max_prompt_length
@@ -243,29 +243,13 @@ def main(argv=None):
   print(f"load average at start (1/5/15 min): {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} "
         f"on {os.cpu_count()} cores")
 
-  # ---- 1. one RL iteration, phase by phase (the body of train.rl_stage) ----------------------
+  # ---- 1. one RL iteration, phase by phase (train.rl_iteration) -------------------------------
   def iteration(it, state):
     key = jax.random.fold_in(base_key, it)
-    examples = stream.next_batch().repeated
-    ids, mask = tr.put_batch(tr.encode_prompts(examples))
-    times = {}
-    with Clock() as ck:
-      ro = rollout_fn(state.params, tr.frozen, ids, mask, jax.random.fold_in(key, 0))
-      jax.block_until_ready(ro)
-    times["rollout"] = ck
-    with Clock() as ck:
-      texts = tr.decode(train_lib.to_host(ro.tokens))
-      rewards = np.asarray(tr.task.rewards(texts, examples), np.float32)
-    times["reward"] = ck
-    with Clock() as ck:
-      batches, _ = algo.plan(state.params, tr.frozen, algo_lib.Iteration(ro, rewards, examples,
-                                                                         key))
-      jax.block_until_ready(batches)
-    times["plan"] = ck
-    with Clock() as ck:
-      state, _ = train_lib.apply_updates(tr, update, state, batches, key)
-    times["update"] = ck
-    return state, times, batches, key
+    timer = PhaseClocks()
+    out = train_lib.rl_iteration(tr, rollout, algo, update, state, stream.next_batch().repeated,
+                                 key, timer)
+    return out.state, timer.clocks, out.batches, key
 
   with Clock() as ck:
     state, _, _, _ = iteration(0, state)
@@ -296,7 +280,7 @@ def main(argv=None):
   for n in cols:
     full[n] = jnp.concatenate([f[n] for f in flat], axis=1)
   ref_jit = algo._ref_logps  # pylint: disable=protected-access
-  ref_batched = jax.block_until_ready(ref_jit(ref_params, tr.frozen, full))
+  jax.block_until_ready(ref_jit(ref_params, tr.frozen, full))  # warm-up (compiles)
   ref_times = []
   for _ in range(max(args.iters, 1)):
     with Clock() as ck:

@@ -119,6 +119,7 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.sft.batch_size = 64
   c.sft.learning_rate = 1e-3
   c.sft.warmup_steps = 50
+  c.sft.log_every = 50  # metrics every N SFT steps (and at the last)
   c.sft.checkpoint_every = 500
   c.sft.time_budget_s = 0.0  # >0: end SFT after this many seconds (continued-SFT control runs)
   # Learning-rate schedule (rl.update.make_schedule): 'constant' or 'wsd' (warmup-stable-decay:
@@ -528,6 +529,7 @@ def _validate_sft(c) -> None:
   _int(c, "sft.batch_size", 1)
   _real(c, "sft.learning_rate", 0.0, lo_open=True)
   warmup = _int(c, "sft.warmup_steps", 0)
+  _int(c, "sft.log_every", 1)
   _int(c, "sft.checkpoint_every", 1)
   _real(c, "sft.time_budget_s", 0.0)
   schedule = _choice(c, "sft.schedule", ("constant", "wsd"))

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +39,25 @@ from egspo import tasks as tasks_lib
 from egspo.diffusion import masking
 from egspo.diffusion import sampler as sampler_lib
 from egspo.model import llada
-from egspo.rl import registry as algo_lib
+from egspo.rl import registry
 from egspo.rl import update as update_lib
 from egspo.tasks import data as data_lib
+
+# Seeds and PRNG streams. Exact resume and every measured run depend on these values: the names
+# document the derivations; the values must not change.
+SFT_KEY = 1  # SFT step s masks with fold_in(fold_in(key(seed), SFT_KEY), s)
+RL_KEY = 2  # RL iteration i's key: fold_in(fold_in(key(seed), RL_KEY), i); within it,
+ROLLOUT_KEY = 0  # fold_in(·, 0) samples the rollout (1 selects steps: rl/algorithms.py),
+UPDATE_KEY_BASE = 100  # fold_in(·, 100 + j) keys optimizer step j (1000 + j: rl/baselines.py)
+SFT_DATA_SEED_OFFSET = 17  # SFT's prompt stream draws from seed + 17, apart from RL's (seed)
+EVAL_SET_SEED = 7919  # generated held-out problems: default_rng([seed, 7919]), apart from both
+LORA_SEED_OFFSET = 1  # the LoRA adapters' init: nnx.Rngs(seed + 1), apart from the model's
+
+EVAL_WIDTH_MULTIPLE = 64  # evaluation prompts pad to a multiple of 64 tokens: few compiled shapes
+MAX_REDRAWS = 1000  # draws of a generated training problem that must avoid the held-out set
+SFT_CHECKPOINTS_KEPT = 2  # SFT's last checkpoints kept (RL: train.keep_checkpoints)
+# The SFT optimizer's fixed settings (AdamW, no weight decay, clipping at 1; sft.* sets the rate).
+SFT_ADAMW = dict(b1=0.9, b2=0.99, weight_decay=0.0, max_grad_norm=1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,7 +87,7 @@ def build_model(config, tokenizer, mesh, rules):
     from egspo.model import lora
 
     lora.apply_lora(model, rank=config.lora.rank, alpha=config.lora.alpha,
-                    targets=config.lora.targets, rngs=nnx.Rngs(config.seed + 1))
+                    targets=config.lora.targets, rngs=nnx.Rngs(config.seed + LORA_SEED_OFFSET))
     shard_lib.shard_model(model, mesh, rules)  # the new adapters onto their shardings
   return model
 
@@ -134,9 +149,6 @@ class Trainer:
 
   # -- helpers -----------------------------------------------------------------------------
 
-  def shardings_of(self, tree):
-    return shard_lib.logical_to_mesh_sharding(tree, self.mesh, self.rules)
-
   def put_batch(self, tree, micro_axis: bool = False):
     """Host arrays (identical on every process) → global arrays split along the batch axis.
     micro_axis: leaves are [A, b, ...] and b is split (the micro-batch axis A is not)."""
@@ -164,12 +176,12 @@ class Trainer:
     rollout.max_prompt_length (fixed: no recompiles), a longer prompt handled by
     task.prompt_truncation (`data.fit_prompt`; `self.prompts_cut_frac` = the fraction cut). 'eval'
     prompts are never cut (the release evaluates whole prompts): W grows to the longest, rounded
-    up to a multiple of 64."""
+    up to a multiple of EVAL_WIDTH_MULTIPLE."""
     c = self.config
     width = c.rollout.max_prompt_length
     ids = self.prompt_ids(examples, purpose)
     if purpose == "eval":
-      width = max(width, -(-max(map(len, ids)) // 64) * 64)
+      width = max(width, -(-max(map(len, ids)) // EVAL_WIDTH_MULTIPLE) * EVAL_WIDTH_MULTIPLE)
     else:
       fitted = []
       for i, (ex, x) in enumerate(zip(examples, ids)):
@@ -277,7 +289,7 @@ class Trainer:
       if not examples:
         raise ValueError(f"task {self.task.name!r}: the evaluation set is empty")
       return list(examples[:n])
-    rng = np.random.default_rng([c.seed, 7919])
+    rng = np.random.default_rng([c.seed, EVAL_SET_SEED])
     return [self.task.sample_example(rng) for _ in range(n)]
 
   def train_stream(self, batch_size, group_size, seed, held_out=()):
@@ -308,7 +320,7 @@ class Trainer:
     banned = {_example_key(e) for e in held_out}
 
     def sample(rng):
-      for _ in range(1000):
+      for _ in range(MAX_REDRAWS):
         ex = self.task.sample_example(rng)
         if _example_key(ex) not in banned:
           return ex
@@ -346,6 +358,96 @@ def _latest_logged_step(workdir) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------------
+# What SFT and RL share: resume, refused updates, stop signal, time budget, checkpoints
+
+
+class Stage:
+  """The housekeeping around a stage's steps, one copy for SFT and RL.
+
+      with Stage(tr, "rl", guard, ...) as stage:     # the last save commits on any exit
+        state, meta = stage.resume(state, stream)    # the stage's last checkpoint, if any
+        for step in stage.steps():                   # from the step restored; the clock starts
+          state, m = update(...)
+          stage.refused.record(ok, where)            # NonFiniteError after too many in a row
+          ...                                        # evaluate if stage.is_last(step + 1)
+          if stage.end_step(step + 1, state, stream, meta):  # stop signal or time budget
+            break
+
+  `end_step` saves every `checkpoint_every` steps, at the last one and whenever it stops. A stop
+  signal sets `tr.preempted` (the relaunch resumes); a spent time budget ends the stage for good
+  (saved as `finished`: the relaunch goes on to what follows).
+  """
+
+  def __init__(self, tr: Trainer, name: str, guard: preemption.PreemptionGuard | None, *,
+               unit: str, num_steps: int, checkpoint_every: int, time_budget_s: float,
+               keep: int, fields: str):
+    self.tr, self.name, self.unit = tr, name, unit
+    self.guard = guard or preemption.PreemptionGuard()  # not entered: never asks to stop
+    self.num_steps, self.checkpoint_every = num_steps, checkpoint_every
+    self.time_budget_s = time_budget_s
+    self.ckpt = ckpt_lib.Checkpointer(tr.workdir / "checkpoints" / name, max_to_keep=keep)
+    self.refused = update_lib.RefusedUpdates(tr.config.train.max_refused_updates, name.upper(),
+                                             fields)
+    self.start, self.finished, self.restored = 0, False, False
+    self._t0 = time.time()
+    self._budget = (-1, False)  # (step, out of time after it): checked once per step
+
+  def __enter__(self) -> "Stage":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.ckpt.close()  # the last save commits, on any exit
+
+  def resume(self, state, stream):
+    """→ (state, meta) of the last good checkpoint, `stream` moved to its position; (state, {})
+    without one. Sets `start`, `finished` and `restored`."""
+    if self.ckpt.latest_step() is None:
+      return state, {}
+    state, meta = self.ckpt.restore(target=state, fallback=True)
+    stream.load_state(meta["data"])
+    self.start, self.finished = int(meta["step"]), bool(meta.get("finished", False))
+    self.restored = True
+    logging.info("%s: resumed at %s %d", self.name.upper(), self.unit, self.start)
+    return state, meta
+
+  def steps(self) -> range:
+    """The steps still to run (none once finished); the time budget counts from here."""
+    self._t0 = time.time()
+    return range(self.start, self.start if self.finished else self.num_steps)
+
+  def elapsed(self) -> float:
+    return time.time() - self._t0
+
+  def _out_of_time(self, done: int) -> bool:
+    if self._budget[0] != done:
+      self._budget = (done, bool(self.time_budget_s) and self.elapsed() > self.time_budget_s)
+    return self._budget[1]
+
+  def is_last(self, done: int) -> bool:
+    """Does step `done` end the stage: the last step, or the time budget spent?"""
+    return done == self.num_steps or self._out_of_time(done)
+
+  def save(self, step: int, state, stream, meta: dict) -> None:
+    self.ckpt.save(step, state, {"step": step, "data": stream.state(), **meta}, force=True)
+
+  def stop_requested(self, step: int) -> bool:
+    """Polls the stop signal (multi-host: agreed by all hosts); sets `tr.preempted`."""
+    self.tr.preempted = self.tr.preempted or self.guard.should_stop(step)
+    return self.tr.preempted
+
+  def end_step(self, done: int, state, stream, meta: dict | None = None) -> bool:
+    """After step `done`: polls the stop signal and the time budget, saves when due. True: stop."""
+    out_of_time = self._out_of_time(done)
+    stop = self.stop_requested(done)
+    if done % self.checkpoint_every == 0 or done == self.num_steps or stop or out_of_time:
+      self.save(done, state, stream, {**(meta or {}), "finished": out_of_time})
+    if out_of_time and not stop:
+      logging.info("%s: time budget of %.0f s reached at %s %d", self.name.upper(),
+                   self.time_budget_s, self.unit, done)
+    return stop or out_of_time
+
+
+# ----------------------------------------------------------------------------------------------
 # SFT warm start (LLaDA's masked-diffusion SFT loss)
 
 
@@ -353,6 +455,17 @@ SFT_FIELDS = ("sft.learning_rate, sft.warmup_steps, sft.batch_size and the initi
               "(model.checkpoint)")
 RL_FIELDS = ("optim.learning_rate, optim.max_grad_norm, optim.warmup_steps, loss.beta and the "
              "parameters RL starts from (the SFT checkpoint, or model.checkpoint)")
+
+
+def sft_optimizer(c):
+  """LLaDA's SFT optimizer with the `sft.schedule` learning rate."""
+  span = c.sft.schedule_steps or c.sft.steps
+  decay_steps = min(max(1, round(c.sft.decay_fraction * span)),
+                    max(span - c.sft.warmup_steps, 1))
+  return update_lib.make_optimizer(c.sft.learning_rate, **SFT_ADAMW,
+                                   warmup_steps=c.sft.warmup_steps, schedule=c.sft.schedule,
+                                   total_steps=span, decay_steps=decay_steps,
+                                   final_lr_fraction=c.sft.final_lr_fraction)
 
 
 def sft_stage(tr: Trainer, guard: preemption.PreemptionGuard | None = None):
@@ -365,30 +478,9 @@ def sft_stage(tr: Trainer, guard: preemption.PreemptionGuard | None = None):
   c = tr.config
   if c.sft.steps == 0:
     return tr.params
-  guard = guard or preemption.PreemptionGuard()  # not entered: never asks to stop
-  ckpt = ckpt_lib.Checkpointer(tr.workdir / "checkpoints" / "sft", max_to_keep=2)
-  span = c.sft.schedule_steps or c.sft.steps
-  decay_steps = min(max(1, round(c.sft.decay_fraction * span)),
-                    max(span - c.sft.warmup_steps, 1))
-  tx = update_lib.make_optimizer(c.sft.learning_rate, b1=0.9, b2=0.99, weight_decay=0.0,
-                                 max_grad_norm=1.0, warmup_steps=c.sft.warmup_steps,
-                                 schedule=c.sft.schedule, total_steps=span,
-                                 decay_steps=decay_steps,
-                                 final_lr_fraction=c.sft.final_lr_fraction)
-  state = tr.new_state(tr.params, tx)
-  stream = tr.train_stream(c.sft.batch_size, 1, seed=c.seed + 17, held_out=tr.eval_examples())
-  start, finished = 0, False
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(target=state, fallback=True)
-    stream.load_state(meta["data"])
-    start, finished = int(meta["step"]), bool(meta.get("finished", False))
-    logging.info("SFT: resumed at step %d", start)
-  if start >= c.sft.steps or finished:
-    ckpt.close()
-    tr.sft_steps_done = start
-    return state.params
-  tr.writer.rewind(start)  # the log goes on after the step restored, not the newest on disk
-
+  tx = sft_optimizer(c)
+  stream = tr.train_stream(c.sft.batch_size, 1, seed=c.seed + SFT_DATA_SEED_OFFSET,
+                           held_out=tr.eval_examples())
   gen_len, eos = c.rollout.gen_length, tr.tokenizer.eos_id
 
   def make_batch(examples):
@@ -399,50 +491,42 @@ def sft_stage(tr: Trainer, guard: preemption.PreemptionGuard | None = None):
       if len(t) > gen_len:
         raise ValueError(f"SFT target of {len(t)} tokens exceeds rollout.gen_length={gen_len}")
       comp[i, :len(t)] = t
-    return {"prompt_ids": ids, "prompt_mask": mask, "completion": comp}
+    # One micro-batch per step: the leading [A = 1] axis of the update.
+    return tr.put_batch({"prompt_ids": ids[None], "prompt_mask": mask[None],
+                         "completion": comp[None]}, micro_axis=True)
 
   def loss_fn(model, mb, key):
     return masking.sft_loss(sampler_lib.model_logits_fn(model, gen_len), key, mb["prompt_ids"],
                             mb["prompt_mask"], mb["completion"],
                             mask_token_id=tr.model_cfg.mask_token_id)
 
-  update = tr.make_update(tx, loss_fn, state)
-  refused = update_lib.RefusedUpdates(c.train.max_refused_updates, "SFT", SFT_FIELDS)
-  # The previous step's update_ok, read one step late: the host never waits for the device.
-  pending = None
-  base_key = jax.random.fold_in(jax.random.key(c.seed), 1)
-  t0 = time.time()
-  done = start
-  try:
-    for step in range(start, c.sft.steps):
-      batch = tr.put_batch(jax.tree.map(lambda x: x[None], make_batch(stream.next_batch().examples)),
-                           micro_axis=True)
+  with Stage(tr, "sft", guard, unit="step", num_steps=c.sft.steps,
+             checkpoint_every=c.sft.checkpoint_every, time_budget_s=c.sft.time_budget_s,
+             keep=SFT_CHECKPOINTS_KEPT, fields=SFT_FIELDS) as stage:
+    state, _ = stage.resume(tr.new_state(tr.params, tx), stream)
+    update = tr.make_update(tx, loss_fn, state)
+    base_key = jax.random.fold_in(jax.random.key(c.seed), SFT_KEY)
+    steps, done = stage.steps(), stage.start
+    if steps:  # the log goes on after the step restored, not the newest on disk
+      tr.writer.rewind(stage.start)
+    pending = None  # the previous step's update_ok, read one step late: the host never waits
+    for step in steps:
+      batch = make_batch(stream.next_batch().examples)
       state, m = update(state, tr.frozen, batch, jax.random.fold_in(base_key, step))
       if pending is not None:
-        refused.record(bool(pending[1]), f"step {pending[0]}")
+        stage.refused.record(bool(pending[1]), f"step {pending[0]}")
       done = step + 1
       pending = (done, m["update_ok"])
-      if done % 50 == 0 or done == c.sft.steps:
+      if done % c.sft.log_every == 0 or stage.is_last(done):
         m = {f"sft/{k}": float(v) for k, v in m.items()}
-        m["sft/steps_per_s"] = (done - start) / (time.time() - t0)
+        m["sft/steps_per_s"] = (done - stage.start) / stage.elapsed()
         tr.writer.write_scalars(done, m)
         logging.info("sft %d/%d loss %.4f", done, c.sft.steps, m["sft/loss"])
-      stop = guard.should_stop(done)
       # A time budget ends SFT for good (the "continue SFT for the same wall time" control).
-      out_of_time = bool(c.sft.time_budget_s) and time.time() - t0 > c.sft.time_budget_s
-      if done % c.sft.checkpoint_every == 0 or done == c.sft.steps or stop or out_of_time:
-        ckpt.save(done, state, {"step": done, "data": stream.state(), "finished": out_of_time},
-                  force=True)
-      if stop:
-        tr.preempted = True
-        break
-      if out_of_time:
-        logging.info("SFT: time budget of %.0f s reached at step %d", c.sft.time_budget_s, done)
+      if stage.end_step(done, state, stream):
         break
     if pending is not None:
-      refused.record(bool(pending[1]), f"step {pending[0]}")
-  finally:
-    ckpt.close()  # the last save commits, on any exit
+      stage.refused.record(bool(pending[1]), f"step {pending[0]}")
   tr.sft_steps_done = done
   return state.params
 
@@ -451,14 +535,84 @@ def sft_stage(tr: Trainer, guard: preemption.PreemptionGuard | None = None):
 # RL
 
 
+def rl_optimizer(c):
+  """AdamW of the RL stage (`optim.*`), its schedule over `train.num_iterations`."""
+  return update_lib.make_optimizer(
+      c.optim.learning_rate, b1=c.optim.b1, b2=c.optim.b2, weight_decay=c.optim.weight_decay,
+      max_grad_norm=c.optim.max_grad_norm, warmup_steps=c.optim.warmup_steps,
+      schedule=c.optim.schedule, total_steps=c.train.num_iterations)
+
+
+def make_algorithm(tr: Trainer, ref_params, scfg: sampler_lib.SamplerConfig):
+  """The registered method `config.algorithm`, given π_ref's parameters and the rollout sampler."""
+  c = tr.config
+  sampler_lib.check_model_config(tr.model_cfg, scfg, c.rollout.max_prompt_length)
+  ctx = registry.Context(config=c, policy=tr.policy, ref_params=ref_params,
+                         mask_token_id=tr.model_cfg.mask_token_id,
+                         max_commit=int(sampler_lib.commit_schedule(scfg).max()),
+                         reward_fn=tr.task.rewards, decode_fn=tr.decode, to_host=to_host)
+  return registry.get_algorithm(c.algorithm)(ctx)
+
+
+def make_rollout(tr: Trainer, scfg: sampler_lib.SamplerConfig):
+  """The jitted rollout: (params, frozen, prompt ids, mask, key) → `Rollout` (REFERENCE §2)."""
+
+  @jax.jit
+  def rollout(params, frozen, ids, mask, key):
+    model = tr.policy.model(params, frozen)
+    return sampler_lib.generate(sampler_lib.model_logits_fn(model, scfg.gen_length), ids, mask,
+                                key, scfg)
+
+  return rollout
+
+
 def apply_updates(tr: Trainer, update, state, batches, key):
   """One optimizer step per planned batch (the update schedule) → (state, per-step metrics)."""
   ms = []
   for j, batch in enumerate(batches):
     state, m = update(state, tr.frozen, tr.put_batch(batch, micro_axis=True),
-                      jax.random.fold_in(key, 100 + j))
+                      jax.random.fold_in(key, UPDATE_KEY_BASE + j))
     ms.append(m)
   return state, jax.device_get(ms)
+
+
+class IterationResult(NamedTuple):
+  state: update_lib.TrainState
+  metrics: dict  # the iteration's: means over its optimizer steps, the plan's, rewards
+  updates: list  # metrics of each optimizer step (`update_ok` among them)
+  batches: list  # the planned optimizer-step batches
+
+
+def rl_iteration(tr: Trainer, rollout, algo, update, state, examples, key,
+                 timer=None) -> IterationResult:
+  """One RL iteration on `examples` ([B] = prompts × G, groups contiguous), as the paper's
+  algorithm box (REFERENCE §3); `timer` (`metrics.Timer`) times the four phases.
+
+    rollout  T denoising steps of π_θ, recording each step's commits, log-probs, entropy, x̂0
+    rewards  of the decoded completions
+    plan     step selection, values, advantages, π_old / π_ref: the optimizer-step batches
+    updates  one jitted, sharded optimizer step per batch
+  """
+  timer = timer or metrics_lib.Timer()
+  ids, mask = tr.put_batch(tr.encode_prompts(examples))
+  with timer("rollout"):
+    ro = rollout(state.params, tr.frozen, ids, mask, jax.random.fold_in(key, ROLLOUT_KEY))
+    jax.block_until_ready(ro)
+  with timer("reward"):
+    texts = tr.decode(to_host(ro.tokens))
+    rewards = np.asarray(tr.task.rewards(texts, examples), np.float32)
+  with timer("plan"):
+    batches, plan_metrics = algo.plan(state.params, tr.frozen,
+                                      registry.Iteration(ro, rewards, examples, key))
+    jax.block_until_ready(batches)
+  with timer("update"):
+    state, updates = apply_updates(tr, update, state, batches, key)
+  m = {k: float(np.mean([x[k] for x in updates])) for k in updates[0]}
+  m.update(plan_metrics)
+  m.update(reward=float(rewards.mean()), reward_std=float(rewards.std()),
+           completion_tokens=float(np.mean([len(t) for t in texts])),
+           prompts_cut_frac=tr.prompts_cut_frac)
+  return IterationResult(state, m, updates, batches)
 
 
 def rl_stage(tr: Trainer, init_params, guard: preemption.PreemptionGuard | None = None) -> dict:
@@ -468,117 +622,65 @@ def rl_stage(tr: Trainer, init_params, guard: preemption.PreemptionGuard | None 
   redo it. When `guard` asks to stop, saves, sets `tr.preempted` and returns the history so far.
   """
   c = tr.config
-  guard = guard or preemption.PreemptionGuard()  # not entered: never asks to stop
-  tx = update_lib.make_optimizer(
-      c.optim.learning_rate, b1=c.optim.b1, b2=c.optim.b2, weight_decay=c.optim.weight_decay,
-      max_grad_norm=c.optim.max_grad_norm, warmup_steps=c.optim.warmup_steps,
-      schedule=c.optim.schedule, total_steps=c.train.num_iterations)
-  state = tr.new_state(init_params, tx)
-  ref_params = update_lib.reference_params(init_params, tr.trainable)
+  tx = rl_optimizer(c)
   scfg = sampler_config(c, tr.model_cfg, "rollout")
-  sampler_lib.check_model_config(tr.model_cfg, scfg, c.rollout.max_prompt_length)
-  schedule = sampler_lib.commit_schedule(scfg)
-  ctx = algo_lib.Context(config=c, policy=tr.policy, ref_params=ref_params,
-                         mask_token_id=tr.model_cfg.mask_token_id, max_commit=int(schedule.max()),
-                         reward_fn=tr.task.rewards, decode_fn=tr.decode, to_host=to_host)
-  algo = algo_lib.get_algorithm(c.algorithm)(ctx)
-
-  @jax.jit
-  def rollout_fn(params, frozen, ids, mask, key):
-    model = tr.policy.model(params, frozen)
-    return sampler_lib.generate(sampler_lib.model_logits_fn(model, scfg.gen_length), ids, mask,
-                                key, scfg)
-
-  ckpt = ckpt_lib.Checkpointer(tr.workdir / "checkpoints" / "rl", max_to_keep=c.train.keep_checkpoints)
+  algo = make_algorithm(tr, update_lib.reference_params(init_params, tr.trainable), scfg)
+  rollout = make_rollout(tr, scfg)
   eval_examples = tr.eval_examples()
   stream = tr.train_stream(c.batch.num_prompts, c.batch.group_size, seed=c.seed,
                            held_out=eval_examples)
-  start, history, restored = 0, {}, False
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(target=state, fallback=True)
-    stream.load_state(meta["data"])
-    start = int(meta["step"])
-    history = meta.get("history", {})
-    restored = True
-    logging.info("RL: resumed at iteration %d", start)
-  # The log goes on after the step restored; without an RL checkpoint, a pre-RL evaluation that a
-  # stopped run logged is redone below, so its records at that step go too.
-  tr.writer.rewind(tr.sft_steps_done + start, redo=() if restored else ("eval/",))
-  update = tr.make_update(tx, algo.loss, state)
-  refused = update_lib.RefusedUpdates(c.train.max_refused_updates, "RL", RL_FIELDS)
 
-  bar = None
-  try:
+  def evaluate(params, done):  # logged at the global step: SFT steps + iteration
+    return tr.evaluate(params, eval_examples, "eval", tr.sft_steps_done + done)
+
+  with Stage(tr, "rl", guard, unit="iteration", num_steps=c.train.num_iterations,
+             checkpoint_every=c.train.checkpoint_every, time_budget_s=c.train.time_budget_s,
+             keep=c.train.keep_checkpoints, fields=RL_FIELDS) as stage:
+    state, meta = stage.resume(tr.new_state(init_params, tx), stream)
+    history = meta.get("history", {})
+    # The log goes on after the step restored; without an RL checkpoint, a pre-RL evaluation that
+    # a stopped run logged is redone below, so its records at that step go too.
+    tr.writer.rewind(tr.sft_steps_done + stage.start, redo=() if stage.restored else ("eval/",))
+    update = tr.make_update(tx, algo.loss, state)
     history["sft_steps"] = tr.sft_steps_done
-    if start == 0 and "before" not in history and c.eval.before_training and eval_examples:
-      history["before"] = tr.evaluate(state.params, eval_examples, "eval", tr.sft_steps_done)
-      ckpt.save(0, state, {"step": 0, "data": stream.state(), "history": history}, force=True)
-    if guard.should_stop(tr.sft_steps_done + start):
-      tr.preempted = True
+    if stage.start == 0 and "before" not in history and c.eval.before_training and eval_examples:
+      history["before"] = evaluate(state.params, 0)
+      stage.save(0, state, stream, {"history": history})
+    if stage.stop_requested(tr.sft_steps_done + stage.start):
       return history
 
-    base_key = jax.random.fold_in(jax.random.key(c.seed), 2)
-    t_start = time.time()
+    base_key = jax.random.fold_in(jax.random.key(c.seed), RL_KEY)
     timer = metrics_lib.Timer()
-    bar = metrics_lib.progress_bar(c.train.num_iterations, initial=start, desc="rl",
+    bar = metrics_lib.progress_bar(c.train.num_iterations, initial=stage.start, desc="rl",
                                    is_main_process=jax.process_index() == 0)
-    for it in range(start, c.train.num_iterations):
-      key = jax.random.fold_in(base_key, it)
-      examples = stream.next_batch().repeated  # [B] = num_prompts × G, groups contiguous
-      ids, mask = tr.put_batch(tr.encode_prompts(examples))
-      with timer("rollout"):
-        ro = rollout_fn(state.params, tr.frozen, ids, mask, jax.random.fold_in(key, 0))
-        jax.block_until_ready(ro)
-      with timer("reward"):
-        texts = tr.decode(to_host(ro.tokens))
-        rewards = np.asarray(tr.task.rewards(texts, examples), np.float32)
-      with timer("plan"):
-        batches, pm = algo.plan(state.params, tr.frozen,
-                                algo_lib.Iteration(ro, rewards, examples, key))
-      with timer("update"):
-        state, ms = apply_updates(tr, update, state, batches, key)
-      done = it + 1
-      for j, x in enumerate(ms):
-        refused.record(bool(x["update_ok"]), f"iteration {done} (update {j + 1}/{len(ms)})")
-      m = {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
-      m.update(pm)
-      m.update(reward=float(rewards.mean()), reward_std=float(rewards.std()),
-               completion_tokens=float(np.mean([len(t) for t in texts])),
-               prompts_cut_frac=tr.prompts_cut_frac)
-      m.update(timer.seconds(prefix="time/"))
-      # Training wall time without evaluation: the budget of the continued-SFT control.
-      seconds = timer.total()
-      history["rl_train_seconds"] = history.get("rl_train_seconds", 0.0) + seconds
-      timer.reset()
-      tr.writer.write_scalars(tr.sft_steps_done + done, {f"rl/{k}": v for k, v in m.items()})
-      # Throughput: generated completion tokens (B × G) per second of the iteration's phases.
-      tokens_per_sec = ro.tokens.size / max(seconds, 1e-9)
-      bar.set_postfix(metrics_lib.bar_postfix(m, tokens_per_sec=tokens_per_sec), refresh=False)
-      bar.update()
-      if done % c.train.log_every == 0:
-        logging.info("rl %d/%d reward %.3f loss %.4f kl %.4f", done, c.train.num_iterations,
-                     m["reward"], m["loss"], m.get("kl", float("nan")))
-      if eval_examples and (done % c.train.eval_every == 0 or done == c.train.num_iterations):
-        history[f"eval_{done}"] = tr.evaluate(state.params, eval_examples, "eval",
-                                                tr.sft_steps_done + done)
-      out_of_time = c.train.time_budget_s and time.time() - t_start > c.train.time_budget_s
-      stop = guard.should_stop(done)
-      if (done % c.train.checkpoint_every == 0 or done == c.train.num_iterations or stop
-          or out_of_time):
-        ckpt.save(done, state, {"step": done, "data": stream.state(), "history": history},
-                  force=True)
-      if stop:
-        tr.preempted = True
-        break
-      if out_of_time:
-        if eval_examples:
-          history[f"eval_{done}"] = tr.evaluate(state.params, eval_examples, "eval",
-                                                tr.sft_steps_done + done)
-        break
-  finally:
-    if bar is not None:
+    try:
+      for it in stage.steps():
+        examples = stream.next_batch().repeated  # [B] = num_prompts × G, groups contiguous
+        state, m, updates, _ = rl_iteration(tr, rollout, algo, update, state, examples,
+                                            jax.random.fold_in(base_key, it), timer)
+        done = it + 1
+        for j, x in enumerate(updates):
+          stage.refused.record(bool(x["update_ok"]), f"iteration {done} (update {j + 1}/"
+                               f"{len(updates)})")
+        m.update(timer.seconds(prefix="time/"))
+        # Training wall time without evaluation: the budget of the continued-SFT control.
+        seconds = timer.total()
+        history["rl_train_seconds"] = history.get("rl_train_seconds", 0.0) + seconds
+        timer.reset()
+        tr.writer.write_scalars(tr.sft_steps_done + done, {f"rl/{k}": v for k, v in m.items()})
+        # Throughput: generated completion tokens (B × G) per second of the iteration's phases.
+        tokens_per_sec = len(examples) * c.rollout.gen_length / max(seconds, 1e-9)
+        bar.set_postfix(metrics_lib.bar_postfix(m, tokens_per_sec=tokens_per_sec), refresh=False)
+        bar.update()
+        if done % c.train.log_every == 0:
+          logging.info("rl %d/%d reward %.3f loss %.4f kl %.4f", done, c.train.num_iterations,
+                       m["reward"], m["loss"], m.get("kl", float("nan")))
+        if eval_examples and (done % c.train.eval_every == 0 or stage.is_last(done)):
+          history[f"eval_{done}"] = evaluate(state.params, done)
+        if stage.end_step(done, state, stream, {"history": history}):
+          break
+    finally:
       bar.close()
-    ckpt.close()  # the last save commits, on any exit
   tr.params = state.params
   return history
 

@@ -16,7 +16,9 @@ import pytest
 
 from egspo import checkpoint as ckpt_lib
 from egspo import config as config_lib
+from egspo import sharding
 from egspo import train
+from egspo.rl import update as update_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -92,6 +94,59 @@ def test_resume_after_clean_stop_is_exact(tmp_path):
   recs = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
   rl_steps = [r["step"] for r in recs if "rl/loss" in r]
   assert rl_steps == [3, 4, 5]  # global steps: sft.steps (2) + iteration
+
+
+def test_rl_stage_is_rl_iteration_plus_housekeeping(tmp_path):
+  """One iteration assembled by hand from the public pieces (RL_KEY, the prompt stream,
+  make_algorithm, make_rollout, rl_iteration) gives the run's parameters and logged metrics."""
+  c = micro_config(**{"sft.steps": 0, "train.num_iterations": 1})
+  train.run(c, tmp_path / "run")
+  tr = train.Trainer.create(c, tmp_path / "by_hand")
+  with sharding.use_mesh(tr.mesh, tr.rules):  # as train.run
+    tx = train.rl_optimizer(c)
+    scfg = train.sampler_config(c, tr.model_cfg, "rollout")
+    algo = train.make_algorithm(tr, update_lib.reference_params(tr.params, tr.trainable), scfg)
+    state = tr.new_state(tr.params, tx)
+    stream = tr.train_stream(c.batch.num_prompts, c.batch.group_size, seed=c.seed)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), train.RL_KEY), 0)
+    out = train.rl_iteration(tr, train.make_rollout(tr, scfg), algo,
+                             tr.make_update(tx, algo.loss, state), state,
+                             stream.next_batch().repeated, key)
+  tr.writer.close()
+  saved, _ = final_params(tmp_path / "run")
+  assert_trees_equal(saved["params"], out.state.params)
+  (logged,) = [r for r in metric_rows(tmp_path / "run") if "rl/loss" in r]
+  for k in ("loss", "reward", "kl", "grad_norm", "adv_abs_mean"):
+    assert logged[f"rl/{k}"] == out.metrics[k], k
+  assert len(out.updates) == len(out.batches) == c.egspo.num_selected_steps  # per_step schedule
+
+
+def test_time_budgets_end_both_stages_for_good(tmp_path):
+  """sft.time_budget_s / train.time_budget_s: each stage stops after its first step, evaluates
+  and saves as finished; the relaunch trains no further and logs nothing twice. sft.log_every
+  logs the last SFT step too."""
+  c = _eval_config(**{"sft.steps": 5, "sft.log_every": 2, "sft.time_budget_s": 1e-6,
+                      "train.num_iterations": 3, "train.eval_every": 100,
+                      "train.time_budget_s": 1e-6})
+  history = train.run(c, tmp_path)
+  assert history["sft_steps"] == 1 and {"before", "eval_1"} <= set(history)
+  assert [r["step"] for r in metric_rows(tmp_path) if "sft/loss" in r] == [1]
+  assert [r["step"] for r in metric_rows(tmp_path) if "rl/loss" in r] == [2]
+  assert [r["step"] for r in metric_rows(tmp_path) if "eval/accuracy" in r] == [1, 2]
+  _, meta = final_params(tmp_path)
+  assert meta["step"] == 1 and meta["finished"] and meta["history"]["eval_1"] == history["eval_1"]
+  log = (tmp_path / "metrics.jsonl").read_text()
+  again = train.run(c, tmp_path)
+  assert (tmp_path / "metrics.jsonl").read_text() == log
+  assert again == history
+  assert final_params(tmp_path)[1]["step"] == 1 and final_params(tmp_path, "sft")[1]["step"] == 1
+
+
+def test_prng_derivations_are_pinned():
+  """Exact resume and every measured run in the README depend on these derivations."""
+  assert (train.SFT_KEY, train.RL_KEY, train.ROLLOUT_KEY, train.UPDATE_KEY_BASE,
+          train.SFT_DATA_SEED_OFFSET, train.EVAL_SET_SEED, train.LORA_SEED_OFFSET) == \
+      (1, 2, 0, 100, 17, 7919, 1)
 
 
 def metric_rows(workdir):
