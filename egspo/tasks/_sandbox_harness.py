@@ -1,49 +1,13 @@
 """Trusted harness of the code sandbox (run by `egspo.tasks.sandbox`; stdlib only).
 
-Started as `python -I -S _sandbox_harness.py RESULT_FD` — normally as pid 1 of fresh pid,
-network and mount namespaces — it reads a list of jobs (a marshalled dict) from stdin; each job
-gets a fresh tmpfs work directory, and each of its tests a forked child (a copy of this process,
-which never runs untrusted code) that drops to an unprivileged uid under rlimits and runs program,
-setup and test. Whatever a test leaves running is killed before the next test. The harness reports one
-raw outcome letter per test (`OUTCOMES`), tagged with the caller's job nonce, on RESULT_FD, a pipe
-the children never hold; the caller decides. Program output goes to /dev/null and is never read.
+Started as `python -I -S _sandbox_harness.py RESULT_FD` (normally pid 1 of fresh namespaces), it
+reads marshalled jobs from stdin, runs each test in a forked child under an unprivileged uid and
+rlimits, and writes one raw outcome letter per test (`OUTCOMES`), tagged with the job's nonce, on
+RESULT_FD; the caller decides. Why a program cannot change how its tests run or forge their
+verdict, and the limits: docs/sandbox.md.
 
-Why the program cannot change how its tests run or how their verdict is reported:
-  * Before the program runs, the child binds every function it calls afterwards (`_trusted_run`
-    and the closures below use no global or builtin look-ups); setup and tests were compiled in
-    the harness. Replacing `exec`, `compile`, `sys.modules[...]`, hooks or this module's globals
-    changes nothing the verdict depends on.
-  * The test runs in its own namespace: a copy of the builtins taken before the program ran, an
-    `__import__` that resolves the modules the tests import (imported in the harness, before any
-    program) from that snapshot and `solution` to the program's module, and the program's names
-    minus those that shadow a builtin or stand for a module (unless imported from `solution` by
-    name).
-  * Integrity: the harness snapshots (identity of every value) the builtins, `sys`, and, for the
-    modules the tests import and every module their code can reach, `sys.modules`, the module
-    namespaces, mutable class namespaces and library functions' closure cells and keyword
-    defaults. The test counts only if that state is unchanged after the program and setup ran
-    and again when the test ends (additions are allowed, e.g. newly imported submodules, and a
-    module global that was None may be set). A program that monkeypatches a library the tests
-    use scores 0.
-  * An audit hook (it cannot be removed) ends the child on the primitives that reach past the
-    Python level: ctypes (also unimportable), gc object walks, sys.settrace/setprofile,
-    `sys._current_frames`, new code objects, `__code__`/`__defaults__` swaps of library
-    functions, `__class__`/`__bases__` swaps of library modules and classes, new audit hooks,
-    sub-interpreters, /proc and `*/mem` paths; in namespace modes /proc is also covered by an
-    empty tmpfs.
-  * Verdict channel: before the program runs, the child commits to a fresh random token on its
-    pipe and hands it to a reporter thread, which writes it again only after verifying, itself,
-    that the main thread is inside the audit event raised by the test's own last statement (code
-    object, namespace and instruction offset) and that the state is intact. The token then lives
-    only in that thread's frame, which the program cannot reach (frames of other threads, gc
-    walks, tracing and audit hooks are blocked; signal handlers run only in the main thread).
-    Exit status, printed text, atexit handlers, files and other fds mean nothing.
-Limits (not fixable in-process): a program that corrupts interpreter memory (crafted bytecode
-through the import system, extension-loader internals), that sets attributes on library
-*instances* (e.g. json's default encoder), or that, from inside its own call, edits objects of
-the test's frame or a library it patched and restores them before the test ends, could still fake
-its own tests; it cannot affect other tests, other jobs or the caller. A returned object whose
-`__eq__` always answers True is judged by the test as written.
+One file over the usual size on purpose: it runs as a standalone script under `-I -S` (no package
+imports), and everything a test child calls after the program runs must be bound in it before.
 """
 
 import _thread

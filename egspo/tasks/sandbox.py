@@ -1,48 +1,11 @@
 """Isolated execution of generated Python code (REFERENCE §5: 1 s, 1 GB per program).
 
 `run_tests(program, tests)` → one bool per test; `run_batch(jobs, workers)` runs jobs in parallel
-across cores. A harness process (`_sandbox_harness.py`) runs a few jobs in sequence, each in a
-fresh work directory, and forks one child per test, so a test's crash, hang or exit cannot touch
-another test's verdict.
-
-Layers, strongest available first (the mode is detected once and logged):
-  * "root" (euid 0, `unshare` works): the harness is pid 1 of new pid + network + mount
-    namespaces (`unshare --fork --pid --net --mount-proc --kill-child`). No network; /tmp and
-    /dev/shm are fresh size-limited tmpfs mounts (/tmp not writable by the program), each job works
-    in its own tmpfs (also its HOME and TMPDIR), unmounted after the job, and /dev/shm is wiped
-    between jobs; all of it disappears with the namespace; the interpreter's directory is bound
-    into an otherwise empty tmpfs when it lives under a private directory such as /root (which
-    hides the rest of it); the caller's processes are invisible; after each test the
-    harness SIGKILLs every other process of the namespace (this catches `setsid` daemons that
-    `killpg` misses). Each test child drops to a dedicated unprivileged uid/gid per worker slot
-    (so RLIMIT_NPROC binds, per job) with no supplementary groups and no_new_privs, so it can
-    write nowhere outside the tmpfs and cannot signal the root harness.
-  * "userns" (not root, unprivileged user namespaces work): the same namespaces inside a user
-    namespace; no uid drop (only one uid is mapped).
-  * "plain": a separate session per test child, rlimits and a throw-away directory only; a loud
-    warning says that network, file system and escaped daemons are not contained.
-  * cgroups (v1 memory + pids, or v2), when writable, additionally cap each job's total memory and
-    process count; skipped with a warning otherwise.
-Every mode: per-test rlimits (CPU time, address space = memory_mb, file size, process count, open
-files, no core), wall-clock deadline per test, whole-job deadline enforced by the caller (SIGKILL
-of the harness's process group, and with it the namespace), minimal environment (the caller's is
-never passed), stdout/stderr to /dev/null, no_new_privs.
-
-What the program does to the interpreter cannot change how its tests run or how their verdict is
-reported (details in `_sandbox_harness.py`): each test child is a fresh fork of a harness that
-never ran untrusted code; everything it calls after the program was bound before; the test runs
-in its own namespace with the builtins and the modules it imports as they were before the program
-ran; the builtins, `sys`, `sys.modules` and every module and mutable class namespace are compared
-(by identity) with a snapshot after setup and when the test ends, and any change fails the test;
-an irremovable audit hook ends the child on ctypes, gc object walks, tracing/profiling, frames of
-other threads, new code objects and similar; /proc is hidden. A pass is a random token that a
-reporter thread (unreachable from the program) commits to before the program runs and repeats only
-after checking, itself, that the test's own last statement was reached. The harness turns each
-test into a raw outcome letter (`OUTCOMES`) on a pipe only it holds, tagged with a per-job nonce;
-this module decides (pass iff "P"). Residual, documented limits: deliberate memory corruption of the
-interpreter, and edits made from inside the program's own call to objects of the test's frame that
-are undone before the test ends, could still fake a program's own tests (never another test, job or
-the caller); a returned object whose `__eq__` always answers True is judged by the test as written.
+across cores. Each test runs in a forked child of a trusted harness (`_sandbox_harness.py`) inside
+pid/network/mount namespaces when the machine allows ("root", "userns"; else "plain", with a loud
+warning), under rlimits, optional cgroups and deadlines. The harness reports a raw outcome letter
+per test (`OUTCOMES`); this module decides (pass iff "P"). Layers, why a program cannot forge its
+verdict, and the residual limits: docs/sandbox.md.
 """
 
 from __future__ import annotations
