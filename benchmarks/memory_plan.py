@@ -312,7 +312,7 @@ def compile_iteration(model_cfg: llada.ModelConfig, plan: Plan, wl: Workload, de
     programs[name] = dict(_memory(compiled), compile_s=time.time() - t0)
     return compiled
 
-  # rollout: the T-step generate scan (as `train.rl_stage.rollout_fn`).
+  # rollout: the T-step generate scan (as `train.make_rollout`).
   # The model state enters the scan as an operand (`generate(..., params=)`): a closed-over
   # NNX module cannot be used by the scanned layer stack inside another scan.
   def rollout_fn(params, frozen, ids, mask, key):
