@@ -1,15 +1,16 @@
 """The training loop: SFT warm start (optional), then RL iterations, with evaluation and resume.
 
-One RL iteration reads as the algorithm (REFERENCE §3):
+One RL iteration (`rl_iteration`) reads as the algorithm (REFERENCE §3):
 
     rollout  = generate(policy, prompts)                 # T denoising steps, one jitted scan
     rewards  = task.rewards(decode(rollout))             # host
     batches  = algorithm.plan(rollout, rewards)          # select steps, values, advantages, π_ref
     for batch in batches: state = update_step(state, batch)   # jitted, sharded, donated
 
-Everything is resumable: the train state (parameters, optimizer), the iteration counter and the
-data position are checkpointed; the sampling and update keys are derived from (seed, stage,
-step), so a resumed run repeats exactly what the uninterrupted run would have done.
+`Stage` is the housekeeping both stages share. Everything is resumable: the train state
+(parameters, optimizer), the step and the data position are checkpointed; the sampling and update
+keys are derived from (seed, stage, step) (the constants below), so a resumed run repeats exactly
+what the uninterrupted run would have done.
 """
 
 from __future__ import annotations
@@ -458,7 +459,7 @@ RL_FIELDS = ("optim.learning_rate, optim.max_grad_norm, optim.warmup_steps, loss
 
 
 def sft_optimizer(c):
-  """LLaDA's SFT optimizer with the `sft.schedule` learning rate."""
+  """AdamW with `SFT_ADAMW` and the `sft.*` learning rate and schedule."""
   span = c.sft.schedule_steps or c.sft.steps
   decay_steps = min(max(1, round(c.sft.decay_fraction * span)),
                     max(span - c.sft.warmup_steps, 1))
