@@ -72,7 +72,7 @@ BAD = [
     ("sft.learning_rate", NAN), ("sft.learning_rate", INF), ("sft.warmup_steps", -1),
     ("sft.warmup_steps", 6000), ("sft.checkpoint_every", 0), ("sft.time_budget_s", -1.0),
     ("sft.time_budget_s", INF), ("sft.schedule", "cosine"), ("sft.schedule_steps", -1),
-    ("sft.decay_fraction", 0.0), ("sft.final_lr_fraction", 2.0),
+    ("sft.decay_fraction", 0.0), ("sft.final_lr_fraction", 2.0), ("sft.log_every", 0),
     ("train.num_iterations", -1), ("train.update_schedule", "both"),
     ("train.time_budget_s", -5.0), ("train.log_every", 0), ("train.eval_every", 0),
     ("train.checkpoint_every", 0), ("train.keep_checkpoints", 0),
