@@ -21,9 +21,14 @@ alike). `hf_train_test_split` and `hf_shuffle_holdout` reproduce the released co
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import gzip
+import json
+import math
 import os
 import pathlib
+import socket
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -173,8 +178,6 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     import pyarrow.parquet as pq
     return pq.read_table(p).to_pylist()
   if name.endswith((".jsonl", ".jsonl.gz")):
-    import gzip
-    import json
     opener = gzip.open if name.endswith(".gz") else open
     out = []
     with opener(p, "rt", encoding="utf-8") as f:
@@ -186,7 +189,6 @@ def read_records(path: str | os.PathLike) -> list[dict]:
             raise ValueError(f"{p}:{lineno}: not JSON ({e.msg})") from None
     return out
   if name.endswith(".json"):
-    import json
     with open(p, encoding="utf-8") as f:
       data = json.load(f)
     if isinstance(data, dict):
@@ -195,7 +197,6 @@ def read_records(path: str | os.PathLike) -> list[dict]:
       raise ValueError(f"{p}: expected a list of records")
     return data
   if name.endswith(".csv"):
-    import csv
     with open(p, newline="", encoding="utf-8") as f:
       return [dict(r) for r in csv.DictReader(f)]
   raise ValueError(f"{p}: unsupported data file type (use .jsonl, .json, .parquet or .csv)")
@@ -232,7 +233,6 @@ def find_split_file(name: str, split: str, env_var: str | None = None) -> str | 
 def _online(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
   if os.environ.get("EGSPO_OFFLINE", "") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE") == "1":
     return False
-  import socket
   try:
     socket.create_connection((host, 443), timeout=timeout).close()
     return True
@@ -289,7 +289,6 @@ def hf_train_test_split(n: int, test_size: float = 0.1,
   training rows, both in permutation order. Rows must be in the dataset's order."""
   if not 0.0 < test_size < 1.0:
     raise ValueError(f"test_size must be in (0, 1), got {test_size}")
-  import math
   n_test = math.ceil(test_size * n)
   if n_test >= n:
     raise ValueError(f"test_size={test_size} leaves no training rows out of {n}")
@@ -310,7 +309,6 @@ def hf_shuffle_holdout(n: int, holdout: int = 500, seed: int = 42) -> tuple[np.n
 
 def example_key(example: dict) -> str:
   """A hashable identity of an example (its fields except the worked `solution`)."""
-  import json
   return json.dumps({k: v for k, v in example.items() if k != "solution"}, sort_keys=True,
                     default=str)
 
