@@ -17,9 +17,11 @@ import subprocess
 import sys
 import time
 
-if __name__ == "__main__":  # subprocess: same device set-up as the in-process tests
-  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if __name__ == "__main__":  # subprocess: same device set-up as the in-process tests (conftest)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import chex  # pylint: disable=g-import-not-at-top  (starts no JAX backend)
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    chex.set_n_cpu_devices(8)
 
 import jax
 import jax.numpy as jnp
