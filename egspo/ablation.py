@@ -186,7 +186,10 @@ def plot_curves(runs: Mapping[str, Any], key: str, path, *, title: str | None = 
   smooth: trailing moving-average window; offset_steps is subtracted from the global step
   (pass sft.steps to count RL iterations). Returns the path.
   """
-  import matplotlib
+  try:
+    import matplotlib  # optional: the "notebook" extra
+  except ImportError:
+    raise ImportError('plot_curves needs matplotlib (pip install -e ".[notebook]")') from None
 
   matplotlib.use("Agg")  # files only: works without a display (and inside nbclient)
   import matplotlib.pyplot as plt

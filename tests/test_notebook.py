@@ -9,6 +9,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -75,6 +76,12 @@ def test_curves_summary_and_plot_from_metrics_jsonl(tmp_path):
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   with pytest.raises(ValueError, match="no run has metric"):
     ablation.plot_curves({"b": b}, "eval/accuracy", tmp_path / "x.png")
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+  with pytest.raises(ImportError, match=r"needs matplotlib \(pip install -e \"\.\[notebook\]\"\)"):
+    ablation.plot_curves({}, "rl/reward", tmp_path / "r.png")
 
 
 def test_run_variant_needs_a_warm_start(tmp_path):
