@@ -17,7 +17,8 @@ import psutil
 import pytest
 
 from egspo.tasks import get_task, sandbox
-from egspo.tasks.code import extract_program, humaneval_tests, kodcode_tests, prepare_program, score
+from egspo.tasks.code_programs import (extract_program, humaneval_tests, kodcode_tests,
+                                       prepare_program, score)
 
 CALLER = os.getpid()
 SECRET = "egspo-secret-7f3a"

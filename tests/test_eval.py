@@ -229,20 +229,20 @@ def test_preset_output_relative_path_regrades(tmp_path, monkeypatch):
 def _tiny_trainer(tmp_path):
   from egspo import config as config_lib
   from egspo import sharding as shard_lib
-  from egspo import train
+  from egspo import trainer
 
   c = config_lib.base_config("countdown", "tiny")
   c.sft.steps = 0
   c.task.num_eval_examples = 0
   c.eval.batch_size = 4
   c.mesh.num_devices = 1
-  tr = train.Trainer.create(c, tmp_path / "work")
+  tr = trainer.Trainer.create(c, tmp_path / "work")
   return tr, shard_lib.use_mesh(tr.mesh, tr.rules)
 
 
 def test_trainer_eval_file_regrades_to_same_metrics_and_compiles_once(tmp_path):
   import jax
-  from egspo import train
+  from egspo import trainer
 
   tr, mesh = _tiny_trainer(tmp_path)
   task = tr.task
@@ -259,7 +259,7 @@ def test_trainer_eval_file_regrades_to_same_metrics_and_compiles_once(tmp_path):
     return out
 
   tr.decode = decode
-  scfg = train.sampler_config(tr.config, tr.model_cfg, "eval")
+  scfg = trainer.sampler_config(tr.config, tr.model_cfg, "eval")
   with mesh:
     m1 = tr.evaluate(tr.params, exs, "eval", 3)
     first_texts, seen[0] = list(model_texts), 0

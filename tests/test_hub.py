@@ -1,5 +1,5 @@
 """Checkpoint locations (egspo.hub): local directories and hub repo ids, and output paths; the
-entry points that take them (convert, generate, eval, train.build_model).
+entry points that take them (convert, generate, eval, trainer.build_model).
 
 Hub repo ids are tested OFFLINE against a cache in the hub's own layout that the tests build
 under a temporary HF_HOME (models--ORG--NAME/{blobs,refs/main,snapshots/<commit>/…}, snapshot
@@ -291,13 +291,13 @@ def test_eval_checkpoint_without_tokenizer_is_one_line(tokenizerless_ckpt, capsy
 
 
 # ---------------------------------------------------------------------------------------------
-# train.build_model: a repo id, and the explicit random init
+# trainer.build_model: a repo id, and the explicit random init
 
 
 def test_build_model_from_repo_id_and_random(tmp_path, offline_hub):
   from egspo import config as config_lib
   from egspo import sharding as shard_lib
-  from egspo import train
+  from egspo import trainer
 
   src = tmp_path / "char_model"
   init = llada.init_model(llada.get_config("tiny", vocab=CharTokenizer()), 7)
@@ -310,14 +310,14 @@ def test_build_model_from_repo_id_and_random(tmp_path, offline_hub):
   c.model.checkpoint = "me/tiny-char"
   tok = load_tokenizer(c.tokenizer or c.model.checkpoint)  # as Trainer.create looks it up
   assert isinstance(tok, CharTokenizer)
-  loaded = train.build_model(c, tok, mesh, rules)
+  loaded = trainer.build_model(c, tok, mesh, rules)
   np.testing.assert_array_equal(np.asarray(loaded.wte.embedding[...]),
                                 np.asarray(init.wte.embedding[...]))
   # 'random' is the seeded random init of model.preset, exactly as an empty checkpoint.
   c.tokenizer = "char"
   c.model.checkpoint = "random"
-  r1 = train.build_model(c, CharTokenizer(), mesh, rules)
+  r1 = trainer.build_model(c, CharTokenizer(), mesh, rules)
   c.model.checkpoint = ""
-  r0 = train.build_model(c, CharTokenizer(), mesh, rules)
+  r0 = trainer.build_model(c, CharTokenizer(), mesh, rules)
   np.testing.assert_array_equal(np.asarray(r1.wte.embedding[...]), np.asarray(r0.wte.embedding[...]))
   assert not np.array_equal(np.asarray(r1.wte.embedding[...]), np.asarray(init.wte.embedding[...]))

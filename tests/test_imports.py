@@ -88,7 +88,7 @@ def test_the_graph_sees_every_kind_of_import():
   assert "egspo.rl.registry" in graph["egspo.rl.baselines"]  # from egspo.rl.registry import …
   assert "egspo.rl.algorithms" in graph["egspo.rl"]  # from egspo.rl import algorithms
   assert "egspo.train" in graph["egspo.main"]  # inside main()
-  assert "egspo.rl.registry" in graph["egspo.config"]  # inside validate()
+  assert "egspo.rl.registry" in graph["egspo.config_checks"]  # inside validate()
   assert not {m for m in graph["egspo.model.llada"] if m != "egspo.partitioning"}
   assert graph["egspo.partitioning"] == set()
   assert not any(m.startswith("egspo.model") for m in graph["egspo.sharding"])

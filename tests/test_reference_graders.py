@@ -19,7 +19,7 @@ import pytest
 from egspo.diffusion import sampler
 from egspo.eval import rescore_items
 from egspo.tasks import get_task
-from egspo.tasks.code import humaneval_docstring, humaneval_example, kodcode_example, mbpp_example
+from egspo.tasks.code_programs import humaneval_docstring, humaneval_example, kodcode_example, mbpp_example
 from egspo.tasks.gsm8k import d1_ground_truth
 from egspo.tasks.math500 import d1_extract_boxed, d1_is_equiv, d1_strip_string
 from egspo.tokenizer import CharTokenizer

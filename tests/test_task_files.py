@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from egspo import config as config_lib
-from egspo import train
+from egspo import trainer
 from egspo.tasks import get_task
 from egspo.tasks.sudoku import generate_puzzle
 
@@ -179,7 +179,7 @@ def tiny(task, tmp_path, **overrides):
       node = node[p]
     node[last] = v
   config_lib.validate(c)
-  return train.Trainer.create(c, str(tmp_path / "run"))
+  return trainer.Trainer.create(c, str(tmp_path / "run"))
 
 
 def test_train_file_goes_through_the_converter(tmp_path):

@@ -18,6 +18,7 @@ from egspo import checkpoint as ckpt_lib
 from egspo import config as config_lib
 from egspo import sharding
 from egspo import train
+from egspo import trainer
 from egspo.rl import update as update_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -101,10 +102,10 @@ def test_rl_stage_is_rl_iteration_plus_housekeeping(tmp_path):
   make_algorithm, make_rollout, rl_iteration) gives the run's parameters and logged metrics."""
   c = micro_config(**{"sft.steps": 0, "train.num_iterations": 1})
   train.run(c, tmp_path / "run")
-  tr = train.Trainer.create(c, tmp_path / "by_hand")
+  tr = trainer.Trainer.create(c, tmp_path / "by_hand")
   with sharding.use_mesh(tr.mesh, tr.rules):  # as train.run
     tx = train.rl_optimizer(c)
-    scfg = train.sampler_config(c, tr.model_cfg, "rollout")
+    scfg = trainer.sampler_config(c, tr.model_cfg, "rollout")
     algo = train.make_algorithm(tr, update_lib.reference_params(tr.params, tr.trainable), scfg)
     state = tr.new_state(tr.params, tx)
     stream = tr.train_stream(c.batch.num_prompts, c.batch.group_size, seed=c.seed)
@@ -145,7 +146,7 @@ def test_time_budgets_end_both_stages_for_good(tmp_path):
 def test_prng_derivations_are_pinned():
   """Exact resume and every measured run in the README depend on these derivations."""
   assert (train.SFT_KEY, train.RL_KEY, train.ROLLOUT_KEY, train.UPDATE_KEY_BASE,
-          train.SFT_DATA_SEED_OFFSET, train.EVAL_SET_SEED, train.LORA_SEED_OFFSET) == \
+          train.SFT_DATA_SEED_OFFSET, trainer.EVAL_SET_SEED, trainer.LORA_SEED_OFFSET) == \
       (1, 2, 0, 100, 17, 7919, 1)
 
 
@@ -201,17 +202,17 @@ def _eval_config(**overrides):
 def test_crash_after_the_pre_rl_evaluation_logs_it_once(tmp_path, monkeypatch):
   """Killed after the pre-RL evaluation was logged, before anything recorded it: the relaunch
   evaluates again and the log holds that evaluation once."""
-  original = train.Trainer.evaluate
+  original = trainer.Trainer.evaluate
 
   def evaluate_then_die(self, *args, **kwargs):
     original(self, *args, **kwargs)
     raise RuntimeError("killed")
 
-  monkeypatch.setattr(train.Trainer, "evaluate", evaluate_then_die)
+  monkeypatch.setattr(trainer.Trainer, "evaluate", evaluate_then_die)
   with pytest.raises(RuntimeError, match="killed"):
     train.run(_eval_config(), tmp_path)
   assert [r["step"] for r in metric_rows(tmp_path) if "eval/accuracy" in r] == [2]
-  monkeypatch.setattr(train.Trainer, "evaluate", original)
+  monkeypatch.setattr(trainer.Trainer, "evaluate", original)
   history = train.run(_eval_config(), tmp_path)
   assert "before" in history and "eval_2" in history
   assert [r["step"] for r in metric_rows(tmp_path) if "eval/accuracy" in r] == [2, 4]
@@ -221,7 +222,7 @@ def test_crash_after_the_pre_rl_evaluation_logs_it_once(tmp_path, monkeypatch):
 def test_sigterm_during_the_pre_rl_evaluation_stops_cleanly(tmp_path, monkeypatch):
   """SIGTERM while evaluating before RL: `run` returns (main exits 0) with the evaluation saved
   as RL step 0; the relaunch does not redo it and logs nothing twice."""
-  original = train.Trainer.evaluate
+  original = trainer.Trainer.evaluate
   calls = []
 
   def evaluate_and_signal(self, params, examples, tag, step):
@@ -232,7 +233,7 @@ def test_sigterm_during_the_pre_rl_evaluation_stops_cleanly(tmp_path, monkeypatc
       time.sleep(0.05)  # the handler runs in the main thread between bytecodes
     return out
 
-  monkeypatch.setattr(train.Trainer, "evaluate", evaluate_and_signal)
+  monkeypatch.setattr(trainer.Trainer, "evaluate", evaluate_and_signal)
   history = train.run(_eval_config(), tmp_path)
   assert history["preempted"] and "before" in history and calls == [2]
   assert not (tmp_path / "history.json").exists()
@@ -245,7 +246,7 @@ def test_sigterm_during_the_pre_rl_evaluation_stops_cleanly(tmp_path, monkeypatc
 
 
 def test_sigterm_during_start_up_returns_without_training(tmp_path, monkeypatch):
-  original = train.build_model
+  original = trainer.build_model
 
   def build_and_signal(*args, **kwargs):
     model = original(*args, **kwargs)
@@ -253,11 +254,11 @@ def test_sigterm_during_start_up_returns_without_training(tmp_path, monkeypatch)
     time.sleep(0.05)
     return model
 
-  monkeypatch.setattr(train, "build_model", build_and_signal)
+  monkeypatch.setattr(trainer, "build_model", build_and_signal)
   assert train.run(micro_config(), tmp_path) == {"preempted": True}
   assert not (tmp_path / "checkpoints").exists()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the guard's handler is gone
-  monkeypatch.setattr(train, "build_model", original)
+  monkeypatch.setattr(trainer, "build_model", original)
   assert "preempted" not in train.run(micro_config(), tmp_path)
   assert final_params(tmp_path)[1]["step"] == 3
 
@@ -460,3 +461,24 @@ def test_main_prints_one_line_for_a_checkpoint_error(tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: cannot write checkpoint ") and "checkpoints/sft" in last
   assert "Traceback" not in proc.stderr
+
+
+def test_rl_keeps_the_best_evaluated_checkpoint(tmp_path):
+  """RL's checkpoints: the newest `train.keep_checkpoints` and, beside them, the step whose
+  held-out accuracy was best (orbax's best-N policy; every evaluated step is saved)."""
+  c = micro_config(**{"task.num_eval_examples": 4, "eval.batch_size": 4,
+                      "eval.before_training": True, "train.num_iterations": 4,
+                      "train.eval_every": 1, "train.checkpoint_every": 100,
+                      "train.keep_checkpoints": 1})
+  history = train.run(c, tmp_path)
+  acc = {0: history["before"]["accuracy"]}
+  acc.update({i: history[f"eval_{i}"]["accuracy"] for i in range(1, 5)})
+  ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints" / "rl", best_metric=train.BEST_METRIC)
+  try:
+    best = ck.best_step()
+    assert best is not None and acc[best] == max(acc.values()), (best, acc)
+    assert set(ck.all_steps()) == {4, best}
+    _, meta = ck.restore(best)
+    assert meta["step"] == best
+  finally:
+    ck.close()
