@@ -101,15 +101,22 @@ def last_boxed(text: str) -> str | None:
   if j >= len(text) or text[j] != "{":
     # `\boxed` not followed by a brace: look for an earlier well-formed one.
     return last_boxed(text[:i])
+  k = closing_brace(text, j)
+  return text[j + 1:k] if k is not None else last_boxed(text[:i])
+
+
+def closing_brace(text: str, start: int) -> int | None:
+  """Index of the brace closing the first `{` at or after `start` (nested braces counted), or
+  None if it is never closed."""
   depth = 0
-  for k in range(j, len(text)):
+  for k in range(start, len(text)):
     if text[k] == "{":
       depth += 1
     elif text[k] == "}":
       depth -= 1
       if depth == 0:
-        return text[j + 1:k]
-  return last_boxed(text[:i])
+        return k
+  return None
 
 
 def check_style(style: str) -> None:

@@ -33,7 +33,8 @@ import re
 import threading
 from typing import Any
 
-from egspo.tasks.base import Example, Task, check_purpose, check_style, last_boxed
+from egspo.tasks.base import (Example, Task, check_purpose, check_style, closing_brace,
+                              last_boxed)
 from egspo.tasks.gsm8k import EVAL_SYSTEM, SYSTEM, _ascii
 
 # The release's MATH500 evaluation prompt, byte for byte (a stray `"` and space after
@@ -135,15 +136,8 @@ def d1_last_boxed_only_string(text: str) -> str | None:
     start = text.rfind("\\fbox")
     if start < 0:
       return text
-  depth = 0
-  for k in range(start, len(text)):
-    if text[k] == "{":
-      depth += 1
-    elif text[k] == "}":
-      depth -= 1
-      if depth == 0:
-        return text[start:k + 1]
-  return None
+  end = closing_brace(text, start)
+  return None if end is None else text[start:end + 1]
 
 
 def d1_remove_boxed(s: str) -> str:
