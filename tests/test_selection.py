@@ -27,6 +27,41 @@ def test_entropy_topk_per_sample_ascending():
   assert steps.dtype == jnp.int32 and bool(valid.all())
 
 
+def test_entropy_topk_entropy_rank_order():
+  # Columns by entropy rank (the released trainer's torch.topk order): row 0's highest step is 1
+  # (0.9), then 3 (0.8), then 2 (0.3); row 1 is already in step order.
+  h = jnp.array([[0.1, 0.9, 0.3, 0.8, 0.2],
+                 [0.5, 0.4, 0.3, 0.2, 0.1]])
+  steps, valid = sel.entropy_topk_steps(h, 3, order="entropy_rank")
+  np.testing.assert_array_equal(steps, [[1, 3, 2], [0, 1, 2]])
+  assert steps.dtype == jnp.int32 and bool(valid.all())
+  np.testing.assert_array_equal(sel.entropy_topk_steps(h, 3, order="time")[0],
+                                [[1, 2, 3], [0, 1, 2]])
+  # Ties keep the earlier step first in either order.
+  tie = jnp.array([[1.0, 2.0, 2.0, 0.0]])
+  np.testing.assert_array_equal(sel.entropy_topk_steps(tie, 3, order="entropy_rank")[0],
+                                [[1, 2, 0]])
+  with pytest.raises(ValueError, match="egspo.pairing"):
+    sel.entropy_topk_steps(h, 2, order="rank")
+
+
+def test_adaptive_entropy_rank_puts_selected_slots_first():
+  # Row 0: H ranks 0 (4), 2 (3), 3 (2), 1 (1); α = 0.7 → K = 2. Row 1: K = 1 (all zero → step 0).
+  h = jnp.array([[4.0, 1.0, 3.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
+  steps, valid = sel.adaptive_entropy_steps(h, 0.7, 3, order="entropy_rank")
+  np.testing.assert_array_equal(steps, [[0, 2, 3], [0, 1, 2]])
+  np.testing.assert_array_equal(valid, [[True, True, False], [True, False, False]])
+  steps, valid = sel.adaptive_entropy_steps(h, 0.7, 3, order="time")
+  np.testing.assert_array_equal(steps, [[0, 2, 3], [0, 1, 2]])
+  h2 = jnp.array([[1.0, 4.0, 2.0, 3.0]])  # ranks 1, 3, 2; α 0.7 of 10 → K = 2
+  steps, valid = sel.adaptive_entropy_steps(h2, 0.7, 3, order="entropy_rank")
+  np.testing.assert_array_equal(steps, [[1, 3, 2]])
+  np.testing.assert_array_equal(valid, [[True, True, False]])
+  steps, valid = sel.adaptive_entropy_steps(h2, 0.7, 3, order="time")
+  np.testing.assert_array_equal(steps, [[1, 2, 3]])
+  np.testing.assert_array_equal(valid, [[True, False, True]])
+
+
 def test_entropy_topk_ties_pick_earlier_step():
   h = jnp.array([[1.0, 2.0, 2.0, 2.0, 0.0]])
   np.testing.assert_array_equal(sel.entropy_topk_steps(h, 2)[0], [[1, 2]])
@@ -108,6 +143,18 @@ def test_select_steps_dispatch_and_errors():
   np.testing.assert_array_equal(np.asarray(s)[np.asarray(v)], [1, 3])
   assert sel.select_steps("random", k=2, num_steps=4, batch_size=1,
                           key=jax.random.key(0))[0].shape == (1, 2)
+  np.testing.assert_array_equal(
+      sel.select_steps("entropy", k=2, num_steps=4, step_entropy=h, order="entropy_rank")[0],
+      [[1, 3]])
+  h3 = jnp.array([[0.1, 0.8, 0.3, 0.9]])
+  np.testing.assert_array_equal(
+      sel.select_steps("entropy", k=2, num_steps=4, step_entropy=h3, order="entropy_rank")[0],
+      [[3, 1]])
+  s, v = sel.select_steps("adaptive", k=3, num_steps=4, step_entropy=h3, alpha=0.5,
+                          order="entropy_rank")
+  np.testing.assert_array_equal(np.asarray(s)[np.asarray(v)], [3, 1])
+  with pytest.raises(ValueError, match="egspo.pairing"):
+    sel.select_steps("uniform", k=2, num_steps=4, batch_size=1, order="bogus")
   with pytest.raises(ValueError, match="unknown step selection"):
     sel.select_steps("bogus", k=2, num_steps=4, step_entropy=h)
   with pytest.raises(ValueError, match="needs a jax.random key"):

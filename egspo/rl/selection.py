@@ -4,11 +4,17 @@ Step convention (see `egspo.diffusion.rollout`): a trajectory has T steps t = 0 
 of step t is the set of completion positions with `commit_step == t`.
 
 Every selector returns `(steps, valid)`:
-  steps: [B, K] int32, selected step indices in **ascending step order** within each row (so the
-         training schedule walks a trajectory from noisy to clean, and the output is independent
-         of the order `lax.top_k` breaks ties in);
+  steps: [B, K] int32, selected step indices;
   valid: [B, K] bool, False only for padding slots of adaptive-K (all True otherwise).
-Column k of `steps` is what the advantage code calls "selected-step column k" (REFERENCE §3.6).
+Column k of `steps` is what the advantage code calls "selected-step column k" (REFERENCE §3.6):
+the EGSPO-SA group mean pairs the rows' steps column by column, and the update schedules train
+columns. The per-sample selectors (entropy, adaptive) order each row by `order` (`PAIRINGS`):
+  entropy_rank  column k holds the row's k-th highest-entropy step (`lax.top_k` order, ties to the
+                earlier step; the released trainer's `torch.topk` order; adaptive-K's selected
+                slots come first);
+  time          ascending step order (column k = the row's k-th earliest selected step).
+uniform/random select the same steps in every row, in ascending step order (the pairing is the
+same under either order).
 
 Selectors:
   entropy   per sample, the K steps with the largest step entropy H_t (`lax.top_k`; the paper's
@@ -29,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 METHODS = ("entropy", "uniform", "random", "adaptive")
+PAIRINGS = ("entropy_rank", "time")  # column order of the per-sample selectors
 
 
 def step_entropy(entropy, commit_step, num_steps: int):
@@ -79,25 +86,34 @@ def _ranked_scores(entropy, step_valid):
   return scores
 
 
+def _check_order(order: str):
+  if order not in PAIRINGS:
+    raise ValueError(f"unknown column order (egspo.pairing) {order!r}; choose one of {PAIRINGS}")
+
+
 def _sort_by_step(steps, *others):
   order = jnp.argsort(steps, axis=-1)
   return (jnp.take_along_axis(steps, order, axis=-1),
           *(jnp.take_along_axis(o, order, axis=-1) for o in others))
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def entropy_topk_steps(step_entropy, k: int, step_valid=None):
+@functools.partial(jax.jit, static_argnames=("k", "order"))
+def entropy_topk_steps(step_entropy, k: int, step_valid=None, order: str = "time"):
   """Entropy-guided selection: per sample the K steps with the largest H_t (REFERENCE §3.3).
 
   step_entropy: [B, T]; step_valid: optional [B, T] bool (e.g. steps that commit a token, or the
   reference's `terminate_at_last_non_eos` cap): invalid steps are chosen only after every valid
-  one. Ties go to the earlier step (`lax.top_k` keeps the lower index first). Returns
-  (steps [B, K] int32 ascending, valid [B, K] bool all True).
+  one. Ties go to the earlier step (`lax.top_k` keeps the lower index first). `order`: the
+  columns by entropy rank ('entropy_rank') or by step ('time'). Returns
+  (steps [B, K] int32, valid [B, K] bool all True).
   """
   _check_scores(step_entropy, step_valid)
   _check_k(k, step_entropy.shape[-1])
+  _check_order(order)
   _, idx = jax.lax.top_k(_ranked_scores(step_entropy, step_valid), k)
-  steps = jnp.sort(idx.astype(jnp.int32), axis=-1)
+  steps = idx.astype(jnp.int32)
+  if order == "time":
+    steps = jnp.sort(steps, axis=-1)
   return steps, jnp.ones(steps.shape, bool)
 
 
@@ -134,8 +150,9 @@ def random_steps(key, num_steps: int, k: int, batch_size: int, replace: bool = F
   return jnp.broadcast_to(row, (batch_size, k)), jnp.ones((batch_size, k), bool)
 
 
-@functools.partial(jax.jit, static_argnames=("k_max",))
-def adaptive_entropy_steps(step_entropy, alpha, k_max: int, step_valid=None):
+@functools.partial(jax.jit, static_argnames=("k_max", "order"))
+def adaptive_entropy_steps(step_entropy, alpha, k_max: int, step_valid=None,
+                           order: str = "time"):
   """Ada-EGSPO: the smallest K_b ≤ k_max whose top-K_b entropies sum to ≥ α · Σ_t H_t.
 
   REFERENCE §3.3 (α = 0.7). step_entropy: [B, T] (non-negative); step_valid as in
@@ -143,10 +160,12 @@ def adaptive_entropy_steps(step_entropy, alpha, k_max: int, step_valid=None):
   K_b ≥ 1 always (an all-zero row gives K_b = 1). The comparison allows a relative slack of 1e-6
   so that float rounding of the cumulative sum cannot add a step.
   Returns (steps [B, k_max] int32, valid [B, k_max] bool): the k_max highest-entropy steps in
-  ascending step order, `valid` marking the K_b that are selected.
+  `order` (by entropy rank: the K_b selected slots first; or by step), `valid` marking the K_b
+  that are selected.
   """
   _check_scores(step_entropy, step_valid)
   _check_k(k_max, step_entropy.shape[-1], "k_max")
+  _check_order(order)
   scores = _ranked_scores(step_entropy, step_valid)
   top, idx = jax.lax.top_k(scores, k_max)  # [B, k_max], descending
   total = jnp.where(jnp.isfinite(scores), scores, 0.0).sum(-1, keepdims=True)
@@ -158,20 +177,23 @@ def adaptive_entropy_steps(step_entropy, alpha, k_max: int, step_valid=None):
   valid = rank <= first[:, None]
   if step_valid is not None:
     valid = valid & jnp.isfinite(top)
-  steps, valid = _sort_by_step(idx.astype(jnp.int32), valid)
-  return steps, valid
+  if order == "entropy_rank":
+    return idx.astype(jnp.int32), valid
+  return _sort_by_step(idx.astype(jnp.int32), valid)
 
 
 def select_steps(method: str, *, k: int, num_steps: int, batch_size: int | None = None,
                  step_entropy=None, key=None, alpha: float = 0.7, step_valid=None,
-                 replace: bool = False):
+                 replace: bool = False, order: str = "time"):
   """One entry point for the config: `method` in METHODS → (steps [B, K] int32, valid [B, K]).
 
-  entropy/adaptive need `step_entropy` [B, T] (for adaptive `k` is k_max); uniform/random need
-  `batch_size` (or `step_entropy` to read it from); random needs `key`.
+  entropy/adaptive need `step_entropy` [B, T] (for adaptive `k` is k_max) and order their
+  columns by `order` (PAIRINGS); uniform/random need `batch_size` (or `step_entropy` to read it
+  from); random needs `key`.
   """
   if method not in METHODS:
     raise ValueError(f"unknown step selection method {method!r}; choose one of {METHODS}")
+  _check_order(order)
   if step_entropy is not None:
     if step_entropy.ndim != 2 or step_entropy.shape[-1] != num_steps:
       raise ValueError(f"step_entropy must be [B, T={num_steps}], got {step_entropy.shape}")
@@ -179,13 +201,13 @@ def select_steps(method: str, *, k: int, num_steps: int, batch_size: int | None 
   if method == "entropy":
     if step_entropy is None:
       raise ValueError("method 'entropy' needs step_entropy [B, T]")
-    return entropy_topk_steps(step_entropy, k, step_valid)
+    return entropy_topk_steps(step_entropy, k, step_valid, order=order)
   if method == "adaptive":
     if step_entropy is None:
       raise ValueError("method 'adaptive' needs step_entropy [B, T]")
     if not 0.0 < alpha <= 1.0:
       raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    return adaptive_entropy_steps(step_entropy, alpha, k, step_valid)
+    return adaptive_entropy_steps(step_entropy, alpha, k, step_valid, order=order)
   if batch_size is None:
     raise ValueError(f"method {method!r} needs batch_size (or step_entropy)")
   if method == "uniform":
