@@ -79,11 +79,17 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.egspo.selection = "entropy"  # entropy | uniform | random | adaptive
   c.egspo.adaptive_alpha = 0.7
   c.egspo.lam = 0.5  # λ of the stepwise advantage; egspo (no SA) forces 0
+  # Which selected steps share a group-mean column (entropy/adaptive selection): 'entropy_rank'
+  # (the release: column k = each sample's k-th highest-entropy step) | 'time' (k-th earliest).
+  c.egspo.pairing = "entropy_rank"
 
   c.loss = ml_collections.ConfigDict()
   c.loss.eps = 0.2
   c.loss.eps_high = 0.5
   c.loss.beta = 0.04
+  # Factor on each per-step loss: 'tokens_per_step' (the release: 1 / (gen_length // steps)),
+  # 'none' (1), or a positive number (rl.losses.step_loss_scale).
+  c.loss.scale = "tokens_per_step"
 
   _baseline_sections(c, task)
 
@@ -129,9 +135,12 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.num_iterations = 1000
-  # 'per_step': the reference schedule, one rollout reused for K optimizer steps, the k-th on
-  # the k-th selected step of every sample. 'joint': one optimizer step over all K steps.
+  # How one rollout's K selected-step columns become optimizer steps (rl.algorithms.column_groups):
+  # 'per_step': K optimizer steps, the k-th on column k of every sample; 'joint': one optimizer
+  # step on all K columns; 'reference': the released trainer's loop, columns 1, 2, …, K-1, 0,
+  # `columns_per_update` consecutive ones per optimizer step (K/2 steps at its accumulation 2).
   c.train.update_schedule = "per_step"
+  c.train.columns_per_update = 2  # 'reference' only: the release's gradient_accumulation_steps
   c.train.time_budget_s = 0.0  # >0: stop the RL stage after this many seconds
   c.train.log_every = 1
   c.train.eval_every = 100
@@ -233,6 +242,8 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.rollout.temperature = 1.0
   c.rollout.max_prompt_length = 32
   c.egspo.num_selected_steps = 4
+  c.egspo.pairing = "time"  # the tiny run's published figures were made with these two
+  c.loss.scale = "none"
   c.batch.num_prompts = 16
   c.batch.group_size = 8
   c.batch.micro_batch_size = 16  # cache-sized micro-batches halve the CPU update time

@@ -145,7 +145,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   Imports the method registry (JAX; no backend is started): under two CPU-seconds.
   """
   # pylint: disable-next=import-outside-toplevel  (egspo.main fails fast on a bad file first)
-  from egspo.rl import registry
+  from egspo.rl import algorithms, registry
 
   _int(c, "seed", 0, 2**31 - 1)
   _choice(c, "variant", VARIANTS)
@@ -182,7 +182,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(iters > warmup, "train.num_iterations", iters,
            f"optim.schedule='cosine' decays over the RL iterations: must be > "
            f"optim.warmup_steps={warmup}")
-  _choice(c, "train.update_schedule", ("per_step", "joint"))
+  _choice(c, "train.update_schedule", algorithms.UPDATE_SCHEDULES)
   _real(c, "train.time_budget_s", 0.0)
   for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                "max_refused_updates"):

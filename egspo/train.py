@@ -273,6 +273,13 @@ def apply_updates(tr: Trainer, update, state, batches, key):
   return state, jax.device_get(ms)
 
 
+def staleness_metrics(updates: list) -> dict:
+  """Staleness of each optimizer step: the updates applied (`update_ok`) since the rollout that
+  produced its batch, before it ran → mean and max over the iteration's optimizer steps."""
+  applied = np.cumsum([0.0] + [float(x["update_ok"]) for x in updates[:-1]])
+  return {"staleness/mean": float(applied.mean()), "staleness/max": float(applied.max())}
+
+
 class IterationResult(NamedTuple):
   state: update_lib.TrainState
   metrics: dict  # the iteration's: means over its optimizer steps, the plan's, rewards
@@ -305,6 +312,7 @@ def rl_iteration(tr: Trainer, rollout, algo, update, state, examples, key,
   with timer("update"):
     state, updates = apply_updates(tr, update, state, batches, key)
   m = {k: float(np.mean([x[k] for x in updates])) for k in updates[0]}
+  m.update(staleness_metrics(updates))
   m.update(plan_metrics)
   m.update(reward=float(rewards.mean()), reward_std=float(rewards.std()),
            completion_tokens=float(np.mean([len(t) for t in texts])),

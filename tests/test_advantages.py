@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from egspo.rl import advantages as adv
+from egspo.rl import selection as sel
 
 # Two groups of G = 2, K = 2 selected steps.
 R_FINAL = jnp.array([1.0, 0.0, 0.1, 0.1])
@@ -67,6 +68,34 @@ def test_stepwise_variants_of_reference_trainer():
     adv.stepwise_advantages(R_FINAL, VALUES, 2, 0.5, lambda_schedule="linear")
   with pytest.raises(ValueError, match="unknown baseline"):
     adv.stepwise_advantages(R_FINAL, VALUES, 2, 0.5, baseline="x")
+
+
+def test_pairing_entropy_rank_vs_time_hand_computed():
+  """The EGSPO-SA group mean pairs the rows' steps column by column, so the column order of the
+  selection (egspo.pairing) changes the advantages (REFERENCE §3.6)."""
+  # One group of G = 2, T = 3, K = 2. Row 0: top-2 entropy steps 0 (0.9), 2 (0.5);
+  # row 1: steps 2 (0.8), 1 (0.3). Values V(s_t) by step; r_final = (1, 0); λ = 0.5.
+  h = jnp.array([[0.9, 0.1, 0.5], [0.2, 0.3, 0.8]])
+  v_by_step = jnp.array([[0.0, 0.7, 1.0], [0.9, 0.5, 0.0]])
+  r = jnp.array([1.0, 0.0])
+  # R = (r + λ (r − V)) / (1 + λ): row 0 step 0 → 1, step 2 → 2/3; row 1 step 1 → −1/6, step 2 → 0.
+  want = {
+      # time: columns (step 0 | step 1) and (step 2 | step 2): means 5/12 and 1/3.
+      "time": ([[0, 2], [1, 2]], [[7 / 12, 1 / 3], [-7 / 12, -1 / 3]]),
+      # entropy_rank: columns (step 0 | step 2) and (step 2 | step 1): means 1/2 and 1/4.
+      "entropy_rank": ([[0, 2], [2, 1]], [[1 / 2, 5 / 12], [-1 / 2, -5 / 12]]),
+  }
+  by_step = {}
+  for order, (want_steps, want_adv) in want.items():
+    steps, valid = sel.entropy_topk_steps(h, 2, order=order)
+    np.testing.assert_array_equal(steps, want_steps)
+    values = jnp.take_along_axis(v_by_step, steps, axis=1)
+    a = adv.stepwise_advantages(r, values, 2, 0.5, valid)
+    np.testing.assert_allclose(a, want_adv, atol=1e-6)
+    by_step[order] = {(b, int(steps[b, k])): float(a[b, k]) for b in range(2) for k in range(2)}
+  # The same (row, step) gets a different advantage under the two pairings.
+  assert by_step["time"].keys() == by_step["entropy_rank"].keys()
+  assert all(abs(by_step["time"][s] - by_step["entropy_rank"][s]) > 0.05 for s in by_step["time"])
 
 
 def test_stepwise_invalid_slots():

@@ -87,6 +87,8 @@ BAD = [
     ("stabledrl.num_iterations", -1), ("stabledrl.num_nodes", 0), ("wd1.estimator", "exact"),
     ("wd1.num_iterations", 0), ("train.max_refused_updates", 0),
     ("task.prompt_truncation", "right"),
+    ("egspo.pairing", "rank"), ("loss.scale", "x"), ("loss.scale", "-1"),
+    ("train.columns_per_update", 0),
 ]
 
 
@@ -123,6 +125,12 @@ def test_cross_field_rules():
   with pytest.raises(config_lib.ConfigError, match=r"^bad config field train\.num_iterations=5:"):
     config_lib.validate(tiny(**{"optim.schedule": "cosine", "train.num_iterations": 5,
                                 "optim.warmup_steps": 5}))
+  # The release's update schedule: an optimizer step takes whole columns of one rollout.
+  config_lib.validate(tiny(**{"train.update_schedule": "reference"}))
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^bad config field train\.columns_per_update=3: must divide"):
+    config_lib.validate(tiny(**{"train.update_schedule": "reference",
+                                "train.columns_per_update": 3}))
   with pytest.raises(config_lib.ConfigError, match=r"stabledrl needs whole groups"):
     config_lib.validate(tiny(**{"algorithm": "stabledrl", "batch.micro_batch_size": 4}))
   # The sampler checks its own fields; the reason names the config section's fields.

@@ -52,6 +52,28 @@ def test_egspo_step_loss_k3_term_and_valid_mask():
                              0.5 * loss_sum, rtol=1e-6)
 
 
+def test_step_loss_scale_from_config():
+  # The release: each per-step loss / (max_completion_length // diffusion_steps).
+  assert L.step_loss_scale("tokens_per_step", gen_length=256, steps=128) == 0.5
+  assert L.step_loss_scale("tokens_per_step", gen_length=16, steps=5) == 1 / 3  # integer division
+  assert L.step_loss_scale("none", gen_length=256, steps=128) == 1.0
+  assert L.step_loss_scale(0.25, gen_length=256, steps=128) == 0.25
+  assert L.step_loss_scale("0.25", gen_length=256, steps=128) == 0.25  # a command-line override
+  for bad in ("x", 0, -1.0, "nan", float("inf"), True, None):
+    with pytest.raises(ValueError, match="tokens_per_step"):
+      L.step_loss_scale(bad, gen_length=256, steps=128)
+  with pytest.raises(ValueError, match="gen_length=4 >= rollout.steps=8"):
+    L.step_loss_scale("tokens_per_step", gen_length=4, steps=8)
+  # The scale multiplies loss, metric and gradient alike; the denominator is unchanged.
+  logp, old, adv = jnp.array([[-1.0, -2.0]]), jnp.array([[-1.2, -1.5]]), jnp.array([[1.0, -0.5]])
+  f = lambda lp, s: L.egspo_step_loss(lp, old, adv, None, old - 0.3, loss_scale=s)
+  (s1, d1, m1), (s2, d2, m2) = f(logp, 1.0), f(logp, 0.5)
+  np.testing.assert_allclose([s2, m2["loss"]], [0.5 * s1, 0.5 * m1["loss"]], rtol=1e-6)
+  assert float(d1) == float(d2) == 2
+  g1, g2 = (jax.grad(lambda lp, s=s: f(lp, s)[0])(logp) for s in (1.0, 0.5))
+  np.testing.assert_allclose(g2, 0.5 * g1, rtol=1e-6)
+
+
 def test_micro_batches_aggregate_exactly():
   key = jax.random.key(0)
   k1, k2, k3 = jax.random.split(key, 3)

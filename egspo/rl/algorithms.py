@@ -13,6 +13,49 @@ from egspo.rl import update as update_lib
 from egspo.rl import value as value_lib
 from egspo.rl.registry import Context, Iteration, register, split_micro
 
+# How one rollout's K selected-step columns become optimizer steps (`train.update_schedule`).
+UPDATE_SCHEDULES = ("per_step", "joint", "reference")
+# The [B, K] fields of a planned batch, sliced by column; the others are per sample.
+COLUMN_FIELDS = ("steps", "valid", "adv", "logp_old", "logp_ref")
+
+
+def column_groups(schedule: str, k: int, columns_per_update: int = 2) -> list[list[int]]:
+  """The selected-step columns each optimizer step trains, in the order they run.
+
+    per_step   K optimizer steps, the j-th on column j: [[0], [1], …, [K-1]];
+    joint      one optimizer step on all K columns: [[0, …, K-1]];
+    reference  the released trainer's loop (`egspo_trainer.py` `_prepare_inputs` / `compute_loss`):
+               its micro-step counter is incremented before the loss reads column
+               `counter mod K`, so one rollout's K micro-steps train columns 1, 2, …, K-1, 0, and
+               `columns_per_update` consecutive micro-steps (its gradient_accumulation_steps, 2 in
+               `train.sh`) share one optimizer step: K=8 → [[1, 2], [3, 4], [5, 6], [7, 0]].
+  """
+  if schedule not in UPDATE_SCHEDULES:
+    raise ValueError(f"unknown train.update_schedule {schedule!r}; choose one of "
+                     f"{UPDATE_SCHEDULES}")
+  if schedule == "joint":
+    return [list(range(k))]
+  if schedule == "per_step":
+    return [[j] for j in range(k)]
+  if columns_per_update < 1 or k % columns_per_update:
+    raise ValueError(f"train.columns_per_update={columns_per_update} must divide "
+                     f"egspo.num_selected_steps={k} (an optimizer step may not span rollouts)")
+  order = [(j + 1) % k for j in range(k)]
+  return [order[i:i + columns_per_update] for i in range(0, k, columns_per_update)]
+
+
+def columns_batch(batch: dict, cols: list[int]) -> dict:
+  """The rows of `batch` ([B, …] fields, COLUMN_FIELDS [B, K]) for the columns `cols`, one
+  column at a time stacked along the rows: [len(cols)·B, …], COLUMN_FIELDS [len(cols)·B, 1].
+
+  Stacking keeps each micro-batch within one column (the memory of a one-column step); the
+  loss, a mean over all valid (row, column) slots, is the mean of the per-column means.
+  """
+  parts = [{**batch, **{n: batch[n][:, j:j + 1] for n in COLUMN_FIELDS}} for j in cols]
+  if len(parts) == 1:
+    return parts[0]
+  return jax.tree.map(lambda *x: jnp.concatenate(x, axis=0), *parts)
+
 
 @register("egspo", "egspo_sa")
 class EGSPO:
@@ -21,16 +64,35 @@ class EGSPO:
 
   @classmethod
   def validate_config(cls, f) -> None:
-    """The `egspo` (selection, K, λ) and `loss` (clip, KL) sections."""
+    """The `egspo` (selection, pairing, K, λ) and `loss` (clip, KL, scale) sections, and
+    `train.columns_per_update` of the 'reference' update schedule."""
     f.choice("egspo.selection", sel_lib.METHODS)
+    f.choice("egspo.pairing", sel_lib.PAIRINGS)
     k = f.integer("egspo.num_selected_steps", 1)
     steps = f.integer("rollout.steps", 1)
     f.require(k <= steps, "egspo.num_selected_steps", k, f"must be <= rollout.steps={steps}")
+    n = f.integer("train.columns_per_update", 1)
+    if f.get("train.update_schedule") == "reference":  # the choice: egspo.config_checks
+      f.require(k % n == 0, "train.columns_per_update", n,
+                f"must divide egspo.num_selected_steps={k} under train.update_schedule="
+                "'reference' (an optimizer step may not span rollouts)")
+    scale = f.get("loss.scale")
+    try:
+      loss_lib.step_loss_scale(scale, gen_length=f.get("rollout.gen_length"), steps=steps)
+    except ValueError as e:
+      f.require(False, "loss.scale", scale, str(e))
     f.real("egspo.adaptive_alpha", 0.0, 1.0, lo_open=True)
     f.real("egspo.lam", 0.0)
     f.real("loss.eps", 0.0, 1.0, lo_open=True, hi_open=True)
     f.real("loss.eps_high", 0.0, lo_open=True)
     f.real("loss.beta", 0.0)
+
+  @classmethod
+  def optimizer_steps_per_iteration(cls, config) -> int:
+    """One optimizer step per column group of `train.update_schedule` (`plan`'s batches)."""
+    c = config
+    return len(column_groups(c.train.update_schedule, c.egspo.num_selected_steps,
+                             c.train.columns_per_update))
 
   def __init__(self, ctx: Context):
     self.ctx = ctx
@@ -39,6 +101,8 @@ class EGSPO:
     self.lam = 0.0 if c.algorithm == "egspo" else float(c.egspo.lam)
     self.group_size = c.batch.group_size
     self.micro = c.batch.micro_batch_size
+    self.loss_scale = loss_lib.step_loss_scale(c.loss.scale, gen_length=c.rollout.gen_length,
+                                               steps=c.rollout.steps)
     self._ref_logps = jax.jit(self._ref_logps_impl)
 
   def _ref_logps_impl(self, ref_params, frozen, batch):
@@ -61,7 +125,7 @@ class EGSPO:
     ro = it.rollout
     steps, valid = sel_lib.select_steps(
         c.egspo.selection, k=self.k, num_steps=ro.num_steps, step_entropy=ro.step_entropy,
-        key=jax.random.fold_in(it.key, 1), alpha=c.egspo.adaptive_alpha)
+        key=jax.random.fold_in(it.key, 1), alpha=c.egspo.adaptive_alpha, order=c.egspo.pairing)
     metrics = {}
     rewards = np.asarray(it.rewards, np.float32)
     if self.lam > 0:
@@ -84,13 +148,10 @@ class EGSPO:
     batch["logp_ref"] = self._ref_logps(self.ctx.ref_params, frozen, batch)
     metrics["selected_step_mean"] = float(jnp.mean(steps))
     metrics["adv_abs_mean"] = float(jnp.mean(jnp.abs(batch["adv"])))  # scalars: all hosts agree
-    if c.train.update_schedule == "per_step":
-      # The reference schedule: K optimizer steps, the k-th trains each sample's k-th selected step.
-      per_k = [{**batch, **{n: batch[n][:, j:j + 1] for n in
-                            ("steps", "valid", "adv", "logp_old", "logp_ref")}}
-               for j in range(steps.shape[1])]
-      return [split_micro(b, self.micro) for b in per_k], metrics
-    return [split_micro(batch, self.micro)], metrics
+    if c.train.update_schedule == "joint":
+      return [split_micro(batch, self.micro)], metrics
+    groups = column_groups(c.train.update_schedule, steps.shape[1], c.train.columns_per_update)
+    return [split_micro(columns_batch(batch, g), self.micro) for g in groups], metrics
 
   def loss(self, model, mb, key):
     del key
@@ -101,5 +162,5 @@ class EGSPO:
                                     max_commit=self.ctx.max_commit)
     return loss_lib.egspo_step_loss(logp, mb["logp_old"], mb["adv"], mb["valid"], mb["logp_ref"],
                                     epsilon=c.loss.eps, epsilon_high=c.loss.eps_high,
-                                    beta=c.loss.beta)
+                                    beta=c.loss.beta, loss_scale=self.loss_scale)
 

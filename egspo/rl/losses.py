@@ -14,6 +14,8 @@ caller cannot leak gradient into them by accident.
 
 from __future__ import annotations
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -96,8 +98,37 @@ def gather_step_logprobs(token_logp, commit_step, steps, aggregation: str = "sum
   return total / jnp.maximum(act.sum(-1), 1).astype(jnp.float32)
 
 
+LOSS_SCALES = ("tokens_per_step", "none")  # named values of `loss.scale`
+
+
+def step_loss_scale(scale, *, gen_length: int, steps: int) -> float:
+  """The `loss_scale` of `egspo_step_loss` for the config's `loss.scale`.
+
+  'tokens_per_step' → 1 / (gen_length // steps): the released trainer divides each per-step loss
+  by `max_completion_length // diffusion_steps` (2 at 256/128) under its `sum` aggregation;
+  'none' → 1; a positive finite number (or its string, as a command-line override gives it) →
+  itself. Raises ValueError naming the allowed values.
+  """
+  if scale == "tokens_per_step":
+    per_step = gen_length // steps
+    if per_step < 1:
+      raise ValueError(f"'tokens_per_step' needs rollout.gen_length={gen_length} >= "
+                       f"rollout.steps={steps}")
+    return 1.0 / per_step
+  if scale == "none":
+    return 1.0
+  try:
+    value = float(scale) if not isinstance(scale, bool) else float("nan")
+  except (TypeError, ValueError):
+    value = float("nan")
+  if not (math.isfinite(value) and value > 0):
+    raise ValueError(f"must be one of {LOSS_SCALES} or a positive finite number")
+  return value
+
+
 def egspo_step_loss(logp, logp_old, adv, valid=None, logp_ref=None, *, epsilon: float = 0.2,
-                    epsilon_high: float = 0.5, beta: float = 0.04, loss_scale: float = 1.0):
+                    epsilon_high: float = 0.5, beta: float = 0.04, loss_scale: float = 1.0,
+                    kl=None):
   """EGSPO per-step clipped surrogate with the k3 KL (REFERENCE §3.7).
 
   logp, logp_old, logp_ref: [B, K] step-level log-probs log π(a_t | s_t) = Σ over the tokens
@@ -106,11 +137,14 @@ def egspo_step_loss(logp, logp_old, adv, valid=None, logp_ref=None, *, epsilon: 
       ratio = exp(logp − logp_old)
       ℓ = −min(ratio·A, clip(ratio, 1 − ε, 1 + ε_high)·A) + β · k3(logp, logp_ref)
   `loss_scale` multiplies ℓ: the reference trainer divides by tokens-per-step under its `sum`
-  aggregation (loss_scale = 1 / tokens_per_step reproduces it). With beta = 0 or logp_ref None the
-  KL term is dropped.
-  Returns (Σ_valid ℓ, #valid, metrics: clip fractions, kl (mean k3), ratio/mean).
+  aggregation (loss_scale = 1 / tokens_per_step reproduces it; `step_loss_scale` turns the
+  config's `loss.scale` into it). With beta = 0 or logp_ref None the KL term is dropped.
+  `kl`: optional [B, K] per-step KL that replaces k3 (carrying its own gradient), e.g. the
+  release's `use_exact_kl` full-vocabulary KL (`egspo.rl.step_variants.exact_step_kl`); then
+  `logp_ref` is not needed.
+  Returns (Σ_valid ℓ, #valid, metrics: clip fractions, kl (mean KL term), ratio/mean).
   """
-  _check_inputs(2, logp, logp_old, adv, valid, logp_ref, adv=adv)
+  _check_inputs(2, logp, logp_old, adv, valid, logp_ref, kl, adv=adv)
   valid = jnp.ones(jnp.shape(logp), bool) if valid is None else valid.astype(bool)
   # Padding slots are zeroed before any exp(), so garbage there cannot overflow into NaN grads.
   logp, logp_old, logp_ref = _zero_invalid(valid, logp, logp_old, logp_ref)
@@ -119,8 +153,13 @@ def egspo_step_loss(logp, logp_old, adv, valid=None, logp_ref=None, *, epsilon: 
   per = clipped_surrogate(ratio, adv, epsilon, epsilon_high)
   denom = valid.sum().astype(jnp.float32)
   metrics = _ppo_metrics(ratio, adv, valid, denom, epsilon, epsilon_high)
-  if logp_ref is not None and beta != 0.0:
+  if kl is not None and beta != 0.0:
+    kl = jnp.where(valid, kl.astype(jnp.float32), 0.0)
+  elif logp_ref is not None and beta != 0.0:
     kl = k3_kl(logp, logp_ref)
+  else:
+    kl = None
+  if kl is not None:
     per = per + beta * kl
     metrics["kl"] = _mean(kl, valid, denom)
   loss_sum = jnp.sum(jnp.where(valid, per, 0.0)) * loss_scale
@@ -261,7 +300,7 @@ def _grouped(x, group_size):
 
 
 def stabledrl_loss(logl, logl_old, adv, group_size: int, *, clip_iw: float = 5.0,
-                   log_iw_scale=1.0):
+                   log_iw_scale=1.0, bound=None):
   """StableDRL (REFERENCE §4): unconditional clipping + self-normalised importance weights.
 
   logl: [B] sequence log-likelihood estimate of the current policy (any ELBO estimator; carries
@@ -271,15 +310,20 @@ def stabledrl_loss(logl, logl_old, adv, group_size: int, *, clip_iw: float = 5.0
       log w_i = min((logl_i − logl_old_i) · log_iw_scale, log clip_iw)    clipped whatever sign A has
       w = softmax_group(log w), detached
       loss_group = −Σ_i w_i A_i logl_i                                     no KL
-  `log_iw_scale` = 1/L gives a per-token normalised weight (the released code uses 1).
+  `log_iw_scale` = 1/L turns a summed ELBO's weight into a per-token one (the release's SPG ELBO
+  is already a per-token mean, and it uses 1).
+  `bound`: optional [B] quantity that carries the gradient in place of logl in the loss (the
+  weights still come from logl): the release's SPG bound (`egspo.diffusion.spg.sandwich`,
+  `compute_loss_spg`: `−Σ w_i A_i L_SPG_i` with w from the ELBO).
   Returns (Σ over groups of loss_group, #groups, metrics).
   """
-  _check_inputs(1, logl, logl_old, adv, adv=adv)
+  _check_inputs(1, logl, logl_old, adv, bound, adv=adv)
   lg, lo, ag = (_grouped(x.astype(jnp.float32), group_size) for x in (logl, logl_old, adv))
+  lb = lg if bound is None else _grouped(bound.astype(jnp.float32), group_size)
   log_iw = _sg((lg - lo) * log_iw_scale)
   log_c = jnp.log(jnp.float32(clip_iw))
   w = _sg(jax.nn.softmax(jnp.minimum(log_iw, log_c), axis=-1))
-  per_group = -jnp.sum(w * _sg(ag) * lg, axis=-1)
+  per_group = -jnp.sum(w * _sg(ag) * lb, axis=-1)
   n = jnp.asarray(lg.shape[0], jnp.float32)
   loss_sum = per_group.sum()
   metrics = {
