@@ -262,6 +262,9 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.eval.block_length = 16
   c.eval.steps = 8
   c.eval.batch_size = 256
+  if c.task.name == "sudoku":  # '<answer>' + 16 digits + '</answer>': 18 char tokens, not 16
+    c.rollout.gen_length = c.rollout.block_length = c.eval.gen_length = c.eval.block_length = 24
+    c.rollout.steps = c.eval.steps = 12  # 2 tokens per step, as Countdown's 16 in 8
 
 
 # ----------------------------------------------------------------------------------------------
