@@ -8,7 +8,18 @@ wrt=nnx.LoRAParam)` trains only them while `W` stays an `nnx.Param` at its origi
 The LoRA factors carry logical axes too (`(in_axis, "lora_rank")`, `("lora_rank", out_axis)`),
 and for scanned block stacks they get the same leading layer axis as the kernels.
 
-REFERENCE §3.8: EGSPO trains LoRA r = 128, α = 64 on LLaDA-8B.
+Which projections are adapted (`lora.targets`, `target_pattern`): a named set of `TARGET_SETS`
+('reference': the four the released trainer adapts; 'all_linear': every block projection), block
+projection names joined by '|' or ',', or 're:' + a regular expression over module paths. Named
+sets and names match inside the transformer blocks only, so the top-level LM head `ff_out` (which
+shares its name with the blocks' down projection) is never adapted unless a raw regex asks for it.
+
+LoRA dropout (PEFT's `lora_dropout`) drops the adapter's input, `(alpha / r) · (drop(x) A) B`, in
+training forwards only: `enable_dropout(model, key)` gives every adapter its mask key for one
+forward (the update step calls it); without it, forwards (rollouts, evaluation, π_old, π_ref) are
+deterministic.
+
+REFERENCE §3.8: EGSPO trains LoRA r = 128, α = 64, dropout 0.05 on LLaDA-8B.
 """
 
 from __future__ import annotations
@@ -20,9 +31,64 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# Every projection inside the transformer blocks (not the embedding, not the LM head). Paths
-# are "blocks.3.q_proj" (list of blocks) or "blocks.q_proj" (scanned stack).
-DEFAULT_TARGETS = r"^blocks\.(\d+\.)?(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)$"
+# The projections of a transformer block (`llada.Block`; LLaDA's Hugging Face names too). Their
+# paths are "blocks.3.q_proj" (list of blocks) or "blocks.q_proj" (scanned stack); the LM head's is
+# "ff_out".
+BLOCK_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+TARGET_SETS = {
+    # The released trainer's PEFT targets are LLaMA's names (q/k/v/o/up/down/gate_proj); in LLaDA
+    # (o, down, gate = attn_out, ff_out, ff_proj) they match only these four.
+    "reference": ("q_proj", "k_proj", "v_proj", "up_proj"),
+    # Every projection inside the blocks (not the embedding, not the LM head).
+    "all_linear": BLOCK_PROJECTIONS,
+}
+DEFAULT_TARGETS = "reference"
+REGEX_PREFIX = "re:"  # `lora.targets = "re:<regex>"`: searched in the module path
+
+
+def target_pattern(targets: str) -> re.Pattern:
+  """The regex over module paths that `targets` selects (see the module docstring).
+
+  A named set or '|'/','-joined block projection names → the paths `blocks.[i.]<name>` exactly
+  (inside the blocks: never the LM head); 're:<regex>' → that regex, searched in the path. Raises
+  ValueError naming the allowed values (`targets_error` gives the reason alone).
+  """
+  why = targets_error(targets)
+  if why:
+    raise ValueError(f"LoRA targets {targets!r}: {why}")
+  if targets.startswith(REGEX_PREFIX):
+    return re.compile(targets[len(REGEX_PREFIX):])
+  return re.compile(rf"^blocks\.(\d+\.)?({'|'.join(_names(targets))})$")
+
+
+def _names(targets: str) -> tuple[str, ...]:
+  return TARGET_SETS.get(targets) or tuple(n.strip() for n in re.split(r"[|,]", targets))
+
+
+def targets_error(targets) -> str | None:
+  """Why `targets` is not a valid LoRA target spec, or None."""
+  if not isinstance(targets, str) or not targets.strip():
+    return "must be a non-empty string"
+  if targets.startswith(REGEX_PREFIX):
+    try:
+      re.compile(targets[len(REGEX_PREFIX):])
+    except re.error as e:
+      return f"bad regular expression ({e})"
+    return None if targets[len(REGEX_PREFIX):] else "empty regular expression"
+  unknown = [n for n in _names(targets) if n not in BLOCK_PROJECTIONS]
+  if unknown:
+    return (f"unknown projection(s) {unknown}; allowed: a set of {sorted(TARGET_SETS)}, names of "
+            f"{list(BLOCK_PROJECTIONS)} joined by '|', or '{REGEX_PREFIX}<regex>' over module paths")
+  return None
+
+
+def is_target(path: str, targets: str) -> bool:
+  """Does `targets` adapt the projection at `path` (e.g. "blocks.0.q_proj", "ff_out")?"""
+  return target_pattern(targets).search(path) is not None
+
+
+class LoRADropoutKey(nnx.Variable):
+  """An adapter's dropout-mask key data for one training forward (`enable_dropout`)."""
 
 
 class LoRALinear(nnx.Module):
@@ -30,11 +96,12 @@ class LoRALinear(nnx.Module):
 
   `kernel` is the base projection's own variable (same path, same metadata). Works for a single
   kernel [in, out] and for a scanned stack [layers, in, out] (then A is [layers, in, r] and B
-  [layers, r, out]; `nnx.scan` slices all three together).
+  [layers, r, out]; `nnx.scan` slices all three together). `dropout`: the rate at which the
+  adapter's input is dropped (inverted scaling) in a forward given a `dropout_key`.
   """
 
   def __init__(self, base: nnx.Linear, rank: int, alpha: float, *, rngs: nnx.Rngs,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, dropout: float = 0.0):
     if getattr(base, "bias", None) is not None:
       raise ValueError("LoRALinear wraps bias-free projections only (LLaDA has no biases)")
     self.kernel = base.kernel
@@ -43,6 +110,8 @@ class LoRALinear(nnx.Module):
     axes = self.kernel.get_metadata().get("logical_axes") or (None, None)
     self.rank = rank
     self.scale = alpha / rank
+    self.dropout = float(dropout)
+    self.dropout_key = nnx.data(None)  # a LoRADropoutKey in a training forward (`enable_dropout`)
     self.dtype = base.dtype
     self.preferred_element_type = base.preferred_element_type
     self.precision = base.precision
@@ -57,6 +126,10 @@ class LoRALinear(nnx.Module):
     x = x.astype(dtype)
     y = jnp.dot(x, self.kernel[...].astype(dtype), precision=self.precision,
                 preferred_element_type=self.preferred_element_type)
+    if self.dropout > 0 and self.dropout_key is not None:
+      keep = jax.random.bernoulli(jax.random.wrap_key_data(self.dropout_key[...]),
+                                  1.0 - self.dropout, x.shape)
+      x = jnp.where(keep, x / jnp.asarray(1.0 - self.dropout, dtype), jnp.zeros((), dtype))
     xa = jnp.dot(x, self.lora_a[...].astype(dtype), precision=self.precision)
     delta = jnp.dot(xa, self.lora_b[...].astype(dtype), precision=self.precision)
     return y + (self.scale * delta).astype(y.dtype)
@@ -86,19 +159,23 @@ def lora_modules(model) -> dict[str, LoRALinear]:
 
 
 def apply_lora(model, rank: int, alpha: float, targets: str = DEFAULT_TARGETS,
-               rngs: nnx.Rngs | None = None, param_dtype=jnp.float32):
-  """Replaces every `nnx.Linear` whose path matches the regex `targets` by a LoRALinear, in place.
+               rngs: nnx.Rngs | None = None, param_dtype=jnp.float32, dropout: float = 0.0):
+  """Replaces every `nnx.Linear` that `targets` selects (`target_pattern`) by a LoRALinear, in
+  place.
 
   rank r and alpha give the update scale alpha / r. LoRA factors are created in `param_dtype`
-  (float32 by default: they are few and are what the optimiser updates). Returns the model.
+  (float32 by default: they are few and are what the optimiser updates). `dropout` in [0, 1): the
+  adapters' input dropout in training forwards (`enable_dropout`). Returns the model.
   """
   if not isinstance(rank, int) or rank <= 0:
     raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
   if not alpha > 0:
     raise ValueError(f"LoRA alpha must be positive, got {alpha!r}")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
   if lora_modules(model):
     raise ValueError("the model already has LoRA adapters; merge_lora it first")
-  pattern = re.compile(targets)
+  pattern = target_pattern(targets)
   rngs = nnx.Rngs(0) if rngs is None else rngs
   found = [(p, m) for p, m in nnx.iter_graph(model)
            if isinstance(m, nnx.Linear) and pattern.search(_path_str(p))]
@@ -111,8 +188,25 @@ def apply_lora(model, rank: int, alpha: float, targets: str = DEFAULT_TARGETS,
     for key in path[:-1]:
       parent = parent[key] if isinstance(key, int) else getattr(parent, key)
     _set_child(parent, path[-1], LoRALinear(linear, rank, alpha, rngs=rngs,
-                                            param_dtype=param_dtype))
+                                            param_dtype=param_dtype, dropout=dropout))
   return model
+
+
+def enable_dropout(model, key) -> None:
+  """Gives every adapter with dropout > 0 its mask key for the next forward(s) of `model`, in place.
+
+  For a training forward on a model rebuilt inside the traced step (`rl.update.make_update_step`):
+  adapter i (sorted paths) masks with fold_in(key, i), and layer l of a scanned stack with the l-th
+  key of split(fold_in(key, i), layers). A model without adapters or dropout is left as is.
+  """
+  for i, (_, m) in enumerate(sorted(lora_modules(model).items())):
+    if m.dropout <= 0:
+      continue
+    k = jax.random.fold_in(key, i)
+    lead = m.kernel.get_value().shape[:-2]
+    if lead:  # a scanned stack: one key per layer, sliced with the kernels
+      k = jax.random.split(k, lead)
+    m.dropout_key = LoRADropoutKey(jax.random.key_data(k))
 
 
 def merge_lora(model):
@@ -144,5 +238,6 @@ def num_lora_params(model) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
 
 
-__all__ = ["DEFAULT_TARGETS", "LoRALinear", "apply_lora", "merge_lora", "lora_modules",
-           "num_lora_params"]
+__all__ = ["BLOCK_PROJECTIONS", "DEFAULT_TARGETS", "TARGET_SETS", "LoRALinear", "apply_lora",
+           "enable_dropout", "is_target", "merge_lora", "lora_modules", "num_lora_params",
+           "target_pattern"]
