@@ -135,6 +135,59 @@ def test_denoise_step_hand_computed():
   assert out.logprob[0, 0] == 0 and out.entropy[0, 0] == 0
 
 
+def test_classifier_free_guidance_hand_computed():
+  """cfg_scale s: one forward over the canvas and its copy with the prompt masked, logits
+  u + (s + 1)(c − u) (the release's `generate`); padding stays unattended. s = 0 is one forward
+  over the canvas alone, as before."""
+  v, mask_id, s = 5, 4, 1.5
+  rng = np.random.default_rng(0)
+  base = jnp.asarray(rng.normal(size=(3, v)), jnp.float32)
+  delta = jnp.asarray(rng.normal(size=(3, v)), jnp.float32)
+  seen = []
+
+  def logits_fn(ids, attn):
+    seen.append(ids.shape)
+    prompt_seen = (attn[:, :2] & (ids[:, :2] != mask_id)).sum(-1).astype(jnp.float32)
+    return base[None] + prompt_seen[:, None, None] * delta[None]  # [N, 3, V]
+
+  prompt = jnp.array([[7, 8], [0, 9]], jnp.int32)
+  pmask = jnp.array([[True, True], [False, True]])  # row 1: one pad, one real token
+  completion = jnp.full((2, 3), mask_id, jnp.int32)
+  config = sampler.SamplerConfig(gen_length=3, steps=3, block_length=3, mask_token_id=mask_id,
+                                 cfg_scale=s)
+  out = sampler.denoise_step(logits_fn, prompt, pmask, completion, 0, jax.random.key(0), config)
+  assert seen == [(4, 5)]  # both halves in one forward
+  for b, n in ((0, 2.0), (1, 1.0)):  # attended real prompt tokens: conditional n, unconditional 0
+    guided = base + (s + 1.0) * n * delta
+    logp = jax.nn.log_softmax(guided, axis=-1)
+    want_x0 = np.argmax(np.where(np.arange(v) == mask_id, -np.inf, guided), axis=-1)
+    np.testing.assert_array_equal(out.x0_hat[b], want_x0)
+    (pos,) = np.flatnonzero(np.asarray(out.committed[b]))
+    assert pos == int(np.argmax(np.asarray(logp)[np.arange(3), want_x0]))  # most confident
+    np.testing.assert_allclose(out.logprob[b, pos], logp[pos, want_x0[pos]], rtol=1e-6)
+  seen.clear()
+  plain = sampler.denoise_step(logits_fn, prompt, pmask, completion, 0, jax.random.key(0),
+                               config.replace(cfg_scale=0.0))
+  assert seen == [(2, 5)]
+  want = np.argmax(np.where(np.arange(v) == mask_id, -np.inf,
+                            base[None] + jnp.array([2.0, 1.0])[:, None, None] * delta[None]), -1)
+  np.testing.assert_array_equal(plain.x0_hat, want)
+
+
+def test_cfg_scale_config_checks():
+  with pytest.raises(ValueError, match="SamplerConfig.cfg_scale"):
+    sampler.SamplerConfig(gen_length=4, steps=2, block_length=4, mask_token_id=2, cfg_scale=-1.0)
+  assert sampler.SamplerConfig(gen_length=4, steps=2, block_length=4, mask_token_id=2).cfg_scale == 0
+
+
+def test_guided_rollout_obeys_the_schedule(setup):
+  config = setup["config"].replace(cfg_scale=0.5)
+  r = jax.tree.map(np.asarray, sampler.generate_with_model(
+      setup["model"], setup["ids"], setup["mask"], jax.random.key(0), config))
+  _check_schedule(r, config)
+  assert not np.array_equal(r.logprob, setup["rollout"].logprob)  # guidance changed something
+
+
 def test_gumbel_max_samples_tempered_softmax():
   """At τ = 0.5 the candidate x0 is distributed as softmax(logits / τ) (mask token excluded)."""
   logits = np.array([1.0, 0.5, 0.0, -1.0, 3.0], np.float32)  # token 4 = mask: excluded

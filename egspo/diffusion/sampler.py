@@ -50,6 +50,8 @@ class SamplerConfig:
   mask_token_id: the model's mask token.
   temperature:   τ ≥ 0 of the Gumbel-max sampling; 0 = greedy argmax.
   remasking:     'low_confidence' (commit the most probable candidates) or 'random'.
+  cfg_scale:     classifier-free guidance s ≥ 0 (0 = none): logits = u + (s + 1)(c − u), u from the
+                 canvas with its prompt masked (`guided_logits`).
   """
 
   gen_length: int
@@ -58,6 +60,7 @@ class SamplerConfig:
   mask_token_id: int
   temperature: float = 0.0
   remasking: str = "low_confidence"
+  cfg_scale: float = 0.0
 
   def __post_init__(self):
     if self.mask_token_id is None:
@@ -85,7 +88,7 @@ class SamplerConfigError(ValueError):
 
 
 def check_sampling(gen_length, steps, block_length, mask_token_id=None, temperature=0.0,
-                   remasking="low_confidence", *, prefix: str = "") -> None:
+                   remasking="low_confidence", cfg_scale=0.0, *, prefix: str = "") -> None:
   """Raises `SamplerConfigError` for the first bad `SamplerConfig` field (`mask_token_id=None`:
   not known yet, not checked); `prefix` names the other fields in the reasons (e.g. 'rollout.')."""
   def bad(field, value, why):
@@ -113,6 +116,9 @@ def check_sampling(gen_length, steps, block_length, mask_token_id=None, temperat
     bad("temperature", temperature, "must be a finite number >= 0")
   if not isinstance(remasking, str) or remasking not in REMASKING:
     bad("remasking", remasking, f"must be one of {REMASKING}")
+  if (not isinstance(cfg_scale, numbers.Real) or isinstance(cfg_scale, bool)
+      or not np.isfinite(cfg_scale) or cfg_scale < 0):
+    bad("cfg_scale", cfg_scale, "must be a finite number >= 0")
 
 
 def commit_schedule(config: SamplerConfig) -> np.ndarray:
@@ -188,7 +194,10 @@ def denoise_step(logits_fn: LogitsFn, prompt_ids, prompt_mask, completion, step,
 
   ids = jnp.concatenate([prompt_ids.astype(jnp.int32), completion], axis=1)
   attn = jnp.concatenate([prompt_mask.astype(bool), jnp.ones((b, g), bool)], axis=1)
-  logits = logits_fn(ids, attn).astype(jnp.float32)  # [B, G, V]
+  if config.cfg_scale > 0:
+    logits = guided_logits(logits_fn, ids, attn, prompt_ids.shape[1], config)
+  else:
+    logits = logits_fn(ids, attn).astype(jnp.float32)  # [B, G, V]
   if logits.shape[:2] != (b, g):
     raise ValueError(f"logits_fn must return completion logits [B={b}, G={g}, V], "
                      f"got {logits.shape}")
@@ -237,6 +246,21 @@ def denoise_step(logits_fn: LogitsFn, prompt_ids, prompt_mask, completion, step,
                     logprob=to_full(jnp.where(commit, lp, 0.0)),
                     entropy=to_full(jnp.where(commit, ent, 0.0)),
                     step_entropy=step_entropy, x0_hat=x0_hat)
+
+
+def guided_logits(logits_fn: LogitsFn, ids, attn, prompt_length: int, config: SamplerConfig):
+  """Classifier-free guidance of the released trainer's `generate` (`vishnutez/egspo-dllm-rl`,
+  `egspo/egspo_trainer.py` lines 254–262; LLaDA's sampler): one forward over the canvas and its
+  unconditional copy, whose prompt positions are all MASK, then u + (s + 1)(c − u) in float32.
+  Padding stays unattended in both halves (the release masks and attends it). The rollout records
+  this guided distribution (log-probs, entropies, x̂0), as the release does, while the training
+  forwards score the unguided policy (the release's `_get_per_token_logps_unbiased`), so at
+  cfg_scale > 0 the first ratio is not 1.
+  """
+  un_ids = ids.at[:, :prompt_length].set(config.mask_token_id)
+  both = logits_fn(jnp.concatenate([ids, un_ids], axis=0), jnp.concatenate([attn, attn], axis=0))
+  cond, uncond = jnp.split(both.astype(jnp.float32), 2, axis=0)
+  return uncond + (config.cfg_scale + 1.0) * (cond - uncond)
 
 
 def generate(logits_fn, prompt_ids, prompt_mask, key, config: SamplerConfig,
