@@ -46,13 +46,17 @@ from __future__ import annotations
 
 import argparse
 import ast
+import concurrent.futures
 import json
 import pathlib
+import re
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import typing
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/countdown.py:tiny"
@@ -82,17 +86,18 @@ DEFAULT_METHODS = [m for m in METHODS if m != "wd1"]
 # Configs and FLOPs
 
 
-def resolved_config(overrides: list[str]):
-  """The experiment config of `CONFIG` with `--config.a.b=v` overrides applied (values parsed as
-  Python literals, else kept as strings)."""
+def resolved_config(overrides: list[str], config: str = CONFIG):
+  """The experiment config `config` (FILE.py[:variant], relative to the repository) with
+  `--config.a.b=v` overrides applied (values parsed as Python literals, else kept as strings)."""
   sys.path.insert(0, str(REPO))
-  from configs import countdown  # noqa: PLC0415
+  from egspo import config as config_lib  # noqa: PLC0415
 
-  c = countdown.get_config(CONFIG.split(":")[1])
+  c = config_lib.load_config(str(REPO / config))
   for arg in overrides:
     if not arg.startswith("--config."):
       raise ValueError(f"override {arg!r} is not of the form --config.a.b=value")
     path, _, raw = arg[len("--config."):].partition("=")
+    config_lib.check_field(c, path)  # ConfigError naming the unknown field
     try:
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -161,19 +166,111 @@ def iteration_flops(c) -> dict:
 # Runs
 
 
-def run_main(workdir: pathlib.Path, args: list[str], dry_run: bool) -> float:
-  cmd = [sys.executable, "-m", "egspo.main", f"--config={CONFIG}", f"--workdir={workdir}"] + args
-  print("$", " ".join(cmd), flush=True)
-  if dry_run:
-    return 0.0
-  workdir.parent.mkdir(parents=True, exist_ok=True)
-  t0 = time.time()
-  log = workdir.parent / f"{workdir.name}.log"
-  with open(log, "w") as f:
-    proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-  if proc.returncode:
-    raise SystemExit(f"run failed (exit {proc.returncode}); see {log}")
-  return time.time() - t0
+class Run(typing.NamedTuple):
+  """One `egspo.main` run: a seed's SFT stage (method 'sft') or a method's RL from it."""
+  method: str
+  seed: int
+  workdir: pathlib.Path
+  args: tuple[str, ...]
+  sft_dir: pathlib.Path | None = None  # RL runs: the seed's SFT run, whose checkpoint they start from
+
+  @property
+  def done(self) -> bool:
+    return (self.workdir / "history.json").exists()
+
+
+def plan_runs(out: pathlib.Path, seeds: list[int], methods: list[str], common: list[str]
+              ) -> list[Run]:
+  """Per seed: one SFT run (`train.num_iterations=0`, the SFT model evaluated) in OUT/seedS/sft,
+  then every method in OUT/seedS/<method>, each starting from that SFT checkpoint."""
+  runs = []
+  sft_common = [x for x in common if not x.startswith("--config.train.num_iterations=")]
+  for seed in seeds:
+    base, seed_args = out / f"seed{seed}", [f"--config.seed={seed}"]
+    sft = Run("sft", seed, base / "sft", tuple(seed_args + sft_common + [
+        "--config.train.num_iterations=0", "--config.eval.before_training=True"]))
+    runs.append(sft)
+    runs += [Run(m, seed, base / slug(m), tuple(seed_args + common + METHODS[m] + [
+        "--config.eval.before_training=False"]), sft.workdir) for m in methods]
+  return runs
+
+
+def command(config: str, run: Run) -> list[str]:
+  return [sys.executable, "-m", "egspo.main", f"--config={config}", f"--workdir={run.workdir}",
+          *run.args]
+
+
+class Runner:
+  """Runs `Run`s with `egspo.main`, up to `jobs` subprocesses at once.
+
+  Finished runs (a history.json) are skipped. Every SFT run is started before any RL run, and an
+  RL run waits for its seed's SFT run. An unfinished RL run resumes from its own checkpoints (a
+  new one first gets the SFT checkpoint copied in). On a failure the runs still going get SIGTERM
+  (egspo.main saves a checkpoint, so a rerun resumes them) and the failure is raised.
+  """
+
+  def __init__(self, config: str = CONFIG, jobs: int = 1, dry_run: bool = False,
+               sft_from: pathlib.Path | None = None):
+    if jobs < 1:
+      raise ValueError(f"jobs must be >= 1, got {jobs}")
+    self.config, self.jobs, self.dry_run, self.sft_from = config, jobs, dry_run, sft_from
+    self._procs: set[subprocess.Popen] = set()
+    self._lock = threading.Lock()
+
+  def run_all(self, runs: list[Run]) -> dict[pathlib.Path, float]:
+    """Runs the unfinished `runs`; returns {workdir: wall seconds} of those it ran."""
+    todo = sorted((r for r in runs if not r.done), key=lambda r: r.sft_dir is not None)
+    if self.dry_run:
+      for r in todo:
+        print("$", " ".join(command(self.config, r)), flush=True)
+      return {}
+    futures = {}
+    with concurrent.futures.ThreadPoolExecutor(self.jobs) as pool:
+      for r in todo:  # FIFO: the SFT runs are taken first, so a waiting RL run never blocks one
+        futures[r.workdir] = pool.submit(self._run, r, futures.get(r.sft_dir))
+      try:
+        for f in concurrent.futures.as_completed(futures.values()):
+          f.result()
+      except BaseException:
+        for f in futures.values():
+          f.cancel()
+        self._terminate()
+        raise
+    return {wd: f.result() for wd, f in futures.items()}
+
+  def _run(self, run: Run, sft: concurrent.futures.Future | None) -> float:
+    if sft is not None:
+      sft.result()  # raises if the seed's SFT run failed
+    if run.sft_dir is None and self.sft_from is not None:
+      adopt_sft(self.sft_from / f"seed{run.seed}" / "egspo_sa", run.workdir)
+      return 0.0
+    if run.sft_dir is not None and not (run.workdir / "checkpoints" / "sft").exists():
+      tmp = run.workdir / "checkpoints" / "sft.copying"  # an interrupted copy is redone
+      shutil.rmtree(tmp, ignore_errors=True)
+      shutil.copytree(run.sft_dir / "checkpoints" / "sft", tmp)
+      tmp.rename(tmp.with_name("sft"))
+    cmd = command(self.config, run)
+    print("$", " ".join(cmd), flush=True)
+    run.workdir.parent.mkdir(parents=True, exist_ok=True)
+    log = run.workdir.parent / f"{run.workdir.name}.log"
+    t0 = time.time()
+    with open(log, "a") as f:
+      with self._lock:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        self._procs.add(proc)
+      rc = proc.wait()
+      with self._lock:
+        self._procs.discard(proc)
+    if rc:
+      raise RuntimeError(f"run failed (exit {rc}); see {log}")
+    if not run.done:
+      raise RuntimeError(f"run stopped before the end (no history.json; rerun to resume); see {log}")
+    return time.time() - t0
+
+  def _terminate(self) -> None:
+    with self._lock:
+      for proc in self._procs:
+        proc.terminate()
 
 
 def final_eval(history: dict) -> dict:
@@ -182,6 +279,19 @@ def final_eval(history: dict) -> dict:
   if not evals:
     raise ValueError("the run's history holds no evaluation after RL (task.num_eval_examples=0?)")
   return evals[-1][1]
+
+
+def final_generations(workdir: pathlib.Path) -> list[dict]:
+  """The per-example records (`egspo.eval.generation_records`: question, generations, score with
+  "correct", ...) of the run's last held-out evaluation, workdir/eval/eval_<step>.json."""
+  files = sorted((int(m.group(1)), p) for p in (workdir / "eval").glob("eval_*.json")
+                 if (m := re.fullmatch(r"eval_(\d+)\.json", p.name)))
+  if not files:
+    raise ValueError(f"{workdir / 'eval'} holds no eval_<step>.json (task.num_eval_examples=0?)")
+  results = json.loads(files[-1][1].read_text())["results"]
+  if len(results) != 1:
+    raise ValueError(f"{files[-1][1]}: expected one generation length, got {sorted(results)}")
+  return next(iter(results.values()))["generations"]
 
 
 def median_iteration_seconds(metrics_file: pathlib.Path) -> float:
@@ -213,43 +323,24 @@ def adopt_sft(src: pathlib.Path, sft_dir: pathlib.Path) -> None:
   (sft_dir / "history.json").write_text(json.dumps({"before": before, "copied_from": str(src)}))
 
 
-def run_seed(out: pathlib.Path, seed: int, methods: list[str], common: list[str],
-             dry_run: bool, sft_from: pathlib.Path | None = None) -> list[dict]:
-  base = out / f"seed{seed}"
-  sft_dir = base / "sft"
-  seed_args = [f"--config.seed={seed}"]
-  if sft_from is not None and not (sft_dir / "history.json").exists() and not dry_run:
-    adopt_sft(sft_from / f"seed{seed}" / "egspo_sa", sft_dir)
-  if not (sft_dir / "history.json").exists():
-    sft_common = [x for x in common if not x.startswith("--config.train.num_iterations=")]
-    run_main(sft_dir, seed_args + sft_common + ["--config.train.num_iterations=0",
-                                                "--config.eval.before_training=True"], dry_run)
+def method_rows(runs: list[Run], walls: dict, config: str = CONFIG) -> list[dict]:
+  """One row per run: held-out accuracy (the SFT model's for 'sft'), times and analytic FLOPs."""
   rows = []
-  if not dry_run:
-    h = json.loads((sft_dir / "history.json").read_text())
-    rows.append({"method": "sft", "seed": seed, "accuracy": h["before"]["accuracy"]})
-  for method in methods:
-    wd = base / slug(method)
-    args = seed_args + common + METHODS[method] + ["--config.eval.before_training=False"]
-    wall = None
-    if not (wd / "history.json").exists():
-      if not dry_run:
-        # Start from the seed's SFT checkpoint (a stale partial run of this method is discarded).
-        shutil.rmtree(wd, ignore_errors=True)
-        shutil.copytree(sft_dir / "checkpoints" / "sft", wd / "checkpoints" / "sft")
-      wall = run_main(wd, args, dry_run)
-    if dry_run:
+  for r in runs:
+    h = json.loads((r.workdir / "history.json").read_text())
+    if r.sft_dir is None:
+      rows.append({"method": "sft", "seed": r.seed, "accuracy": h["before"]["accuracy"]})
       continue
-    h = json.loads((wd / "history.json").read_text())
-    flops = iteration_flops(resolved_config(args))
-    rows.append({"method": method, "seed": seed, "accuracy": final_eval(h)["accuracy"],
+    rows.append({"method": r.method, "seed": r.seed, "accuracy": final_eval(h)["accuracy"],
                  "rl_train_seconds": float(h.get("rl_train_seconds", float("nan"))),
-                 "seconds_per_iteration": median_iteration_seconds(wd / "metrics.jsonl"),
-                 "wall_seconds": wall, "flops_per_iteration": flops})
+                 "seconds_per_iteration": median_iteration_seconds(r.workdir / "metrics.jsonl"),
+                 "wall_seconds": walls.get(r.workdir),
+                 "flops_per_iteration": iteration_flops(resolved_config(list(r.args), config))})
   return rows
 
 
-def table(rows: list[dict], methods: list[str], iterations: int | None) -> str:
+def table(rows: list[dict], methods: list[str], iterations: int | None,
+          config: str = CONFIG) -> str:
   def stats(xs):
     m = statistics.fmean(xs)
     sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
@@ -279,46 +370,76 @@ def table(rows: list[dict], methods: list[str], iterations: int | None) -> str:
                  f"{f['total'] / 1e9:.2f} ({f['rollout'] / 1e9:.2f} + {f['plan'] / 1e9:.2f} + "
                  f"{f['update'] / 1e9:.2f}) | {per_it:.2f} | {secs:.0f} |")
   n_seeds = len(sft)
-  note = (f"\n{n_seeds} seed(s), {CONFIG}"
+  note = (f"\n{n_seeds} seed(s), {config}"
           + (f", train.num_iterations={iterations}" if iterations is not None else "")
           + "; sd = sample standard deviation over seeds.")
   return "\n".join(lines) + "\n" + note
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--seeds", default="0,1,2")
-  ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                  help=f"comma-separated, from: {', '.join(METHODS)}")
+# ----------------------------------------------------------------------------------------------
+# Command line (shared with scripts/ablation.py)
+
+
+def add_run_args(ap: argparse.ArgumentParser, seeds: str) -> None:
+  """The options of a multi-seed study: config, seeds, iterations, jobs, dry run, overrides."""
+  ap.add_argument("--config", default=CONFIG, help="FILE.py[:variant], relative to the repository")
+  ap.add_argument("--seeds", default=seeds)
   ap.add_argument("--iterations", type=int, default=None,
                   help="train.num_iterations for every method (default: the config's)")
-  ap.add_argument("--out", default="runs/compare_methods")
+  ap.add_argument("--jobs", type=int, default=1, help="runs at once (subprocesses)")
   ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+  ap.add_argument("extra", nargs="*", help="extra --config.x=y overrides for every run")
+
+
+def parse_run_args(ap: argparse.ArgumentParser, a, methods: list[str], pre: list[str] = ()
+                   ) -> tuple[list[int], list[str]]:
+  """(seeds, common overrides) from `add_run_args`' options; errors name the bad value."""
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    ap.error(f"unknown methods {unknown}; known: {list(METHODS)}")
+  if a.jobs < 1:
+    ap.error(f"--jobs must be >= 1, got {a.jobs}")
+  try:
+    seeds = [int(s) for s in a.seeds.split(",") if s]
+  except ValueError:
+    ap.error(f"--seeds must be comma-separated integers, got {a.seeds!r}")
+  common = list(pre) + list(a.extra)
+  if a.iterations is not None:
+    common.append(f"--config.train.num_iterations={a.iterations}")
+  from egspo import config as config_lib  # noqa: PLC0415
+
+  for m in methods:  # fail fast on a bad config or override, before hours of runs
+    try:
+      config_lib.validate(resolved_config(common + METHODS[m], a.config))
+    except Exception as e:  # pylint: disable=broad-except  (ConfigError, KeyError of a bad field…)
+      ap.error(f"--config {a.config} with {' '.join(common + METHODS[m])}: "
+               f"{type(e).__name__}: {e}")
+  return seeds, common
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  add_run_args(ap, seeds="0,1,2")
+  ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                  help=f"comma-separated, from: {', '.join(METHODS)}")
+  ap.add_argument("--out", default="runs/compare_methods")
   ap.add_argument("--sft_from", default=None,
                   help="OUT of a scripts/tiny_countdown.py run with the same seeds and SFT "
                        "settings: reuse its SFT checkpoints (OUT/seedS/egspo_sa) instead of "
                        "training SFT again")
-  ap.add_argument("extra", nargs="*", help="extra --config.x=y overrides for every run")
   a = ap.parse_args()
   methods = [m for m in a.methods.split(",") if m]
-  unknown = [m for m in methods if m not in METHODS]
-  if unknown:
-    ap.error(f"unknown methods {unknown}; known: {list(METHODS)}")
-  common = list(a.extra)
-  if a.iterations is not None:
-    common.append(f"--config.train.num_iterations={a.iterations}")
-  resolved_config(common)  # fail fast on a bad override
+  seeds, common = parse_run_args(ap, a, methods)
   out = pathlib.Path(a.out).expanduser().resolve()
-  rows = []
-  for seed in [int(s) for s in a.seeds.split(",")]:
-    rows += run_seed(out, seed, methods, common, a.dry_run,
-                     pathlib.Path(a.sft_from).expanduser().resolve() if a.sft_from else None)
-    if not a.dry_run:
-      out.mkdir(parents=True, exist_ok=True)
-      (out / "results.json").write_text(json.dumps(rows, indent=1))
+  runs = plan_runs(out, seeds, methods, common)
+  sft_from = pathlib.Path(a.sft_from).expanduser().resolve() if a.sft_from else None
+  walls = Runner(a.config, a.jobs, a.dry_run, sft_from).run_all(runs)
   if a.dry_run:
     return
-  md = table(rows, methods, a.iterations)
+  rows = method_rows(runs, walls, a.config)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "results.json").write_text(json.dumps(rows, indent=1))
+  md = table(rows, methods, a.iterations, a.config)
   (out / "results.md").write_text(md + "\n")
   print(md)
 
