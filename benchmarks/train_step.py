@@ -58,7 +58,8 @@ def _parse(argv=None):
   p.add_argument("--micro_batch", type=int, default=None, help="default: B (one micro-batch)")
   p.add_argument("--algorithm", default="egspo_sa", choices=("egspo", "egspo_sa"))
   p.add_argument("--schedule", default=None, choices=("per_step", "joint"),
-                 help="update schedule; default: the config's (per_step, the reference's)")
+                 help="update schedule (train.update_schedule); default: the config's "
+                 "(per_step: K optimizer steps per rollout, one selected-step column each)")
   p.add_argument("--iters", type=int, default=3, help="timed iterations after the warm-up")
   p.add_argument("--ref_iters", type=int, default=1, help="timed runs of the batch-1 scheme")
   p.add_argument("--threads", type=int, default=1, help="CPU threads (0 = leave XLA's default)")
