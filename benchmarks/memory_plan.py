@@ -30,8 +30,9 @@ fine-tuning only + 1 recompute with remat) in the update.
 
 The 8B model is built with `scan_layers=True` (one scanned block: the 32-layer program compiles
 in about a minute here instead of tens of minutes) and the 8B numerics (bf16 parameters and
-matmuls, float32 norms/logits, remat unless a plan turns it off). The full T-step rollout scan
-is compiled, not a single step. Buffers are per device; "-1" mesh axes take the remaining devices.
+matmuls, float32 norms/logits, remat unless a plan turns it off), its LoRA adapters those of the
+config's `lora.targets` and `lora.dropout` (the `lora.apply_lora` call training makes; no LM head
+by default). The full T-step rollout scan is compiled, not a single step. Buffers are per device; "-1" mesh axes take the remaining devices.
 
 Each device count runs in its own subprocess (`XLA_FLAGS=--xla_force_host_platform_device_count=N`
 must be set before jax is imported).
@@ -161,7 +162,8 @@ class Workload:
   num_selected: int = 8
   lora_rank: int = 128
   lora_alpha: float = 64.0
-  lora_targets: str = "q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out"
+  lora_targets: str = lora_lib.DEFAULT_TARGETS  # as training: egspo.model.lora.target_pattern
+  lora_dropout: float = 0.05
 
   @classmethod
   def from_config(cls, c) -> "Workload":
@@ -169,7 +171,8 @@ class Workload:
                block_length=c.rollout.block_length, steps=c.rollout.steps,
                num_prompts=c.batch.num_prompts, group_size=c.batch.group_size,
                micro_batch_size=c.batch.micro_batch_size, num_selected=c.egspo.num_selected_steps,
-               lora_rank=c.lora.rank, lora_alpha=c.lora.alpha, lora_targets=c.lora.targets)
+               lora_rank=c.lora.rank, lora_alpha=c.lora.alpha, lora_targets=c.lora.targets,
+               lora_dropout=c.lora.dropout)
 
   @property
   def batch(self) -> int:
@@ -201,10 +204,9 @@ def abstract_policy(model_cfg: llada.ModelConfig, trainable: str, wl: Workload):
 
   def make():
     model = llada.LLaDA(model_cfg, rngs=nnx.Rngs(0))
-    if trainable == "lora":
-      targets = rf"^blocks\.(\d+\.)?({wl.lora_targets})$"
-      lora_lib.apply_lora(model, rank=wl.lora_rank, alpha=wl.lora_alpha, targets=targets,
-                          rngs=nnx.Rngs(1))
+    if trainable == "lora":  # the adapters training builds (egspo.trainer.build_model)
+      lora_lib.apply_lora(model, rank=wl.lora_rank, alpha=wl.lora_alpha, targets=wl.lora_targets,
+                          rngs=nnx.Rngs(1), dropout=wl.lora_dropout)
     return model
 
   return update_lib.split_policy(nnx.eval_shape(make), trainable)
@@ -295,7 +297,7 @@ def compile_iteration(model_cfg: llada.ModelConfig, plan: Plan, wl: Workload, de
   state_sh = shard_lib.logical_to_mesh_sharding(state, mesh, rules)
   frozen_sh = shard_lib.logical_to_mesh_sharding(frozen, mesh, rules)
   state_a, frozen_a = with_shardings(state, state_sh), with_shardings(frozen, frozen_sh)
-  ref_a = state_a.params  # π_ref: zeros like the adapters (LoRA) or a full copy (full FT)
+  ref_a = state_a.params  # π_ref: a copy of the trainable part (the adapters, or all for full FT)
   key_a = jax.eval_shape(lambda: jax.random.key(0))
   batch_sh = NamedSharding(mesh, P(shard_lib.BATCH_AXES))
   micro_sh = NamedSharding(mesh, P(None, shard_lib.BATCH_AXES))
@@ -357,15 +359,16 @@ def compile_iteration(model_cfg: llada.ModelConfig, plan: Plan, wl: Workload, de
 
 
 def _matmul_params(model_cfg: llada.ModelConfig, trainable: str, wl: Workload) -> int:
-  """Parameters of the transformer blocks' matmuls (+ LoRA factors): FLOPs/token = 2× this."""
+  """Parameters of the transformer blocks' matmuls (+ LoRA factors of the block projections that
+  `wl.lora_targets` adapts): FLOPs/token = 2× this."""
   d, f = model_cfg.d_model, model_cfg.mlp_hidden_size
   kv = model_cfg.n_kv_heads * model_cfg.head_dim
   shapes = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "attn_out": (d, d),
             "ff_proj": (d, f), "up_proj": (d, f), "ff_out": (f, d)}
   n = sum(a * b for a, b in shapes.values())
   if trainable == "lora":
-    targets = set(wl.lora_targets.split("|"))
-    n += sum(wl.lora_rank * (a + b) for k, (a, b) in shapes.items() if k in targets)
+    n += sum(wl.lora_rank * (a + b) for k, (a, b) in shapes.items()
+             if lora_lib.is_target(f"blocks.0.{k}", wl.lora_targets))
   return model_cfg.n_layers * n
 
 
@@ -414,7 +417,12 @@ def _probe_flops(model_cfg, plan: Plan, wl: Workload, programs=PROGRAMS) -> dict
                                       max_commit=algo.ctx.max_commit)
 
     def grad_fn(params, frozen, mb, key):
-      return jax.grad(lambda p: algo.loss(policy.model(p, frozen), mb, key)[0])(params)
+      def loss(p):  # as make_update_step's training forward (LoRA dropout on)
+        model = policy.model(p, frozen)
+        lora_lib.enable_dropout(model, key)
+        return algo.loss(model, mb, key)[0]
+
+      return jax.grad(loss)(params)
 
     b = wl.batch
     ids = jax.ShapeDtypeStruct((b, wl.prompt_length), jnp.int32)

@@ -61,7 +61,12 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.lora.enabled = True
   c.lora.rank = 128
   c.lora.alpha = 64.0
-  c.lora.targets = "q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out"
+  # Adapted projections (egspo.model.lora.target_pattern): 'reference' = q_proj, k_proj, v_proj,
+  # up_proj (what the released trainer's PEFT targets match in LLaDA; the default), 'all_linear' =
+  # every block projection, '|'-joined block projection names, or 're:<regex>' over module paths.
+  # Only a raw regex can reach the LM head `ff_out`.
+  c.lora.targets = "reference"
+  c.lora.dropout = 0.05  # adapter input dropout in training forwards only (the release's 0.05)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = -1  # use the first N devices (-1 = all)
@@ -113,8 +118,12 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.optim.b2 = 0.99
   c.optim.weight_decay = 0.1
   c.optim.max_grad_norm = 0.2
+  # The RL learning-rate schedule counts optimizer steps, not iterations: the RL stage takes
+  # train.num_iterations × (steps per iteration: EGSPO one per column group of
+  # train.update_schedule, K for 'per_step'; baselines μ = <method>.num_iterations) of them
+  # (train.rl_optimizer_steps). warmup_steps: linear warm-up over this many optimizer steps.
   c.optim.warmup_steps = 0
-  c.optim.schedule = "constant"
+  c.optim.schedule = "constant"  # 'constant' | 'cosine' (to 0 at the last optimizer step)
 
   c.sft = ml_collections.ConfigDict()
   c.sft.steps = 0  # masked-diffusion SFT warm start (0 = skip; the 8B model is already instruct)

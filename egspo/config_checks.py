@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import re
 from typing import Any
 
 import ml_collections
@@ -178,16 +177,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _validate_sft(c)
 
   iters = _int(c, "train.num_iterations", 0)
-  if schedule == "cosine":
-    _check(iters > warmup, "train.num_iterations", iters,
-           f"optim.schedule='cosine' decays over the RL iterations: must be > "
-           f"optim.warmup_steps={warmup}")
   _choice(c, "train.update_schedule", algorithms.UPDATE_SCHEDULES)
   _real(c, "train.time_budget_s", 0.0)
   for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                "max_refused_updates"):
     _int(c, f"train.{name}", 1)
   registry.get_algorithm(algorithm).validate_config(Fields(c))
+  if schedule == "cosine":  # the schedule counts optimizer steps (egspo.train.rl_optimizer)
+    per = registry.optimizer_steps_per_iteration(c)
+    _check(iters * per > warmup, "optim.warmup_steps", warmup,
+           f"optim.schedule='cosine' decays over the RL stage's {iters * per} optimizer steps "
+           f"(train.num_iterations={iters} × {per} per iteration): must be fewer")
 
 
 def _validate_task(c) -> None:
@@ -232,13 +232,12 @@ def _validate_model(c) -> None:
   _bool(c, "lora.enabled")
   _int(c, "lora.rank", 1)
   _real(c, "lora.alpha", 0.0, lo_open=True)
+  _real(c, "lora.dropout", 0.0, 1.0, hi_open=True)
   targets = _str(c, "lora.targets")
-  try:
-    re.compile(targets)
-    ok = bool(targets)
-  except re.error:
-    ok = False
-  _check(ok, "lora.targets", targets, "must be a non-empty regular expression of module names")
+  from egspo.model import lora  # pylint: disable=import-outside-toplevel  (starts no backend)
+
+  why = lora.targets_error(targets)
+  _check(why is None, "lora.targets", targets, why)
 
 
 def _validate_mesh(c) -> None:

@@ -232,12 +232,19 @@ def sft_stage(tr: Trainer, guard: preemption.PreemptionGuard | None = None):
 # RL
 
 
+def rl_optimizer_steps(c) -> int:
+  """The RL stage's optimizer steps: `train.num_iterations` × the method's optimizer steps per
+  iteration (EGSPO: one per column group of `train.update_schedule`; baselines: μ)."""
+  return c.train.num_iterations * registry.optimizer_steps_per_iteration(c)
+
+
 def rl_optimizer(c):
-  """AdamW of the RL stage (`optim.*`), its schedule over `train.num_iterations`."""
+  """AdamW of the RL stage (`optim.*`); its schedule (and `optim.warmup_steps`) counts optimizer
+  steps, over the `rl_optimizer_steps(c)` of the stage."""
   return update_lib.make_optimizer(
       c.optim.learning_rate, b1=c.optim.b1, b2=c.optim.b2, weight_decay=c.optim.weight_decay,
       max_grad_norm=c.optim.max_grad_norm, warmup_steps=c.optim.warmup_steps,
-      schedule=c.optim.schedule, total_steps=c.train.num_iterations)
+      schedule=c.optim.schedule, total_steps=rl_optimizer_steps(c))
 
 
 def make_algorithm(tr: Trainer, ref_params, scfg: sampler_lib.SamplerConfig):
@@ -328,8 +335,9 @@ def rl_stage(tr: Trainer, init_params, guard: preemption.PreemptionGuard | None 
   """
   c = tr.config
   tx = rl_optimizer(c)
+  steps_per_iteration = registry.optimizer_steps_per_iteration(c)
   scfg = sampler_config(c, tr.model_cfg, "rollout")
-  algo = make_algorithm(tr, update_lib.reference_params(init_params, tr.trainable), scfg)
+  algo = make_algorithm(tr, update_lib.reference_params(init_params), scfg)
   rollout = make_rollout(tr, scfg)
   eval_examples = tr.eval_examples()
   stream = tr.train_stream(c.batch.num_prompts, c.batch.group_size, seed=c.seed,
@@ -365,6 +373,10 @@ def rl_stage(tr: Trainer, init_params, guard: preemption.PreemptionGuard | None 
         state, m, updates, _ = rl_iteration(tr, rollout, algo, update, state, examples,
                                             jax.random.fold_in(base_key, it), timer)
         done = it + 1
+        if len(updates) != steps_per_iteration:  # the schedule's length assumes it
+          raise RuntimeError(f"algorithm {c.algorithm!r} planned {len(updates)} optimizer steps "
+                             f"in iteration {done}, but its optimizer_steps_per_iteration says "
+                             f"{steps_per_iteration}")
         for j, x in enumerate(updates):
           stage.refused.record(bool(x["update_ok"]), f"iteration {done} (update {j + 1}/"
                                f"{len(updates)})")

@@ -57,7 +57,8 @@ def build_model(config, tokenizer, mesh, rules):
     from egspo.model import lora
 
     lora.apply_lora(model, rank=config.lora.rank, alpha=config.lora.alpha,
-                    targets=config.lora.targets, rngs=nnx.Rngs(config.seed + LORA_SEED_OFFSET))
+                    targets=config.lora.targets, rngs=nnx.Rngs(config.seed + LORA_SEED_OFFSET),
+                    dropout=config.lora.dropout)
     shard_lib.shard_model(model, mesh, rules)  # the new adapters onto their shardings
   return model
 

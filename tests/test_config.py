@@ -49,6 +49,8 @@ BAD = [
     ("tokenizer", ""), ("tokenizer", "/some/hf_tokenizer"), ("tokenizer", 0),
     ("lora.enabled", "true"), ("lora.rank", 0), ("lora.rank", 8.0), ("lora.alpha", 0.0),
     ("lora.alpha", INF), ("lora.targets", ""), ("lora.targets", "q_proj|("),
+    ("lora.targets", "lm_head"), ("lora.targets", "re:("), ("lora.dropout", 1.0),
+    ("lora.dropout", -0.1),
     ("mesh.num_devices", 0), ("mesh.num_devices", -2), ("mesh.data", 0), ("mesh.fsdp", -1),
     ("mesh.tensor", 1.0), ("mesh.rules", (("lora_rank",),)), ("mesh.rules", "lora_rank"),
     ("egspo.selection", "max"), ("egspo.num_selected_steps", 0),
@@ -120,11 +122,13 @@ def test_the_table_covers_every_field_of_the_config():
 
 
 def test_cross_field_rules():
-  ok = tiny(**{"optim.schedule": "cosine", "train.num_iterations": 10, "optim.warmup_steps": 5})
+  # Cosine decays over optimizer steps: 5 iterations × K = 4 (per_step) = 20.
+  ok = tiny(**{"optim.schedule": "cosine", "train.num_iterations": 5, "optim.warmup_steps": 19})
   config_lib.validate(ok)
-  with pytest.raises(config_lib.ConfigError, match=r"^bad config field train\.num_iterations=5:"):
+  with pytest.raises(config_lib.ConfigError, match=r"^bad config field optim\.warmup_steps=20: "
+                                                   r".*RL stage's 20 optimizer steps"):
     config_lib.validate(tiny(**{"optim.schedule": "cosine", "train.num_iterations": 5,
-                                "optim.warmup_steps": 5}))
+                                "optim.warmup_steps": 20}))
   # The release's update schedule: an optimizer step takes whole columns of one rollout.
   config_lib.validate(tiny(**{"train.update_schedule": "reference"}))
   with pytest.raises(config_lib.ConfigError,

@@ -10,7 +10,10 @@ import sys
 import jax
 import pytest
 
-from egspo.model import llada
+from flax import nnx
+
+from egspo import config as config_lib
+from egspo.model import llada, lora
 from conftest import REPO_ROOT
 
 spec = importlib.util.spec_from_file_location("memory_plan",
@@ -27,6 +30,23 @@ CFG = llada.get_config("llada_8b", n_layers=1, d_model=256, n_heads=4, n_kv_head
 PLANS = {k: dataclasses.replace(mp.PLANS[k], remat=False) for k in ("fsdp", "fsdp_full", "data")}
 WL = mp.Workload(prompt_length=16, gen_length=16, block_length=8, steps=4, num_prompts=4,
                  group_size=4, micro_batch_size=8, num_selected=2, lora_rank=8)
+
+
+def test_plans_the_adapters_training_builds():
+  """The 8B default config's workload: the plan's abstract policy adapts exactly what
+  `egspo.trainer.build_model` adapts (`lora.apply_lora` with `lora.targets`), no LM head."""
+  c = config_lib.base_config("countdown")
+  wl = mp.Workload.from_config(c)
+  assert (wl.lora_targets, wl.lora_dropout) == (c.lora.targets, c.lora.dropout)
+  _, params, _ = mp.abstract_policy(mp.model_config_8b(), "lora", wl)
+  planned = {".".join(map(str, p[:-1])) for p, _ in nnx.to_flat_state(params)}
+  assert planned == {f"blocks.{n}" for n in lora.TARGET_SETS[c.lora.targets]}
+  assert "ff_out" not in planned
+  # The analytic FLOPs count the same adapters: r·(in + out) of q, k, v (4096 → 4096) and
+  # up_proj (4096 → 12288) per layer.
+  cfg = mp.model_config_8b()
+  extra = mp._matmul_params(cfg, "lora", wl) - mp._matmul_params(cfg, "full", wl)
+  assert extra == cfg.n_layers * wl.lora_rank * (3 * 8192 + 4096 + 12288)
 
 
 @pytest.fixture(scope="module")

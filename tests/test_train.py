@@ -106,7 +106,7 @@ def test_rl_stage_is_rl_iteration_plus_housekeeping(tmp_path):
   with sharding.use_mesh(tr.mesh, tr.rules):  # as train.run
     tx = train.rl_optimizer(c)
     scfg = trainer.sampler_config(c, tr.model_cfg, "rollout")
-    algo = train.make_algorithm(tr, update_lib.reference_params(tr.params, tr.trainable), scfg)
+    algo = train.make_algorithm(tr, update_lib.reference_params(tr.params), scfg)
     state = tr.new_state(tr.params, tx)
     stream = tr.train_stream(c.batch.num_prompts, c.batch.group_size, seed=c.seed)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), train.RL_KEY), 0)

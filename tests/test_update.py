@@ -9,7 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from egspo.model import llada
+from flax import nnx
+
+from egspo import config as config_lib
+from egspo import train
+from egspo.model import llada, lora
 from egspo.rl import update as U
 from egspo.tokenizer import CharTokenizer
 
@@ -102,11 +106,69 @@ def test_non_finite_loss_keeps_the_old_state(model):
   chex.assert_trees_all_equal(before, new)
 
 
-def test_reference_params_for_lora_are_zeros():
-  p = {"a": jnp.ones((2, 2))}
-  assert float(jnp.sum(U.reference_params(p, "lora")["a"])) == 0.0
-  full = U.reference_params(p, "full")
-  assert full["a"] is not p["a"] and float(jnp.sum(full["a"])) == 4.0
+def _lora_policy(model, dropout=0.0, b_scale=0.0):
+  m = nnx.clone(model)
+  lora.apply_lora(m, rank=4, alpha=8.0, targets="all_linear", rngs=nnx.Rngs(0), dropout=dropout)
+  for x in lora.lora_modules(m).values():
+    x.lora_b.set_value(jnp.full_like(x.lora_b[...], b_scale))
+  return U.split_policy(m, "lora")
+
+
+def _new_state(tx, params):
+  return U.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.copy, params),
+                      opt_state=tx.init(params))
+
+
+IDS = jnp.asarray(np.random.default_rng(0).integers(10, 90, (1, 4, 6)), jnp.int32)
+
+
+def test_reference_is_the_policy_rl_starts_from_with_lora(model):
+  """LoRA with an SFT stage: π_ref is base + the SFT-trained adapters (the policy RL starts
+  from, not the pre-SFT base); only the adapters are copied (the frozen base is shared), and the
+  copy outlives the donated RL train state."""
+  policy, params, frozen = _lora_policy(model)
+  tx = optax.adam(1e-2)
+  step = U.make_update_step(policy, tx, _toy_loss)
+  state = _new_state(tx, params)
+  for i in range(3):  # "SFT" of the adapters
+    state, m = step(state, frozen, {"ids": IDS}, jax.random.key(i))
+    assert float(m["update_ok"]) == 1.0
+  init_params = state.params  # what sft_stage hands to rl_stage
+  ref = U.reference_params(init_params)
+  assert {p[-1] for p, _ in nnx.to_flat_state(ref)} == {"lora_a", "lora_b"}  # adapters only
+  chex.assert_trees_all_equal(ref, init_params)
+  start = np.asarray(policy.model(init_params, frozen)(IDS[0]))
+  base = np.asarray(model(IDS[0]))
+  assert np.abs(start - base).max() > 1e-3  # SFT moved the policy
+  np.testing.assert_array_equal(policy.model(ref, frozen)(IDS[0]), start)
+  rl_state = U.TrainState(step=jnp.zeros((), jnp.int32), params=init_params,
+                          opt_state=tx.init(init_params))
+  step(rl_state, frozen, {"ids": IDS}, jax.random.key(9))  # donates init_params' buffers
+  np.testing.assert_array_equal(policy.model(ref, frozen)(IDS[0]), start)
+  full = {"a": jnp.ones((2, 2))}  # full fine-tuning: a copy of every parameter
+  assert U.reference_params(full)["a"] is not full["a"]
+  chex.assert_trees_all_equal(U.reference_params(full), full)
+
+
+def test_lora_dropout_in_the_update_step_is_keyed(model):
+  """Dropout in the training forward only, its masks from the micro-batch's update key:
+  fold_in(fold_in(key, a), LORA_DROPOUT_KEY). Same key, same step (resume); π_old/π_ref/rollout
+  forwards (the model without keys) are deterministic."""
+  policy, params, frozen = _lora_policy(model, dropout=0.5, b_scale=0.05)
+  tx = optax.sgd(0.1)
+  step = U.make_update_step(policy, tx, _toy_loss)
+  k0, k1 = jax.random.key(0), jax.random.key(1)
+  a, ma = step(_new_state(tx, params), frozen, {"ids": IDS}, k0)
+  b, _ = step(_new_state(tx, params), frozen, {"ids": IDS}, k0)
+  _, mc = step(_new_state(tx, params), frozen, {"ids": IDS}, k1)
+  chex.assert_trees_all_equal(a.params, b.params)
+  assert float(ma["loss"]) != float(mc["loss"])
+  det = policy.model(params, frozen)
+  loss_sum, denom, _ = _toy_loss(det, {"ids": IDS[0]}, None)
+  assert abs(float(ma["loss"]) - float(loss_sum / denom)) > 1e-4
+  lora.enable_dropout(det, jax.random.fold_in(jax.random.fold_in(k0, 0), U.LORA_DROPOUT_KEY))
+  loss_sum, denom, _ = _toy_loss(det, {"ids": IDS[0]}, None)
+  assert float(ma["loss"]) == pytest.approx(float(loss_sum / denom), rel=1e-5)
 
 
 def test_optimizer_clips_and_skips_decay_on_norms():
@@ -138,6 +200,42 @@ def test_schedules_by_hand():
   assert [float(const(s)) for s in (0, 2, 4, 99)] == pytest.approx([0.0, 1.5, 3.0, 3.0])
   with pytest.raises(ValueError, match="decay_steps"):
     U.make_schedule(1.0, total_steps=100, schedule="wsd", decay_steps=0)
+
+
+def _applied_rates(tx, n: int) -> list[float]:
+  """The learning rate of each of `n` optimizer steps: with zero gradients AdamW's update is its
+  decoupled weight decay alone, −lr·wd·w (w = 1)."""
+  params = {"w": jnp.ones((2, 2))}
+  zero, st, rates = {"w": jnp.zeros((2, 2))}, tx.init(params), []
+  for _ in range(n):
+    upd, st = tx.update(zero, st, params)
+    rates.append(-float(upd["w"][0, 0]))
+  return rates
+
+
+def test_rl_schedule_counts_optimizer_steps():
+  """The tiny EGSPO-SA config (per_step, K = 4): 5 iterations are 20 optimizer steps; warm-up 4
+  steps, then cosine to 0 at step 20. The rate after n iterations is the schedule at 4n."""
+  c = config_lib.base_config("countdown", "tiny")
+  c.train.num_iterations, c.optim.warmup_steps, c.optim.schedule = 5, 4, "cosine"
+  c.optim.learning_rate = 1e-3
+  config_lib.validate(c)
+  assert train.rl_optimizer_steps(c) == 20
+  wd = c.optim.weight_decay
+  rates = np.asarray(_applied_rates(train.rl_optimizer(c), 20)) / wd
+  peak = 1e-3
+  want = {2: 0.5 * peak, 4: peak,  # mid warm-up; after iteration 1
+          12: peak * 0.5 * (1 + math.cos(math.pi * 8 / 16)),  # after iteration 3: half-way
+          19: peak * 0.5 * (1 + math.cos(math.pi * 15 / 16))}  # the last step
+  for n, lr in want.items():
+    assert rates[n] == pytest.approx(lr, rel=1e-4), n
+  # Steps per iteration by method and update schedule.
+  c.train.update_schedule = "joint"
+  assert train.rl_optimizer_steps(c) == 5
+  c.train.update_schedule, c.train.columns_per_update = "reference", 2
+  assert train.rl_optimizer_steps(c) == 10
+  c.algorithm, c.diffu_grpo.num_iterations = "diffu_grpo", 3
+  assert train.rl_optimizer_steps(c) == 15
 
 
 # ----------------------------------------------------------------------------------------------

@@ -89,6 +89,11 @@ class _Baseline:
     self.num_iterations = int(self.cfg.num_iterations)
     self._quantity_all = jax.jit(self._quantity_all_impl)
 
+  @classmethod
+  def optimizer_steps_per_iteration(cls, config) -> int:
+    """μ = `num_iterations`: one optimizer step per masking key (`plan`'s batches)."""
+    return int(config[cls.section].num_iterations)
+
   @property
   def needs_ref(self) -> bool:
     return float(self.cfg.get("beta", 0.0)) > 0.0

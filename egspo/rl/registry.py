@@ -13,6 +13,9 @@ A method is a class registered by name (`--config.algorithm=NAME`):
       Checks the method's config section through `fields` (an `egspo.config.Fields`: typed reads
       that raise `ConfigError` naming the field); `egspo.config.validate` calls it for the
       selected method.
+  optimizer_steps_per_iteration(config) -> int  (classmethod, optional: 1 without it)
+      How many batches `plan` returns, i.e. optimizer steps per RL iteration: the learning-rate
+      schedule counts optimizer steps (`optimizer_steps_per_iteration` below).
 
 A new method is one registered class plus its config section; importing `egspo.rl` registers
 the built-in ones (`egspo.rl.algorithms`, `egspo.rl.baselines`).
@@ -62,6 +65,14 @@ def get_algorithm(name: str) -> type:
 
 def registered() -> list[str]:
   return sorted(_REGISTRY)
+
+
+def optimizer_steps_per_iteration(config) -> int:
+  """Optimizer steps one RL iteration of `config.algorithm` takes (its method's
+  `optimizer_steps_per_iteration(config)`; 1 for a method without one)."""
+  method = get_algorithm(config.algorithm)
+  count = getattr(method, "optimizer_steps_per_iteration", None)
+  return 1 if count is None else int(count(config))
 
 
 @dataclasses.dataclass

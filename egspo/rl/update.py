@@ -21,6 +21,11 @@ from absl import logging
 from flax import nnx, struct
 
 from egspo.diffusion import rollout as rollout_lib
+from egspo.model import lora as lora_lib
+
+# A micro-batch's LoRA dropout masks derive from its update key a: fold_in(key_a, 3) (a stream of
+# its own beside the loss's key; exact resume depends on the value).
+LORA_DROPOUT_KEY = 3
 
 
 @struct.dataclass
@@ -55,15 +60,15 @@ def split_policy(model, trainable: str = "full"):
   return Policy(graphdef), params, frozen
 
 
-def reference_params(params, trainable: str):
-  """The frozen reference policy π_ref = the base policy (REFERENCE §3.7).
+def reference_params(params):
+  """The frozen reference policy π_ref = the policy RL starts from (REFERENCE §3.7): a copy of the
+  trainable part `params` (the train state donates its own buffers), shared frozen rest.
 
-  Full fine-tuning keeps a copy of the initial parameters. With LoRA the base policy is the same
-  network with a zero LoRA delta, so zeros stand in for the adapters and cost no extra memory
-  beyond the (small) adapters themselves.
+  Full fine-tuning copies every parameter. With LoRA the base is frozen and shared, so only the
+  adapters are copied: after an SFT stage they are its trained factors (the release's reference is
+  its SFT-merged base with the adapter off, the same policy); without one, B = 0 and π_ref is the
+  base model.
   """
-  if trainable == "lora":
-    return jax.tree.map(jnp.zeros_like, params)
   return jax.tree.map(jnp.copy, params)
 
 
@@ -118,11 +123,14 @@ def make_update_step(policy: Policy, tx: optax.GradientTransformation, loss_fn: 
   the step minimises Σ loss_sum / Σ denom over the micro-batches. `batch` is a pytree whose
   leaves have a leading micro-batch axis [A, ...]; the gradient is accumulated over the A
   micro-batches with `lax.scan`, so memory is that of one micro-batch. Each micro-batch
-  gets its own key (fold_in(key, a)).
+  gets its own key (fold_in(key, a)); LoRA dropout (a training forward) masks with
+  fold_in(fold_in(key, a), LORA_DROPOUT_KEY).
   """
 
   def loss_of_params(params, frozen, mb, key):
-    loss_sum, denom, metrics = loss_fn(policy.model(params, frozen), mb, key)
+    model = policy.model(params, frozen)
+    lora_lib.enable_dropout(model, jax.random.fold_in(key, LORA_DROPOUT_KEY))
+    loss_sum, denom, metrics = loss_fn(model, mb, key)
     return loss_sum, (denom, metrics)
 
   grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
@@ -173,7 +181,8 @@ def make_schedule(learning_rate, *, warmup_steps=0, total_steps=None, schedule="
                `final_lr_fraction · learning_rate` at `total_steps`;
 
   after `total_steps` the rate stays at its final value (so training on past the schedule, e.g. a
-  continued-SFT control, goes on at the rate the schedule ended with).
+  continued-SFT control, goes on at the rate the schedule ended with). Steps are applied optimizer
+  steps (a refused update keeps the optimizer's count), not RL iterations.
   """
   if schedule == "constant":
     lr = (optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps else
