@@ -81,9 +81,10 @@ RL_SECONDS_PER_ITERATION = {
 }
 RL_RUN_OVERHEAD_S = 11.0
 # Sudoku ':tiny' (24 tokens in 12 steps, against Countdown's 16 in 8) relative to Countdown
-# ':tiny': (SFT, RL) time ratios measured back to back on the shared 2-core machine (2026-12-02;
-# 150 SFT steps and 12 RL iterations of each, compilation excluded).
-TASK_TIME_FACTORS = {"countdown": (1.0, 1.0), "sudoku": (1.4, 1.9)}
+# ':tiny', (SFT, RL) time ratios: 150 SFT steps and 12 EGSPO-SA iterations of each, back to back
+# on the 2-core machine while other jobs ran (2026-12-02, load ~8): SFT 2.0 against 2.8 steps/s
+# (steps 50-150), RL 2.78 against 1.30 s per iteration (median). Rough: the load varied.
+TASK_TIME_FACTORS = {"countdown": (1.0, 1.0), "sudoku": (1.4, 2.1)}
 
 
 def estimate_seconds(runs: list[cm.Run], sft_steps: int, iterations: int, task: str) -> float:
@@ -161,7 +162,7 @@ def markdown(config: str, seeds: list[int], scores: dict, diffs: list[dict]) -> 
   return "\n".join(lines)
 
 
-def run_rows(runs: list[cm.Run], walls: dict) -> list[dict]:
+def run_rows(runs: list[cm.Run]) -> list[dict]:
   """Per run: held-out accuracy and times (from history.json)."""
   rows = []
   for r in runs:
@@ -169,7 +170,7 @@ def run_rows(runs: list[cm.Run], walls: dict) -> list[dict]:
     acc = h["before"] if r.sft_dir is None else cm.final_eval(h)
     rows.append({"arm": r.method, "seed": r.seed, "accuracy": acc["accuracy"],
                  "rl_train_seconds": h.get("rl_train_seconds"),
-                 "wall_seconds": walls.get(r.workdir), "workdir": str(r.workdir)})
+                 "wall_seconds": cm.wall_seconds(r.workdir), "workdir": str(r.workdir)})
   return rows
 
 
@@ -205,7 +206,7 @@ def main():
         + (f", at best {est / 3600 / a.jobs:.1f} h with --jobs {a.jobs} (the runs share its "
            "cores)" if a.jobs > 1 else "")
         + ("; fewer than the issue's 5 seeds" if len(seeds) < 5 else ""), flush=True)
-  walls = cm.Runner(a.config, a.jobs, a.dry_run).run_all(runs)
+  cm.Runner(a.config, a.jobs, a.dry_run).run_all(runs)
   if a.dry_run:
     return
   seeds, scores = arm_scores(runs)
@@ -214,7 +215,7 @@ def main():
   out.parent.mkdir(parents=True, exist_ok=True)
   out.with_name(out.name + ".json").write_text(json.dumps({
       "config": a.config, "overrides": common, "seeds": seeds, "arms": arms,
-      "runs": run_rows(runs, walls), "differences": diffs,
+      "runs": run_rows(runs), "differences": diffs,
       # per arm, metric and seed: the per-example scores, space-separated, in problem order
       "scores": {arm: {m: [" ".join(f"{v:g}" for v in row) for row in x]
                        for m, x in per.items()} for arm, per in scores.items()},

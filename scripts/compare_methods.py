@@ -60,6 +60,7 @@ import typing
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/countdown.py:tiny"
+WALL_FILE = "wall_seconds.txt"  # in a run's workdir, written by Runner
 
 # name → config overrides. EGSPO with entropy / uniform / random step selection at λ = 0 (plain
 # EGSPO) and λ = 0.5 (EGSPO-SA), then the baselines with their published hyperparameters.
@@ -261,16 +262,24 @@ class Runner:
       rc = proc.wait()
       with self._lock:
         self._procs.discard(proc)
+    wall = (wall_seconds(run.workdir) or 0.0) + time.time() - t0  # over resumptions
+    (run.workdir / WALL_FILE).write_text(f"{wall:.1f}\n")
     if rc:
       raise RuntimeError(f"run failed (exit {rc}); see {log}")
     if not run.done:
       raise RuntimeError(f"run stopped before the end (no history.json; rerun to resume); see {log}")
-    return time.time() - t0
+    return wall
 
   def _terminate(self) -> None:
     with self._lock:
       for proc in self._procs:
         proc.terminate()
+
+
+def wall_seconds(workdir: pathlib.Path) -> float | None:
+  """The wall seconds the Runner spent on the run (all its attempts), None if it ran none."""
+  f = workdir / WALL_FILE
+  return float(f.read_text()) if f.exists() else None
 
 
 def final_eval(history: dict) -> dict:
@@ -323,7 +332,7 @@ def adopt_sft(src: pathlib.Path, sft_dir: pathlib.Path) -> None:
   (sft_dir / "history.json").write_text(json.dumps({"before": before, "copied_from": str(src)}))
 
 
-def method_rows(runs: list[Run], walls: dict, config: str = CONFIG) -> list[dict]:
+def method_rows(runs: list[Run], config: str = CONFIG) -> list[dict]:
   """One row per run: held-out accuracy (the SFT model's for 'sft'), times and analytic FLOPs."""
   rows = []
   for r in runs:
@@ -334,7 +343,7 @@ def method_rows(runs: list[Run], walls: dict, config: str = CONFIG) -> list[dict
     rows.append({"method": r.method, "seed": r.seed, "accuracy": final_eval(h)["accuracy"],
                  "rl_train_seconds": float(h.get("rl_train_seconds", float("nan"))),
                  "seconds_per_iteration": median_iteration_seconds(r.workdir / "metrics.jsonl"),
-                 "wall_seconds": walls.get(r.workdir),
+                 "wall_seconds": wall_seconds(r.workdir),
                  "flops_per_iteration": iteration_flops(resolved_config(list(r.args), config))})
   return rows
 
@@ -433,10 +442,10 @@ def main():
   out = pathlib.Path(a.out).expanduser().resolve()
   runs = plan_runs(out, seeds, methods, common)
   sft_from = pathlib.Path(a.sft_from).expanduser().resolve() if a.sft_from else None
-  walls = Runner(a.config, a.jobs, a.dry_run, sft_from).run_all(runs)
+  Runner(a.config, a.jobs, a.dry_run, sft_from).run_all(runs)
   if a.dry_run:
     return
-  rows = method_rows(runs, walls, a.config)
+  rows = method_rows(runs, a.config)
   out.mkdir(parents=True, exist_ok=True)
   (out / "results.json").write_text(json.dumps(rows, indent=1))
   md = table(rows, methods, a.iterations, a.config)

@@ -130,10 +130,12 @@ def test_end_to_end_micro_ablation_then_resume(tmp_path):
   assert [len(s.split()) for s in res["scores"][ENTROPY]["accuracy"]] == [8, 8]
   assert {(r["arm"], r["seed"]) for r in res["runs"]} == {
       (a, s) for a in ("sft", ENTROPY, UNIFORM) for s in (0, 1)}
+  assert all(r["wall_seconds"] > 0 for r in res["runs"])
   md = (tmp_path / "res" / "abl.md").read_text()
   assert "| entropy − uniform (λ 0) | accuracy |" in md and "| EGSPO − SFT (entropy, λ 0) |" in md
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "6 to do" not in again.stdout and "0 to do" in again.stdout
   assert not [l for l in again.stdout.splitlines() if l.startswith("$ ")]
-  assert json.loads((tmp_path / "res" / "abl.json").read_text())["differences"] == res["differences"]
+  resumed = json.loads((tmp_path / "res" / "abl.json").read_text())
+  assert (resumed["differences"], resumed["runs"]) == (res["differences"], res["runs"])
