@@ -1,6 +1,6 @@
-"""Every RL method on the `:tiny` Countdown setting, × seeds, from one shared SFT checkpoint per seed
-(issue 5): held-out accuracy (mean ± spread over seeds), FLOPs per RL iteration and wall time, as a
-markdown table.
+"""Every RL method on a `:tiny` setting (`--config`, Countdown by default), × seeds, from one shared
+SFT checkpoint per seed (issue 5): held-out accuracy (mean ± spread over seeds), FLOPs per RL
+iteration and wall time, as a markdown table. `scripts/ablation.py` runs its arms the same way.
 
 For each seed S:
   1. SFT once: `python -m egspo.main --config=configs/countdown.py:tiny --config.seed=S
@@ -13,8 +13,9 @@ For each seed S:
 With `--sft_from OUT_OF_TINY_COUNTDOWN`, step 1 is skipped and the SFT checkpoint (and its held-out
 accuracy) of `scripts/tiny_countdown.py`'s run of the same seed is reused: the same config and seed
 give the same SFT stage, so this only saves its minutes.
-Finished runs (a `history.json` in the workdir) are not re-run, so an interrupted comparison
-resumes where it stopped. Results: OUT/results.json (raw) and OUT/results.md (the table).
+Finished runs (a `history.json` in the workdir) are not re-run and unfinished ones resume from
+their checkpoints, so an interrupted comparison resumes where it stopped; `--jobs N` runs up to N
+at once (`Runner`). Results: OUT/results.json (raw) and OUT/results.md (the table).
 
     python scripts/compare_methods.py --seeds 0,1,2 --out runs/compare_methods
     python scripts/compare_methods.py --seeds 0 --iterations 1 --methods espo,gdpo \\
