@@ -87,6 +87,21 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   # Which selected steps share a group-mean column (entropy/adaptive selection): 'entropy_rank'
   # (the release: column k = each sample's k-th highest-entropy step) | 'time' (k-th earliest).
   c.egspo.pairing = "entropy_rank"
+  # Released-trainer options (vishnutez/egspo-dllm-rl egspo_config.py), each off by default:
+  # the step log-prob's positions: 'next' (the tokens committed at t) | 'final' (every position
+  # still masked in x_t, scored as its final token; rl.step_variants).
+  c.egspo.pred_state = "next"
+  # Select only among steps up to the last one that committed a non-EOS token (rl.termination).
+  c.egspo.terminate_at_last_non_eos = False
+  # Score the one-step guesses x̂0 with the task's correctness term only (Task.correctness_rewards).
+  c.egspo.correctness_step_reward_only = False
+  # Halve λ at every rollout whose optimizer step is a multiple of lambda1_update_steps.
+  c.egspo.dynamic_lambda1 = False
+  c.egspo.lambda1_update_steps = 1000
+  c.egspo.random_replace = False  # 'random' selection with replacement (the release's randint)
+  c.egspo.normalize_returns = True  # R_t / (1 + λ) (the release's train.sh: true)
+  # 'returns': A = R_t − mean_G R_t | 'standard_grpo': (r − mean_G r + λ (r − V)) / (1 + λ).
+  c.egspo.baseline = "returns"
 
   c.loss = ml_collections.ConfigDict()
   c.loss.eps = 0.2
@@ -95,6 +110,9 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   # Factor on each per-step loss: 'tokens_per_step' (the release: 1 / (gen_length // steps)),
   # 'none' (1), or a positive number (rl.losses.step_loss_scale).
   c.loss.scale = "tokens_per_step"
+  # The KL term: k3 of the step log-probs (False) | the full-vocabulary KL at the committed
+  # positions (True, the release's use_exact_kl; rl.step_variants.exact_step_kl).
+  c.loss.use_exact_kl = False
 
   _baseline_sections(c, task)
 
@@ -104,6 +122,7 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.rollout.steps = 128
   c.rollout.temperature = 0.9
   c.rollout.remasking = "low_confidence"
+  c.rollout.cfg_scale = 0.0  # classifier-free guidance of the rollout sampler (0 = none)
   c.rollout.max_prompt_length = 200
 
   c.batch = ml_collections.ConfigDict()
@@ -202,14 +221,28 @@ def _baseline_sections(c: ml_collections.ConfigDict, task: str) -> None:
 
   c.stabledrl = ml_collections.ConfigDict()
   c.stabledrl.num_iterations = 2  # released configs: num_iterations 2
-  c.stabledrl.estimator = "espo"  # any of egspo.diffusion.masking.ESTIMATORS
-  c.stabledrl.num_mc = 2  # draws for 'espo'/'double_mc' (released: num_mc_samples 2)
+  # any of egspo.diffusion.masking.ESTIMATORS, or 'spg': the release's SPG estimator (block-random
+  # masks from rollout.block_length, per-token-mean ELBO and EUBO; egspo.diffusion.spg)
+  c.stabledrl.estimator = "espo"
+  # What carries the gradient: 'elbo' (the estimator's ELBO) | 'spg' (the release: ELBO if A > 0,
+  # else mix_weight·EUBO + (1 − mix_weight)·ELBO; needs estimator 'spg').
+  c.stabledrl.bound = "elbo"
+  c.stabledrl.eubo_beta = 1.5  # released spg_beta
+  c.stabledrl.mix_weight = 0.5  # released spg_omega
+  c.stabledrl.p_mask_prompt = 0.15  # 'spg' estimator's prompt masking (released p_mask_perturb)
+  # The importance weight's two ELBOs: 'common' (the same masks: old recomputed with each
+  # iteration's key) | 'independent' (the release: old once per rollout from its own masks).
+  c.stabledrl.iw_masks = "common"
+  c.stabledrl.num_mc = 2  # draws for 'espo'/'double_mc'/'spg' (released: num_mc_samples 2)
   c.stabledrl.num_nodes = 3  # for 'gauss_legendre'
   c.stabledrl.clip_iw = 5.0  # unconditional clip of the importance weight (released: 5.0)
   # 'group': self-normalise over each prompt's G completions; 'micro_batch': over the whole
-  # micro-batch (the released code normalises over the per-device batch).
+  # micro-batch. The release normalises over its per-device batch, which at its configs (one
+  # prompt per device, 8 × 2 completions) is one group: 'group' with batch.group_size=16.
   c.stabledrl.normalize_over = "group"
-  c.stabledrl.log_iw_scale = 1.0  # 1/L gives a per-token importance weight; released: 1
+  # Factor on log w: 1 (the release, whose SPG ELBO is a per-token mean); 1/L turns a summed
+  # ELBO (espo, double_mc, gauss_legendre) into a per-token weight.
+  c.stabledrl.log_iw_scale = 1.0
 
   c.wd1 = ml_collections.ConfigDict()
   c.wd1.num_iterations = 1

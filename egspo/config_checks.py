@@ -256,7 +256,7 @@ def _sampling(c, section: str) -> None:
   from egspo.diffusion import sampler  # pylint: disable=import-outside-toplevel
 
   names = ("gen_length", "steps", "block_length") + (
-      ("temperature", "remasking") if section == "rollout" else ())
+      ("temperature", "remasking", "cfg_scale") if section == "rollout" else ())
   try:
     sampler.check_sampling(**{n: _get(c, f"{section}.{n}") for n in names},
                            prefix=f"{section}.")

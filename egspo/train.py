@@ -254,7 +254,8 @@ def make_algorithm(tr: Trainer, ref_params, scfg: sampler_lib.SamplerConfig):
   ctx = registry.Context(config=c, policy=tr.policy, ref_params=ref_params,
                          mask_token_id=tr.model_cfg.mask_token_id,
                          max_commit=int(sampler_lib.commit_schedule(scfg).max()),
-                         reward_fn=tr.task.rewards, decode_fn=tr.decode, to_host=to_host)
+                         reward_fn=tr.task.rewards, decode_fn=tr.decode, to_host=to_host,
+                         step_reward_fn=tr.task.correctness_rewards)
   return registry.get_algorithm(c.algorithm)(ctx)
 
 
@@ -314,7 +315,8 @@ def rl_iteration(tr: Trainer, rollout, algo, update, state, examples, key,
     rewards = np.asarray(tr.task.rewards(texts, examples), np.float32)
   with timer("plan"):
     batches, plan_metrics = algo.plan(state.params, tr.frozen,
-                                      registry.Iteration(ro, rewards, examples, key))
+                                      registry.Iteration(ro, rewards, examples, key,
+                                                         step=int(to_host(state.step))))
     jax.block_until_ready(batches)
   with timer("update"):
     state, updates = apply_updates(tr, update, state, batches, key)

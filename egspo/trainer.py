@@ -69,7 +69,8 @@ def sampler_config(config, model_cfg, section: str) -> sampler_lib.SamplerConfig
       gen_length=s.gen_length, steps=s.steps, block_length=s.block_length,
       mask_token_id=model_cfg.mask_token_id,
       temperature=float(s.temperature) if section == "rollout" else 0.0,
-      remasking=s.remasking if section == "rollout" else "low_confidence")
+      remasking=s.remasking if section == "rollout" else "low_confidence",
+      cfg_scale=float(s.cfg_scale) if section == "rollout" else 0.0)
 
 
 @dataclasses.dataclass

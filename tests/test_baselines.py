@@ -12,6 +12,7 @@ import pytest
 
 from egspo import config as config_lib
 from egspo.diffusion import masking
+from egspo.diffusion import spg
 from egspo.diffusion.rollout import Rollout
 from egspo.model import llada
 from egspo.rl import baselines
@@ -138,7 +139,15 @@ def test_config_rejects_bad_baseline_fields():
   bad("espo", "espo.num_iterations", 0)
   bad("gdpo", "gdpo.normalize", "sideways", r"must be one of \('inside', 'outside', 'none'\)")
   bad("stabledrl", "stabledrl.estimator", "exact",
-      r"must be one of \('double_mc', 'espo', 'gauss_legendre'\)")
+      r"must be one of \('double_mc', 'espo', 'gauss_legendre', 'spg'\)")
+  bad("wd1", "wd1.estimator", "spg", r"must be one of \('double_mc', 'espo', 'gauss_legendre'\)")
+  bad("stabledrl", "stabledrl.bound", "spg", "needs stabledrl.estimator='spg'")
+  bad("stabledrl", "stabledrl.iw_masks", "shared", r"must be one of \('common', 'independent'\)")
+  bad("stabledrl", "stabledrl.mix_weight", 1.5)
+  c = _config("stabledrl", **{"stabledrl.estimator": "spg"})  # L = block_length: one block
+  with pytest.raises(config_lib.ConfigError, match="^bad config field stabledrl.num_mc=2: .*<= "
+                     "rollout.gen_length/rollout.block_length=1"):
+    config_lib.validate(c)
   bad("wd1", "wd1.temperature", 0.0)
   bad("stabledrl", "batch.micro_batch_size", 2, "stabledrl needs whole groups")  # splits G=4
   assert config_lib.base_config("countdown").espo.beta == pytest.approx(3e-3)  # ESPO's script
@@ -289,6 +298,66 @@ def test_update_raises_positive_advantage_likelihood(name, split):
 def test_plan_rejects_a_micro_batch_that_does_not_divide(split):
   with pytest.raises(ValueError, match="micro_batch_size"):
     baselines.micro_batch_keys(jax.random.key(0), 8, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# StableDRL as released (issue 14 §9): the SPG bound, independent masks for the weights' ELBOs.
+
+_RELEASED = {"stabledrl.estimator": "spg", "stabledrl.bound": "spg",
+             "stabledrl.iw_masks": "independent", "rollout.block_length": 4}  # 2 blocks of 4
+
+
+def _spg_direct(model, mb, key=None):
+  """The 'spg' estimate by hand on the full-canvas logits of `model(ids, mask)`."""
+  key = jax.random.wrap_key_data(mb["mask_key"][0]) if key is None else key
+  valid = loss_lib.completion_mask_through_eos(mb["tokens"], 1)
+  return spg.spg_estimate(lambda ids, attn: model(ids, attn), key, mb["prompt_ids"],
+                          mb["prompt_mask"], mb["tokens"], valid, mask_token_id=2,
+                          block_length=4, num_t=2, p_mask_prompt=0.15, eubo_beta=1.5)
+
+
+def test_stabledrl_released_bound_and_independent_masks(split):
+  """'independent': one old (ELBO, EUBO) per rollout from masks of its own, shared by the inner
+  iterations; the loss is −Σ w A L_SPG with w from the current ELBO on fresh masks, by hand."""
+  policy, params, frozen = split
+  algo = _algo("stabledrl", split, **_RELEASED)
+  batches, metrics = _plan(algo, split, seed=3)
+  a = B // MICRO
+  assert batches[0]["old"].shape == (a, MICRO, 2)
+  np.testing.assert_array_equal(np.asarray(batches[0]["old"]), np.asarray(batches[1]["old"]))
+  old_keys = baselines.micro_batch_keys(
+      jax.random.fold_in(jax.random.key(3), baselines.INDEPENDENT_OLD_KEY), B, MICRO)
+  mb = _micro(batches[1], 1)
+  want_old = _spg_direct(policy.model(params, frozen), mb,
+                         jax.random.wrap_key_data(old_keys[MICRO]))
+  np.testing.assert_allclose(np.asarray(mb["old"]), np.asarray(want_old), rtol=1e-5, atol=1e-5)
+  assert metrics["likelihood_old_mean"] == pytest.approx(
+      float(jnp.mean(batches[0]["old"][..., 0])), rel=1e-6)
+  moved = policy.model(_perturbed(params, 0.03, seed=5), frozen)
+  cur = _spg_direct(moved, mb)
+  bound = spg.sandwich(cur[:, 0], cur[:, 1], mb["adv"], 0.5)
+  assert not np.allclose(np.asarray(bound), np.asarray(cur[:, 0]))  # A ≤ 0 rows take the mix
+  want = loss_lib.stabledrl_loss(cur[:, 0], mb["old"][:, 0], mb["adv"], G, clip_iw=5.0,
+                                 bound=bound)
+  got = algo.loss(moved, mb, jax.random.key(0))
+  assert float(got[0]) == pytest.approx(float(want[0]), rel=1e-4, abs=1e-6)
+  assert float(got[1]) == float(want[1])
+
+
+@pytest.mark.parametrize("iw_masks", ["common", "independent"])
+def test_stabledrl_weights_at_the_rollout_parameters(split, iw_masks):
+  """At the rollout parameters the weights are exactly uniform with common masks (ELBO_θ = ELBO_old
+  draw for draw), and not with the release's independent masks."""
+  _, params, frozen = split
+  algo = _algo("stabledrl", split, **{**_RELEASED, "stabledrl.iw_masks": iw_masks})
+  batches, _ = _plan(algo, split, seed=4)
+  if iw_masks == "common":
+    assert not np.allclose(np.asarray(batches[0]["old"]), np.asarray(batches[1]["old"]))
+  _, _, m = algo.loss(split[0].model(params, frozen), _micro(batches[0], 0), jax.random.key(0))
+  if iw_masks == "common":
+    assert float(m["iw/ess_frac"]) == pytest.approx(1.0, abs=1e-5)
+  else:
+    assert float(m["iw/ess_frac"]) < 1.0 - 1e-4
 
 
 # ----------------------------------------------------------------------------------------------

@@ -91,6 +91,13 @@ BAD = [
     ("task.prompt_truncation", "right"),
     ("egspo.pairing", "rank"), ("loss.scale", "x"), ("loss.scale", "-1"),
     ("train.columns_per_update", 0),
+    ("egspo.pred_state", "prev"), ("egspo.terminate_at_last_non_eos", 1),
+    ("egspo.correctness_step_reward_only", "no"), ("egspo.dynamic_lambda1", None),
+    ("egspo.lambda1_update_steps", 0), ("egspo.random_replace", 0),
+    ("egspo.normalize_returns", "true"), ("egspo.baseline", "grpo"), ("loss.use_exact_kl", 1),
+    ("rollout.cfg_scale", -1.0), ("rollout.cfg_scale", NAN), ("stabledrl.bound", "eubo"),
+    ("stabledrl.eubo_beta", 0.0), ("stabledrl.mix_weight", 1.5), ("stabledrl.p_mask_prompt", 1.0),
+    ("stabledrl.iw_masks", "shared"),
 ]
 
 

@@ -90,3 +90,41 @@ class GuessesVariantsTest(chex.TestCase):
       gather(x0_hat, steps[:1])
     with self.assertRaisesRegex(AssertionError, "assert_type"):
       gather(x0_hat, steps.astype(jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# egspo.correctness_step_reward_only: the one-step guesses scored with the correctness term alone.
+
+
+def test_require_step_reward_fn():
+  fn = lambda texts, examples: np.zeros(len(texts))  # noqa: E731
+  assert value.require_step_reward_fn(fn) is fn
+  with pytest.raises(ValueError, match="correctness_step_reward_only needs"):
+    value.require_step_reward_fn(None)
+
+
+def test_task_correctness_rewards_are_the_releases_last_reward_function():
+  """GSM8K: `correctness_reward_func` (2.0) without the four format terms; MATH:
+  `correctness_reward_func_math` (2.0) without the boxed-format term; code: `coding_reward_func`
+  without xmlcount (only `reference_rewards` adds it); Countdown: its single function."""
+  from egspo import tasks  # pylint: disable=import-outside-toplevel
+
+  gsm = tasks.get_task("gsm8k")
+  text = "<reasoning>\nx\n</reasoning>\n<answer>\n72\n</answer>\n"
+  assert gsm.reward(text, {"answer": "72"}) == 4.0  # 0.5 × 4 format terms + 2.0
+  np.testing.assert_array_equal(
+      gsm.correctness_rewards([text, text], [{"answer": "72"}, {"answer": "7"}]), [2.0, 0.0])
+  math = tasks.get_task("math500")
+  text = "<reasoning>\nx\n</reasoning>\n<answer>\n\\boxed{3}\n</answer>\n"
+  assert math.reward(text, {"answer": "4"}) == 1.0  # the format term alone
+  assert math.correctness_reward(text, {"answer": "3"}) == 2.0
+  assert math.correctness_reward(text, {"answer": "4"}) == 0.0
+  mbpp = tasks.get_task("mbpp", reference_rewards=True)
+  text, ex = "<reasoning>\nno code\n</reasoning>\n<answer>\nnone\n</answer>", {
+      "tests": ["assert f(1) == 1"], "entry_point": "f"}
+  assert float(mbpp.rewards([text], [ex])[0]) > 0  # xmlcount only
+  np.testing.assert_array_equal(mbpp.correctness_rewards([text], [ex]), [0.0])
+  cd = tasks.get_task("countdown")
+  texts = ["<answer>1+2</answer>", "<answer>1*2</answer>", "none"]
+  exs = [{"numbers": [1, 2], "target": 3}] * 3
+  np.testing.assert_array_equal(cd.correctness_rewards(texts, exs), cd.rewards(texts, exs))

@@ -8,6 +8,8 @@ selected-step columns) are handled column by column.
 
 from __future__ import annotations
 
+import math
+
 import chex
 import jax.numpy as jnp
 
@@ -74,12 +76,17 @@ def stepwise_advantages(r_final, values, group_size: int, lam: float, valid=None
       A_t = R_t − mean_G(R_t)                                     per selected-step column
   so λ = 0 gives A = r − mean_G(r) in every column.
 
-  Variant flags, all present in the reference trainer (`vishnutez/egspo-dllm-rl`):
+  Variant flags:
     lambda_schedule="linear": λ_t = λ · t / T with t the selected step (`steps` [B, K] and
-      `num_steps` needed); the released trainer uses this schedule, REFERENCE §3.6 a constant λ.
-    normalize_returns=False: no division by (1 + λ_t).
+      `num_steps` needed). This project's own variant: the released trainer
+      (`vishnutez/egspo-dllm-rl`, `egspo_trainer.py` lines 910–918) uses one constant `lambda1`
+      for every step, halved every `lambda1_update_steps` optimizer steps only with
+      `dynamic_lambda1` (`halved_lambda`).
+    normalize_returns=False: no division by (1 + λ_t) (the release's `normalize_returns`,
+      lines 919–921, default False there; its `train.sh` sets True).
     baseline="standard_grpo": A_t = (r − mean_G r + λ_t · stepwise_adv_t) / (1 + λ_t), i.e. the
-      group baseline only on the final reward and the stepwise term added uncentred.
+      group baseline only on the final reward and the stepwise term added uncentred (the
+      release's `standard_grpo_returns`, lines 915–916 and 962–969).
 
   Invalid slots (adaptive-K padding) enter the column mean as if V(s_t) = r_final (no stepwise
   signal, R_t = r_final), which keeps λ = 0 exactly equal to r − mean_G(r); their output is 0.
@@ -112,3 +119,18 @@ def stepwise_advantages(r_final, values, group_size: int, lam: float, valid=None
   else:
     adv = (group_baseline_advantages(r, group_size) + lam_t * stepwise) / norm
   return jnp.where(valid, adv, 0.0)
+
+
+def halved_lambda(lam: float, step: int, every: int, updates_per_rollout: int) -> float:
+  """λ under the release's `dynamic_lambda1` (`egspo_trainer.py` lines 910–912).
+
+  The release halves `lambda1` in place at every rollout whose optimizer step
+  (`state.global_step`) is a multiple of `every` (`lambda1_update_steps`), step 0 included, before
+  computing that rollout's returns. With rollouts every `updates_per_rollout` (P) optimizer steps,
+  the rollouts at or before `step` that halve are those at multiples of lcm(every, P), so
+  λ = lam · 2^−(⌊step / lcm(every, P)⌋ + 1): a function of the step, whatever was resumed.
+  """
+  if every < 1 or updates_per_rollout < 1:
+    raise ValueError(f"every={every} and updates_per_rollout={updates_per_rollout} must be >= 1")
+  period = every * updates_per_rollout // math.gcd(every, updates_per_rollout)
+  return float(lam) * 0.5 ** (int(step) // period + 1)

@@ -9,6 +9,8 @@ import numpy as np
 from egspo.rl import advantages as adv_lib
 from egspo.rl import losses as loss_lib
 from egspo.rl import selection as sel_lib
+from egspo.rl import step_variants
+from egspo.rl import termination as term_lib
 from egspo.rl import update as update_lib
 from egspo.rl import value as value_lib
 from egspo.rl.registry import Context, Iteration, register, split_micro
@@ -16,7 +18,7 @@ from egspo.rl.registry import Context, Iteration, register, split_micro
 # How one rollout's K selected-step columns become optimizer steps (`train.update_schedule`).
 UPDATE_SCHEDULES = ("per_step", "joint", "reference")
 # The [B, K] fields of a planned batch, sliced by column; the others are per sample.
-COLUMN_FIELDS = ("steps", "valid", "adv", "logp_old", "logp_ref")
+COLUMN_FIELDS = ("steps", "valid", "adv", "logp_old", "logp_ref", "ref_vocab")
 
 
 def column_groups(schedule: str, k: int, columns_per_update: int = 2) -> list[list[int]]:
@@ -51,7 +53,8 @@ def columns_batch(batch: dict, cols: list[int]) -> dict:
   Stacking keeps each micro-batch within one column (the memory of a one-column step); the
   loss, a mean over all valid (row, column) slots, is the mean of the per-column means.
   """
-  parts = [{**batch, **{n: batch[n][:, j:j + 1] for n in COLUMN_FIELDS}} for j in cols]
+  parts = [{**batch, **{n: batch[n][:, j:j + 1] for n in COLUMN_FIELDS if n in batch}}
+           for j in cols]
   if len(parts) == 1:
     return parts[0]
   return jax.tree.map(lambda *x: jnp.concatenate(x, axis=0), *parts)
@@ -86,6 +89,16 @@ class EGSPO:
     f.real("loss.eps", 0.0, 1.0, lo_open=True, hi_open=True)
     f.real("loss.eps_high", 0.0, lo_open=True)
     f.real("loss.beta", 0.0)
+    # The released trainer's options (README "EGSPO: the release's options").
+    pred_state = f.choice("egspo.pred_state", step_variants.PRED_STATES)
+    for name in ("terminate_at_last_non_eos", "correctness_step_reward_only", "dynamic_lambda1",
+                 "random_replace", "normalize_returns"):
+      f.boolean(f"egspo.{name}")
+    f.integer("egspo.lambda1_update_steps", 1)
+    f.choice("egspo.baseline", adv_lib.BASELINES)
+    exact = f.boolean("loss.use_exact_kl")
+    f.require(not (exact and pred_state == "final"), "loss.use_exact_kl", exact,
+              "the exact KL is over the committed positions: needs egspo.pred_state='next'")
 
   @classmethod
   def optimizer_steps_per_iteration(cls, config) -> int:
@@ -104,6 +117,16 @@ class EGSPO:
     self.loss_scale = loss_lib.step_loss_scale(c.loss.scale, gen_length=c.rollout.gen_length,
                                                steps=c.rollout.steps)
     self._ref_logps = jax.jit(self._ref_logps_impl)
+    # The release's pred_state='final' / use_exact_kl (egspo.rl.step_variants): their own
+    # no-grad passes; None on the default path (pred_state 'next', k3).
+    self.pred_state, self.exact_kl = c.egspo.pred_state, bool(c.loss.use_exact_kl)
+    self._variant_pass = None
+    if self.pred_state != "next" and self.exact_kl:
+      raise ValueError("loss.use_exact_kl needs egspo.pred_state='next'")
+    if self.pred_state != "next" or self.exact_kl:
+      self._variant_pass = step_variants.no_grad_pass(
+          ctx.policy, self.micro, mask_token_id=ctx.mask_token_id, max_commit=ctx.max_commit,
+          pred_state=self.pred_state, with_vocab=self.exact_kl)
 
   def _ref_logps_impl(self, ref_params, frozen, batch):
     """log π_ref(a_t|s_t) for all B×K selected states, scanned over micro-batches."""
@@ -120,21 +143,35 @@ class EGSPO:
     return out.reshape((-1,) + out.shape[2:])
 
   def plan(self, params, frozen, it: Iteration):
-    del params  # the rollout-time log-probs are π_old; no forward needed
     c = self.ctx.config
     ro = it.rollout
-    steps, valid = sel_lib.select_steps(
-        c.egspo.selection, k=self.k, num_steps=ro.num_steps, step_entropy=ro.step_entropy,
-        key=jax.random.fold_in(it.key, 1), alpha=c.egspo.adaptive_alpha, order=c.egspo.pairing)
+    select = dict(k=self.k, num_steps=ro.num_steps, step_entropy=ro.step_entropy,
+                  key=jax.random.fold_in(it.key, 1), alpha=c.egspo.adaptive_alpha,
+                  order=c.egspo.pairing, replace=c.egspo.random_replace)
+    if c.egspo.terminate_at_last_non_eos:
+      eos = self.ctx.policy.model(params, frozen).cfg.eos_token_id
+      last = term_lib.last_non_eos_steps(ro.tokens, ro.commit_step, eos, ro.num_steps)
+      steps, valid = term_lib.select_capped(c.egspo.selection, last=last, **select)
+    else:
+      steps, valid = sel_lib.select_steps(c.egspo.selection, **select)
     metrics = {}
     rewards = np.asarray(it.rewards, np.float32)
-    if self.lam > 0:
+    lam = self.lam
+    if lam > 0 and c.egspo.dynamic_lambda1:
+      lam = adv_lib.halved_lambda(lam, it.step, c.egspo.lambda1_update_steps,
+                                  self.optimizer_steps_per_iteration(c))
+      metrics["lambda"] = lam
+    if lam > 0:
+      reward_fn = self.ctx.reward_fn
+      if c.egspo.correctness_step_reward_only:
+        reward_fn = value_lib.require_step_reward_fn(self.ctx.step_reward_fn)
       guesses = self.ctx.to_host(value_lib.one_step_guesses(ro.x0_hat, steps))
       values, _, value_metrics = value_lib.one_step_values(
-          guesses, self.ctx.reward_fn, self.ctx.decode_fn, it.examples,
-          valid=self.ctx.to_host(valid))
+          guesses, reward_fn, self.ctx.decode_fn, it.examples, valid=self.ctx.to_host(valid))
       adv = adv_lib.stepwise_advantages(jnp.asarray(rewards), jnp.asarray(values),
-                                        self.group_size, self.lam, valid=valid)
+                                        self.group_size, lam, valid=valid,
+                                        normalize_returns=c.egspo.normalize_returns,
+                                        baseline=c.egspo.baseline)
       metrics.update(value_metrics)
       metrics["value/mean"] = float(np.mean(values))
     else:
@@ -145,7 +182,16 @@ class EGSPO:
                  adv=jnp.asarray(adv, jnp.float32),
                  # π_old = the rollout's own log-probs: no forward needed (REFERENCE §3.1).
                  logp_old=loss_lib.gather_step_logprobs(ro.logprob, ro.commit_step, steps))
-    batch["logp_ref"] = self._ref_logps(self.ctx.ref_params, frozen, batch)
+    if self._variant_pass is None:
+      batch["logp_ref"] = self._ref_logps(self.ctx.ref_params, frozen, batch)
+    else:
+      if self.pred_state == "final":  # π_old of these positions is not in the rollout record
+        batch["logp_old"] = self._variant_pass(params, frozen, batch)
+      ref = self._variant_pass(self.ctx.ref_params, frozen, batch)
+      if self.exact_kl:
+        batch["logp_ref"], batch["ref_vocab"] = ref
+      else:
+        batch["logp_ref"] = ref
     metrics["selected_step_mean"] = float(jnp.mean(steps))
     metrics["adv_abs_mean"] = float(jnp.mean(jnp.abs(batch["adv"])))  # scalars: all hosts agree
     if c.train.update_schedule == "joint":
@@ -156,11 +202,17 @@ class EGSPO:
   def loss(self, model, mb, key):
     del key
     c = self.ctx.config
-    logp = update_lib.step_logprobs(model, mb["prompt_ids"], mb["prompt_mask"], mb["tokens"],
-                                    mb["commit_step"], mb["steps"],
-                                    mask_token_id=self.ctx.mask_token_id,
-                                    max_commit=self.ctx.max_commit)
+    kl = None
+    if self._variant_pass is None:
+      logp = update_lib.step_logprobs(model, mb["prompt_ids"], mb["prompt_mask"], mb["tokens"],
+                                      mb["commit_step"], mb["steps"],
+                                      mask_token_id=self.ctx.mask_token_id,
+                                      max_commit=self.ctx.max_commit)
+    else:
+      logp, kl = step_variants.policy_terms(
+          model, mb, mask_token_id=self.ctx.mask_token_id, max_commit=self.ctx.max_commit,
+          pred_state=self.pred_state, exact_kl=self.exact_kl)
     return loss_lib.egspo_step_loss(logp, mb["logp_old"], mb["adv"], mb["valid"], mb["logp_ref"],
                                     epsilon=c.loss.eps, epsilon_high=c.loss.eps_high,
-                                    beta=c.loss.beta, loss_scale=self.loss_scale)
+                                    beta=c.loss.beta, loss_scale=self.loss_scale, kl=kl)
 

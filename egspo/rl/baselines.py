@@ -28,9 +28,15 @@ import numpy as np
 
 from egspo.diffusion import masking
 from egspo.diffusion import sampler as sampler_lib
+from egspo.diffusion import spg
 from egspo.rl import advantages as adv_lib
 from egspo.rl import losses as loss_lib
 from egspo.rl.registry import Context, Iteration, register, split_micro
+
+# The masking key of the old quantity when it has masks of its own (StableDRL's released
+# `iw_masks='independent'`): fold_in(iteration key, INDEPENDENT_OLD_KEY); the inner iterations use
+# fold_in(iteration key, 1000 + j).
+INDEPENDENT_OLD_KEY = 999
 
 
 def micro_batch_keys(key, batch_size: int, micro_batch_size: int):
@@ -61,6 +67,9 @@ class _Baseline:
 
   section = ""
   needs_old = True
+  # True: the old quantity comes from masks of its own, drawn once per rollout and shared by the
+  # inner iterations (StableDRL's release); False: recomputed with each iteration's key.
+  independent_old = False
 
   @classmethod
   def validate_config(cls, f) -> None:
@@ -138,14 +147,19 @@ class _Baseline:
     base.update(self.extra_fields(params, frozen, ro))
     b = ro.tokens.shape[0]
     batches, old_means = [], []
+    shared_old = None
+    if self.needs_old and self.independent_old:
+      keys = micro_batch_keys(jax.random.fold_in(it.key, INDEPENDENT_OLD_KEY), b, self.micro)
+      shared_old = self._quantity_all(params, frozen, dict(base, mask_key=keys))
     for j in range(self.num_iterations):
       # One masking key per optimizer step on this rollout (d1: a fixed seed per inner
       # iteration), shared by old, reference and current policies.
       batch = dict(base, mask_key=micro_batch_keys(jax.random.fold_in(it.key, 1000 + j), b,
                                                    self.micro))
       if self.needs_old:
-        batch["old"] = self._quantity_all(params, frozen, batch)
-        old_means.append(float(jnp.mean(batch["old"])))
+        batch["old"] = (shared_old if shared_old is not None
+                        else self._quantity_all(params, frozen, batch))
+        old_means.append(self.likelihood_mean(batch["old"]))
       if self.needs_ref:
         batch["ref"] = self._quantity_all(self.ctx.ref_params, frozen, batch)
       batches.append(split_micro(batch, self.micro))
@@ -154,6 +168,10 @@ class _Baseline:
     if old_means:
       metrics["likelihood_old_mean"] = float(np.mean(old_means))
     return batches, metrics
+
+  def likelihood_mean(self, old) -> float:
+    """The logged mean of an old quantity (`likelihood_old_mean`)."""
+    return float(jnp.mean(old))
 
   def loss(self, model, mb, key):
     del key  # the masks come from the batch's own key (common random numbers with plan)
@@ -283,30 +301,84 @@ class GDPO(_SequenceELBO):
 
 @register("stabledrl")
 class StableDRL(_SequenceELBO):
-  """StableDRL (REFERENCE §4): any ELBO estimator; importance weights clipped unconditionally at
-  `clip_iw` and self-normalised over the group (or the micro-batch); loss −Σ w_i A_i ELBO_i, no KL;
-  A = r − mean_G r."""
+  """StableDRL (REFERENCE §4): importance weights clipped unconditionally at `clip_iw` and
+  self-normalised over the group (or the micro-batch); loss −Σ w_i A_i L_i, no KL;
+  A = r − mean_G r.
+
+  Defaults (lower variance) and the release (`networks/llada_svpo.py`, `compute_loss_spg`, with
+  `use_snis`), each by its field:
+    estimator  any ELBO of `masking.ESTIMATORS` (default 'espo') | 'spg': SPG's block-random
+               masks and per-token-mean ELBO/EUBO (`_get_per_seq_logps_spg`; egspo.diffusion.spg)
+    bound      'elbo': L_i = the ELBO | 'spg': ELBO if A_i > 0, else ω·EUBO + (1 − ω)·ELBO
+               (`final_per_seq_logps`); the weights always come from the ELBO
+    iw_masks   'common': log w = ELBO_θ − ELBO_old on the same masks (each inner iteration's
+               key) | 'independent': ELBO_old once per rollout from masks of its own
+               (`ref_elbo`, drawn in `generate_and_score_completions_spg`), ELBO_θ from fresh masks
+    normalize_over  'group' | 'micro_batch' (the release: its per-device batch, one prompt's
+               16 completions at its configs, i.e. 'group' with G = 16)
+  """
 
   section = "stabledrl"
   NORMALIZE_OVER = ("group", "micro_batch")
+  ESTIMATORS = tuple(sorted(masking.ESTIMATORS)) + ("spg",)
+  BOUNDS = ("elbo", "spg")
+  IW_MASKS = ("common", "independent")
 
   @classmethod
   def validate_config(cls, f) -> None:
     super().validate_config(f)
-    cls._validate_estimator(f)
+    est = f.choice("stabledrl.estimator", cls.ESTIMATORS)
+    num_mc = f.integer("stabledrl.num_mc", 1)
+    f.integer("stabledrl.num_nodes", 1)
     f.real("stabledrl.clip_iw", 0.0, lo_open=True)
     f.choice("stabledrl.normalize_over", cls.NORMALIZE_OVER)
     f.real("stabledrl.log_iw_scale", 0.0, lo_open=True)
+    bound = f.choice("stabledrl.bound", cls.BOUNDS)
+    f.require(bound == "elbo" or est == "spg", "stabledrl.bound", bound,
+              "the SPG bound needs stabledrl.estimator='spg' (its EUBO shares the ELBO's draws)")
+    f.choice("stabledrl.iw_masks", cls.IW_MASKS)
+    f.real("stabledrl.eubo_beta", 0.0, lo_open=True)
+    f.real("stabledrl.mix_weight", 0.0, 1.0)
+    f.real("stabledrl.p_mask_prompt", 0.0, 1.0, hi_open=True)
+    if est == "spg":
+      blocks = f.get("rollout.gen_length") // f.get("rollout.block_length")
+      f.require(num_mc <= blocks, "stabledrl.num_mc", num_mc,
+                f"the 'spg' estimator draws its num_mc masks from distinct blocks: must be <= "
+                f"rollout.gen_length/rollout.block_length={blocks}")
     cls._validate_whole_groups(f)
 
   @property
   def needs_ref(self) -> bool:
     return False  # no KL term
 
+  @property
+  def independent_old(self) -> bool:
+    return self.cfg.iw_masks == "independent"
+
+  def quantity(self, model, mb, key):
+    """[b] ELBO, or [b, 2] (ELBO, EUBO) for the 'spg' estimator."""
+    if self.estimator_name() != "spg":
+      return super().quantity(model, mb, key)
+    toks = mb["tokens"]
+    return spg.spg_estimate(
+        self.logits_fn(model, toks.shape[-1]), key, mb["prompt_ids"], mb["prompt_mask"], toks,
+        loss_lib.completion_mask_through_eos(toks, model.cfg.eos_token_id),
+        mask_token_id=self.ctx.mask_token_id, block_length=self.ctx.config.rollout.block_length,
+        num_t=int(self.cfg.num_mc), p_mask_prompt=float(self.cfg.p_mask_prompt),
+        eubo_beta=float(self.cfg.eubo_beta))
+
+  def likelihood_mean(self, old) -> float:
+    return float(jnp.mean(old if old.ndim == 1 else old[:, 0]))  # the ELBO
+
   def loss_from(self, cur, mb):
     n = self.group_size if self.cfg.normalize_over == "group" else cur.shape[0]
-    return loss_lib.stabledrl_loss(cur, mb["old"], mb["adv"], n, clip_iw=float(self.cfg.clip_iw),
-                                   log_iw_scale=float(self.cfg.log_iw_scale))
+    old, bound = mb["old"], None
+    if cur.ndim == 2:  # the 'spg' estimator: (ELBO, EUBO)
+      if self.cfg.bound == "spg":
+        bound = spg.sandwich(cur[:, 0], cur[:, 1], mb["adv"], float(self.cfg.mix_weight))
+      cur, old = cur[:, 0], old[:, 0]
+    return loss_lib.stabledrl_loss(cur, old, mb["adv"], n, clip_iw=float(self.cfg.clip_iw),
+                                   log_iw_scale=float(self.cfg.log_iw_scale), bound=bound)
 
 
 @register("wd1")

@@ -83,6 +83,7 @@ class Iteration:
   rewards: np.ndarray  # [B] float32
   examples: list  # [B] task examples (each prompt's example repeated G times)
   key: jax.Array
+  step: int = 0  # optimizer steps applied before this rollout (RL stage)
 
 
 @dataclasses.dataclass
@@ -97,6 +98,9 @@ class Context:
   reward_fn: Callable[[list, list], np.ndarray]  # (texts, examples) -> [B]
   decode_fn: Callable[[np.ndarray], list]  # completion tokens [N, G] -> texts (cut at EOS)
   to_host: Callable[[Any], np.ndarray] = np.asarray  # a (multi-host) array → full numpy array
+  # The correctness term alone, (texts, examples) -> [B] (Task.correctness_rewards): EGSPO's
+  # `egspo.correctness_step_reward_only` scores the one-step guesses with it.
+  step_reward_fn: Callable[[list, list], np.ndarray] | None = None
 
 
 def split_micro(tree, micro_batch_size: int):

@@ -102,3 +102,18 @@ def one_step_values(guesses, reward_fn: Callable[[list, list], Any],
   metrics = {"value/unique_evals": len(rows),
              "value/requested_evals": int(valid.sum()) + (b if final_tokens is not None else 0)}
   return values, final_rewards, metrics
+
+
+def require_step_reward_fn(step_reward_fn):
+  """The reward of the one-step guesses under `egspo.correctness_step_reward_only`: the task's
+  correctness term (`Context.step_reward_fn`, i.e. `Task.correctness_rewards`).
+
+  The release (`egspo_trainer.py` lines 887–897) weights the rewards of the intermediate steps'
+  guesses by its last reward function alone (weight 1, the correctness term) and the final
+  completion's by all of them; here r_final is the task reward as always and V(s_t) is scored
+  with this function. Raises ValueError when the trainer gave none.
+  """
+  if step_reward_fn is None:
+    raise ValueError("egspo.correctness_step_reward_only needs the task's correctness reward "
+                     "(registry.Context.step_reward_fn, Task.correctness_rewards)")
+  return step_reward_fn

@@ -163,6 +163,20 @@ class Task:
       raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
     return np.asarray([self.reward(c, e) for c, e in zip(completions, examples)], np.float32)
 
+  def correctness_reward(self, completion: str, example: Example) -> float:
+    """The correctness term of `reward` alone: the last of the released trainer's reward functions
+    (`egspo_train.py`; GSM8K `correctness_reward_func`, MATH `correctness_reward_func_math`, code
+    `coding_reward_func`). Countdown and Sudoku have a single reward function: the whole reward.
+    EGSPO's `egspo.correctness_step_reward_only` scores the one-step guesses with it."""
+    return self.reward(completion, example)
+
+  def correctness_rewards(self, completions: Sequence[str], examples: Sequence[Example]) -> np.ndarray:
+    """Batched `correctness_reward`: [B] float32."""
+    if len(completions) != len(examples):
+      raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
+    return np.asarray([self.correctness_reward(c, e) for c, e in zip(completions, examples)],
+                      np.float32)
+
   def score(self, completion: str, example: Example) -> dict:
     raise NotImplementedError
 

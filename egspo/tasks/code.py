@@ -188,6 +188,17 @@ class CodeTask(Task):
   def reward(self, completion: str, example: Example) -> float:
     return float(self.rewards([completion], [example])[0])
 
+  def correctness_rewards(self, completions: Sequence[str], examples: Sequence[Example]) -> np.ndarray:
+    """The reward without the release's xmlcount term (its `coding_reward_func`: tests passed +
+    0.5 format), i.e. `rewards` itself unless `reference_rewards` adds xmlcount."""
+    out = self.rewards(completions, examples)
+    if self.reference_rewards:
+      out = out - np.asarray([count_xml(c) for c in completions], np.float32)
+    return out
+
+  def correctness_reward(self, completion: str, example: Example) -> float:
+    return float(self.correctness_rewards([completion], [example])[0])
+
   def score(self, completion: str, example: Example) -> dict:
     return self.scores([completion], [example])[0]
 

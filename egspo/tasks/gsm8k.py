@@ -194,6 +194,10 @@ class GSM8KTask(Task):
   def reward(self, completion: str, example: Example) -> float:
     return float(sum(gsm8k_reward_terms(completion, example["answer"], self.reference_rewards).values()))
 
+  def correctness_reward(self, completion: str, example: Example) -> float:
+    """The `correct` term alone (2.0; the release's `correctness_reward_func`)."""
+    return gsm8k_reward_terms(completion, example["answer"], self.reference_rewards)["correct"]
+
   def score(self, completion: str, example: Example) -> dict:
     if self.reference_rewards:  # d1: exact float equality with its parsed ground truth
       pred = d1_eval_number(completion, reference=True)

@@ -311,14 +311,23 @@ class Math500Task(Task):
     steps = (example.get("solution") or "Solve.").strip()
     return f"<reasoning>\n{steps}\n</reasoning>\n<answer>\n\\boxed{{{ans}}}\n</answer>\n"
 
+  def _correct(self, completion: str, example: Example) -> bool:
+    if self.reference_rewards:
+      pred = d1_extract_boxed(completion)
+      return d1_is_equiv(completion if pred is None else pred, self._reference_gold(example))
+    return is_equivalent(last_boxed(completion), example["answer"], self.use_cas)
+
   def reward(self, completion: str, example: Example) -> float:
     try:
-      if self.reference_rewards:
-        pred = d1_extract_boxed(completion)
-        correct = d1_is_equiv(completion if pred is None else pred, self._reference_gold(example))
-      else:
-        correct = is_equivalent(last_boxed(completion), example["answer"], self.use_cas)
-      return 2.0 * correct + 0.5 * boxed_format_score(completion, self.reference_rewards)
+      return (2.0 * self._correct(completion, example)
+              + 0.5 * boxed_format_score(completion, self.reference_rewards))
+    except Exception:  # noqa: BLE001 - a reward never raises on model text
+      return 0.0
+
+  def correctness_reward(self, completion: str, example: Example) -> float:
+    """2.0 if correct, without the format term (the release's `correctness_reward_func_math`)."""
+    try:
+      return 2.0 * self._correct(completion, example)
     except Exception:  # noqa: BLE001 - a reward never raises on model text
       return 0.0
 
