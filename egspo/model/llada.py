@@ -278,6 +278,10 @@ class Block(nnx.Module):
 
   def __call__(self, x, cos, sin, key_mask):
     """x [B, L, D]; cos/sin [B, L, H]; key_mask [B, L] bool (True = attend to this key)."""
+    return self.attend(x, *self.qkv(x, cos, sin), key_mask)
+
+  def qkv(self, x, cos, sin):
+    """Queries [B, L, n_heads, H], keys and values [B, L, n_kv_heads, H] (RoPE applied) of x."""
     cfg = self.cfg
     b, l, _ = x.shape
     n = self.attn_norm(x)
@@ -288,7 +292,14 @@ class Block(nnx.Module):
     q = constrain(q, ("batch", "length", "act_heads", None))
     k = constrain(k, ("batch", "length", "act_kv_heads", None))
     v = constrain(v, ("batch", "length", "act_kv_heads", None))
-    mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1(query), L(key)]
+    return q, k, v
+
+  def attend(self, x, q, k, v, key_mask):
+    """The rest of the block for queries q of x [B, L, D] over keys/values k, v [B, S, ...];
+    key_mask [B, S] bool or None."""
+    cfg = self.cfg
+    b, l, _ = x.shape
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1(query), S(key)]
     # GQA (n_kv_heads < n_heads) is handled natively: query head i uses kv head i // group,
     # the same as repeating each kv head `group` times (tested against the PyTorch reference).
     attn = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=False,
@@ -378,6 +389,43 @@ class LLaDA(nnx.Module):
       for block in self.blocks:
         x = block_fn(block, x)
     return self.ln_f(x)
+
+  def hidden_states_kv(self, input_ids, positions, key_mask, kv=None, start=0):
+    """The forward of a window of W canvas positions against cached keys and values (the block
+    cache of `egspo.diffusion.cache`, after Fast-dLLM). No remat: a sampling forward.
+
+    input_ids, positions [B, W] (the window's RoPE positions); key_mask [B, S] bool over the
+    canvas of S positions (True = attend). kv = (k, v), each [n_layers, B, S, n_kv_heads,
+    head_dim]: the canvas' keys and values (RoPE applied) per layer; the window's own are computed
+    and written at [start, start + W) before its queries attend all S keys. kv=None: the window
+    is the whole canvas (W = S), as `hidden_states` with these positions and mask. Returns
+    (hidden [B, W, D], normalised; kv with the window's keys and values, [n_layers, B, S, ...]).
+    """
+    cfg = self.cfg
+    if input_ids.shape != positions.shape or key_mask.shape[0] != input_ids.shape[0]:
+      raise ValueError(f"input_ids {input_ids.shape}, positions {positions.shape} and key_mask "
+                       f"{key_mask.shape} must be [B, W], [B, W] and [B, S]")
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    x = constrain(self.wte(input_ids), ("batch", "length", "act_embed"))
+
+    def layer(block, x, cached):
+      q, k, v = block.qkv(x, cos, sin)
+      if cached is not None:
+        k, v = (jax.lax.dynamic_update_slice_in_dim(c, new, start, axis=1)
+                for c, new in zip(cached, (k, v)))
+      return block.attend(x, q, k, v, key_mask), (k, v)
+
+    if cfg.scan_layers:
+      graphdef, stacked = nnx.split(self.blocks)
+      x, new_kv = jax.lax.scan(lambda x, xs: layer(nnx.merge(graphdef, xs[0]), x, xs[1]), x,
+                               (stacked, kv))
+    else:
+      outs = []
+      for i, block in enumerate(self.blocks):
+        x, out = layer(block, x, None if kv is None else (kv[0][i], kv[1][i]))
+        outs.append(out)
+      new_kv = tuple(jnp.stack(t) for t in zip(*outs))
+    return self.ln_f(x), new_kv
 
   def logits(self, hidden):
     """LM head: hidden [..., D] → float32 logits [..., vocab_size]."""
