@@ -35,6 +35,8 @@ from flax import nnx, struct
 from egspo.diffusion.rollout import Rollout
 
 REMASKING = ("low_confidence", "random")
+# SamplerConfig.cache: the block K/V cache of egspo/diffusion/cache.py (after Fast-dLLM).
+CACHE_MODES = ("none", "prefix", "dual")
 
 # logits_fn(ids [B, P+G] int32, attention_mask [B, P+G] bool) -> completion logits [B, G, V] float32.
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -50,8 +52,12 @@ class SamplerConfig:
   mask_token_id: the model's mask token.
   temperature:   τ ≥ 0 of the Gumbel-max sampling; 0 = greedy argmax.
   remasking:     'low_confidence' (commit the most probable candidates) or 'random'.
+  cache:         'none' (every step runs the whole canvas), 'prefix' or 'dual' (a block K/V
+                 cache, egspo/diffusion/cache.py; needs the model: `generate_from_state`).
+  record_x0_hat: record the per-step x̂0 (RL's one-step values); False (evaluation) runs the LM
+                 head on the current block only and leaves `Rollout.x0_hat` None.
   cfg_scale:     classifier-free guidance s ≥ 0 (0 = none): logits = u + (s + 1)(c − u), u from the
-                 canvas with its prompt masked (`guided_logits`).
+                 canvas with its prompt masked (`guided_logits`); needs cache='none'.
   """
 
   gen_length: int
@@ -60,6 +66,8 @@ class SamplerConfig:
   mask_token_id: int
   temperature: float = 0.0
   remasking: str = "low_confidence"
+  cache: str = "none"
+  record_x0_hat: bool = True
   cfg_scale: float = 0.0
 
   def __post_init__(self):
@@ -88,7 +96,8 @@ class SamplerConfigError(ValueError):
 
 
 def check_sampling(gen_length, steps, block_length, mask_token_id=None, temperature=0.0,
-                   remasking="low_confidence", cfg_scale=0.0, *, prefix: str = "") -> None:
+                   remasking="low_confidence", cache="none", record_x0_hat=True,
+                   cfg_scale=0.0, *, prefix: str = "") -> None:
   """Raises `SamplerConfigError` for the first bad `SamplerConfig` field (`mask_token_id=None`:
   not known yet, not checked); `prefix` names the other fields in the reasons (e.g. 'rollout.')."""
   def bad(field, value, why):
@@ -116,9 +125,16 @@ def check_sampling(gen_length, steps, block_length, mask_token_id=None, temperat
     bad("temperature", temperature, "must be a finite number >= 0")
   if not isinstance(remasking, str) or remasking not in REMASKING:
     bad("remasking", remasking, f"must be one of {REMASKING}")
+  if not isinstance(cache, str) or cache not in CACHE_MODES:
+    bad("cache", cache, f"must be one of {CACHE_MODES}")
+  if not isinstance(record_x0_hat, (bool, np.bool_)):
+    bad("record_x0_hat", record_x0_hat, "must be True or False")
   if (not isinstance(cfg_scale, numbers.Real) or isinstance(cfg_scale, bool)
       or not np.isfinite(cfg_scale) or cfg_scale < 0):
     bad("cfg_scale", cfg_scale, "must be a finite number >= 0")
+  if cfg_scale > 0 and cache != "none":
+    bad("cfg_scale", cfg_scale, f"classifier-free guidance needs {prefix}cache='none' "
+                                f"(got {cache!r})")
 
 
 def commit_schedule(config: SamplerConfig) -> np.ndarray:
@@ -187,9 +203,6 @@ def denoise_step(logits_fn: LogitsFn, prompt_ids, prompt_mask, completion, step,
   if g != config.gen_length:
     raise ValueError(f"completion has length {g}, but config.gen_length={config.gen_length}")
   mask_id = config.mask_token_id
-  bl = config.block_length
-  counts = jnp.asarray(commit_schedule(config))
-  kmax = int(commit_schedule(config).max())
   step = jnp.asarray(step, jnp.int32)
 
   ids = jnp.concatenate([prompt_ids.astype(jnp.int32), completion], axis=1)
@@ -203,18 +216,49 @@ def denoise_step(logits_fn: LogitsFn, prompt_ids, prompt_mask, completion, step,
                      f"got {logits.shape}")
 
   masked = completion == mask_id  # [B, G]
-  greedy = _argmax_no_mask(logits, mask_id)  # [B, G]
-  x0_hat = jnp.where(masked, greedy, completion)
-
+  x0_hat = jnp.where(masked, _argmax_no_mask(logits, mask_id), completion)
   # Everything committed at this step lies in the current block: work on that slice only (the
   # Gumbel noise, log-softmax and entropy cost [B, block_length, V] instead of [B, G, V]).
+  start = (step // config.steps_per_block) * config.block_length
+  blk_logits = jax.lax.dynamic_slice_in_dim(logits, start, config.block_length, axis=1)
+  new, committed, logprob, entropy, step_entropy = commit_block(completion, blk_logits, step, key,
+                                                                config)
+  return StepOutput(completion=new, committed=committed, logprob=logprob, entropy=entropy,
+                    step_entropy=step_entropy, x0_hat=x0_hat)
+
+
+def guided_logits(logits_fn: LogitsFn, ids, attn, prompt_length: int, config: SamplerConfig):
+  """Classifier-free guidance of the released trainer's `generate` (`vishnutez/egspo-dllm-rl`,
+  `egspo/egspo_trainer.py` lines 254–262; LLaDA's sampler): one forward over the canvas and its
+  unconditional copy, whose prompt positions are all MASK, then u + (s + 1)(c − u) in float32.
+  Padding stays unattended in both halves (the release masks and attends it). The rollout records
+  this guided distribution (log-probs, entropies, x̂0), as the release does, while the training
+  forwards score the unguided policy (the release's `_get_per_token_logps_unbiased`), so at
+  cfg_scale > 0 the first ratio is not 1.
+  """
+  un_ids = ids.at[:, :prompt_length].set(config.mask_token_id)
+  both = logits_fn(jnp.concatenate([ids, un_ids], axis=0), jnp.concatenate([attn, attn], axis=0))
+  cond, uncond = jnp.split(both.astype(jnp.float32), 2, axis=0)
+  return uncond + (config.cfg_scale + 1.0) * (cond - uncond)
+
+
+def commit_block(completion, blk_logits, step, key, config: SamplerConfig):
+  """The commit rule of step `step` on the current block's untempered logits [B, bl, V] float32
+  (`denoise_step` after its forward; the block cache's steps too).
+
+  Returns (completion, committed, logprob, entropy, step_entropy) as in `StepOutput`.
+  """
+  b, g = completion.shape
+  mask_id, bl = config.mask_token_id, config.block_length
+  counts = jnp.asarray(commit_schedule(config))
+  kmax = int(commit_schedule(config).max())
+  step = jnp.asarray(step, jnp.int32)
   start = (step // config.steps_per_block) * bl
-  blk_logits = jax.lax.dynamic_slice_in_dim(logits, start, bl, axis=1)  # [B, bl, V]
   blk_comp = jax.lax.dynamic_slice_in_dim(completion, start, bl, axis=1)  # [B, bl]
   blk_masked = blk_comp == mask_id
   gumbel_key, remask_key = jax.random.split(key)
   if config.temperature == 0:
-    x0 = jax.lax.dynamic_slice_in_dim(greedy, start, bl, axis=1)
+    x0 = _argmax_no_mask(blk_logits, mask_id)
   else:
     noise = jax.random.gumbel(gumbel_key, blk_logits.shape, jnp.float32)
     x0 = _argmax_no_mask(blk_logits / config.temperature + noise, mask_id)
@@ -242,25 +286,8 @@ def denoise_step(logits_fn: LogitsFn, prompt_ids, prompt_mask, completion, step,
 
   n_commit = jnp.maximum(jnp.sum(commit, axis=1), 1)
   step_entropy = jnp.sum(jnp.where(commit, ent, 0.0), axis=1) / n_commit
-  return StepOutput(completion=new_completion, committed=to_full(commit),
-                    logprob=to_full(jnp.where(commit, lp, 0.0)),
-                    entropy=to_full(jnp.where(commit, ent, 0.0)),
-                    step_entropy=step_entropy, x0_hat=x0_hat)
-
-
-def guided_logits(logits_fn: LogitsFn, ids, attn, prompt_length: int, config: SamplerConfig):
-  """Classifier-free guidance of the released trainer's `generate` (`vishnutez/egspo-dllm-rl`,
-  `egspo/egspo_trainer.py` lines 254–262; LLaDA's sampler): one forward over the canvas and its
-  unconditional copy, whose prompt positions are all MASK, then u + (s + 1)(c − u) in float32.
-  Padding stays unattended in both halves (the release masks and attends it). The rollout records
-  this guided distribution (log-probs, entropies, x̂0), as the release does, while the training
-  forwards score the unguided policy (the release's `_get_per_token_logps_unbiased`), so at
-  cfg_scale > 0 the first ratio is not 1.
-  """
-  un_ids = ids.at[:, :prompt_length].set(config.mask_token_id)
-  both = logits_fn(jnp.concatenate([ids, un_ids], axis=0), jnp.concatenate([attn, attn], axis=0))
-  cond, uncond = jnp.split(both.astype(jnp.float32), 2, axis=0)
-  return uncond + (config.cfg_scale + 1.0) * (cond - uncond)
+  return (new_completion, to_full(commit), to_full(jnp.where(commit, lp, 0.0)),
+          to_full(jnp.where(commit, ent, 0.0)), step_entropy)
 
 
 def generate(logits_fn, prompt_ids, prompt_mask, key, config: SamplerConfig,
@@ -280,6 +307,9 @@ def generate(logits_fn, prompt_ids, prompt_mask, key, config: SamplerConfig,
   if prompt_mask.shape != prompt_ids.shape:
     raise ValueError(f"prompt_mask shape {prompt_mask.shape} != prompt_ids shape "
                      f"{prompt_ids.shape}")
+  if config.cache != "none":
+    raise ValueError(f"SamplerConfig.cache={config.cache!r} needs the model, not a logits_fn: "
+                     "use generate_from_state, generate_model or generate_with_model")
   b, g = prompt_ids.shape[0], config.gen_length
   completion0 = jnp.full((b, g), config.mask_token_id, jnp.int32)
 
@@ -291,7 +321,8 @@ def generate(logits_fn, prompt_ids, prompt_mask, key, config: SamplerConfig,
     carry = (out.completion, jnp.where(out.committed, t, commit_step),
              jnp.where(out.committed, out.logprob, logprob),
              jnp.where(out.committed, out.entropy, entropy), p)
-    ys = (out.step_entropy, out.x0_hat) + ((completion,) if return_states else ())
+    ys = (out.step_entropy, out.x0_hat if config.record_x0_hat else None) + (
+        (completion,) if return_states else ())
     return carry, ys
 
   init = (completion0, jnp.full((b, g), config.steps, jnp.int32), jnp.zeros((b, g), jnp.float32),
@@ -300,7 +331,8 @@ def generate(logits_fn, prompt_ids, prompt_mask, key, config: SamplerConfig,
       body, init, jnp.arange(config.steps, dtype=jnp.int32))
   rollout = Rollout(prompt_ids=prompt_ids.astype(jnp.int32), prompt_mask=prompt_mask.astype(bool),
                     tokens=tokens, commit_step=commit_step, logprob=logprob, entropy=entropy,
-                    step_entropy=ys[0].T, x0_hat=jnp.swapaxes(ys[1], 0, 1))
+                    step_entropy=ys[0].T,
+                    x0_hat=None if ys[1] is None else jnp.swapaxes(ys[1], 0, 1))
   if return_states:
     return rollout, jnp.swapaxes(ys[2], 0, 1)
   return rollout
@@ -327,12 +359,34 @@ def model_logits_fn(model, gen_length: int) -> LogitsFn:
   return functools.partial(nnx_logits_fn(graphdef, gen_length), state)
 
 
+def uses_block_loop(config: SamplerConfig) -> bool:
+  """Does the model-level sampler run egspo/diffusion/cache.py's block loop: with a cache, or
+  (unguided) without x̂0, where the LM head runs on the current block only."""
+  return config.cache != "none" or (not config.record_x0_hat and config.cfg_scale == 0)
+
+
 def generate_from_state(graphdef, state, prompt_ids, prompt_mask, key, config: SamplerConfig,
                         return_states: bool = False):
   """`generate` for an NNX model given as (graphdef, state) = nnx.split(model). Pure, jittable:
-  a training step can call it inside its own `jax.jit` with sharded `state`."""
+  a training step can call it inside its own `jax.jit` with sharded `state`. With
+  `config.cache` or without `record_x0_hat`: the block loop of egspo/diffusion/cache.py."""
+  if uses_block_loop(config):
+    from egspo.diffusion import cache  # pylint: disable=import-outside-toplevel
+    return cache.generate(graphdef, state, prompt_ids, prompt_mask, key, config,
+                          commit=commit_block, greedy=_argmax_no_mask,
+                          return_states=return_states)
   return generate(nnx_logits_fn(graphdef, config.gen_length), prompt_ids, prompt_mask, key,
                   config, return_states=return_states, params=state)
+
+
+def generate_model(model, prompt_ids, prompt_mask, key, config: SamplerConfig):
+  """The `Rollout` of a LLaDA model object inside the caller's own `jax.jit` (the trainer's
+  rollout and evaluation): `generate(model_logits_fn(...))` for `cache='none'` with x̂0, else
+  `generate_from_state`."""
+  if not uses_block_loop(config):
+    return generate(model_logits_fn(model, config.gen_length), prompt_ids, prompt_mask, key,
+                    config)
+  return generate_from_state(*nnx.split(model), prompt_ids, prompt_mask, key, config)
 
 
 _generate_jit = jax.jit(generate_from_state, static_argnames=("graphdef", "config",
