@@ -89,7 +89,7 @@ class EGSPO:
     f.real("loss.eps", 0.0, 1.0, lo_open=True, hi_open=True)
     f.real("loss.eps_high", 0.0, lo_open=True)
     f.real("loss.beta", 0.0)
-    # The released trainer's options (README "EGSPO: the release's options").
+    # The released trainer's options (README "The release's options").
     pred_state = f.choice("egspo.pred_state", step_variants.PRED_STATES)
     for name in ("terminate_at_last_non_eos", "correctness_step_reward_only", "dynamic_lambda1",
                  "random_replace", "normalize_returns"):
