@@ -47,8 +47,9 @@ from egspo.tasks import get_task
 def generate_texts(model, tokenizer, prompts: Sequence[str], gen_length: int, *,
                    block_length: int = 32, steps: int | None = None, temperature: float = 0.0,
                    seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
-                   reference: bool = False) -> list[str]:
-  """Completions of `prompts` (already chat-formatted and prefilled) with the LLaDA sampler.
+                   reference: bool = False, cache: str = "none") -> list[str]:
+  """Completions of `prompts` (already chat-formatted and prefilled) with the LLaDA sampler
+  (`cache`: its block K/V cache, 'none' | 'prefix' | 'dual'; the LM head on the block only).
 
   Batches are padded to `batch_size` rows (by repeating the last prompt) and prompts to `pad_to`
   tokens, so one compiled program serves the whole evaluation. reference=True decodes as the
@@ -60,7 +61,8 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], gen_length: int, *,
   steps = gen_length // 2 if steps is None else steps
   config = sampler.SamplerConfig(gen_length=gen_length, steps=steps,
                                  block_length=min(block_length, gen_length),
-                                 mask_token_id=model.cfg.mask_token_id, temperature=temperature)
+                                 mask_token_id=model.cfg.mask_token_id, temperature=temperature,
+                                 cache=cache, record_x0_hat=False)
   if pad_to is None:
     pad_to = max(len(tokenizer.encode(p)) for p in prompts)
   key = jax.random.key(seed)
@@ -98,14 +100,17 @@ def generation_records(task, examples: Sequence[dict], prompts: Sequence[str],
           for ex, p, t, s in zip(examples, prompts, texts, scores)]
 
 
-def protocol(task, style: str, block_length: int, temperature: float, steps: Any = "gen_length/2") -> dict:
+def protocol(task, style: str, block_length: int, temperature: float, steps: Any = "gen_length/2",
+             cache: str = "none") -> dict:
   return {"temperature": temperature, "block_length": block_length, "steps": steps,
-          "prefill": task.eval_prefill(style), "style": style, "remasking": "low_confidence"}
+          "prefill": task.eval_prefill(style), "style": style, "remasking": "low_confidence",
+          "cache": cache}
 
 
 def evaluate(model, tokenizer, task, examples: Sequence[dict], gen_lengths: Sequence[int] = (128, 256, 512),
              batch_size: int = 8, *, style: str = "chat", block_length: int = 32,
-             temperature: float = 0.0, seed: int = 0, generate_fn=None) -> dict:
+             temperature: float = 0.0, seed: int = 0, generate_fn=None,
+             cache: str = "none") -> dict:
   """Generate for every example at every length with the d1 protocol and score.
 
   Returns {"task", "protocol", "results": {str(L): {"metrics", "generations", "seconds"}}} with
@@ -124,12 +129,13 @@ def evaluate(model, tokenizer, task, examples: Sequence[dict], gen_lengths: Sequ
     else:
       texts = generate_texts(model, tokenizer, prompts, int(length), block_length=block_length,
                              temperature=temperature, seed=seed, batch_size=batch_size,
-                             pad_to=pad_to, reference=task.reference_rewards)
+                             pad_to=pad_to, reference=task.reference_rewards, cache=cache)
     scores, metrics = score_generations(task, texts, examples)
     results[str(length)] = {"metrics": metrics,
                             "generations": generation_records(task, examples, prompts, texts, scores),
                             "seconds": round(time.time() - t0, 3)}
-  return {"task": task.name, "protocol": protocol(task, style, block_length, temperature),
+  return {"task": task.name, "protocol": protocol(task, style, block_length, temperature,
+                                                  cache=cache),
           "results": results}
 
 
@@ -244,6 +250,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--block_length", type=int, default=32)
   p.add_argument("--temperature", type=float, default=0.0)
+  p.add_argument("--cache", choices=["none", "prefix", "dual"], default="none",
+                 help="the sampler's block K/V cache (egspo.diffusion.cache)")
   p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
   p.add_argument("--data_path", default=None, help="eval data file (else the task's default)")
   p.add_argument("--style", choices=["chat", "plain"], default=None,
@@ -315,7 +323,8 @@ def main(argv=None) -> dict:
   model, tokenizer = _load_model(args, parser)
   style = args.style or ("plain" if args.preset else "chat")
   result = evaluate(model, tokenizer, task, examples, gen_lengths, args.batch_size, style=style,
-                    block_length=args.block_length, temperature=args.temperature)
+                    block_length=args.block_length, temperature=args.temperature,
+                    cache=args.cache)
   result["checkpoint"] = args.checkpoint or f"preset:{args.preset}:seed{args.seed}"
   if output is not None:
     write_json(output, result)
