@@ -123,6 +123,10 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.rollout.temperature = 0.9
   c.rollout.remasking = "low_confidence"
   c.rollout.cfg_scale = 0.0  # classifier-free guidance of the rollout sampler (0 = none)
+  # Block K/V cache of the sampler (egspo.diffusion.cache, after Fast-dLLM): 'none' | 'prefix' |
+  # 'dual'. A cache samples from an approximation μ of the full-attention policy; the recorded
+  # log-probs and entropies are μ's.
+  c.rollout.cache = "none"
   c.rollout.max_prompt_length = 200
 
   c.batch = ml_collections.ConfigDict()
@@ -181,6 +185,7 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.eval.gen_length = 256
   c.eval.block_length = 32
   c.eval.steps = 128  # d1 protocol: gen_length / 2
+  c.eval.cache = "none"  # the evaluation sampler's block K/V cache: 'none' | 'prefix' | 'dual'
   c.eval.batch_size = 64
   c.eval.before_training = True
 

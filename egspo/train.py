@@ -265,8 +265,7 @@ def make_rollout(tr: Trainer, scfg: sampler_lib.SamplerConfig):
   @jax.jit
   def rollout(params, frozen, ids, mask, key):
     model = tr.policy.model(params, frozen)
-    return sampler_lib.generate(sampler_lib.model_logits_fn(model, scfg.gen_length), ids, mask,
-                                key, scfg)
+    return sampler_lib.generate_model(model, ids, mask, key, scfg)
 
   return rollout
 

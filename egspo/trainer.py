@@ -70,7 +70,8 @@ def sampler_config(config, model_cfg, section: str) -> sampler_lib.SamplerConfig
       mask_token_id=model_cfg.mask_token_id,
       temperature=float(s.temperature) if section == "rollout" else 0.0,
       remasking=s.remasking if section == "rollout" else "low_confidence",
-      cfg_scale=float(s.cfg_scale) if section == "rollout" else 0.0)
+      cfg_scale=float(s.cfg_scale) if section == "rollout" else 0.0, cache=s.cache,
+      record_x0_hat=section == "rollout")  # evaluation: the LM head on the block only
 
 
 @dataclasses.dataclass
@@ -228,7 +229,7 @@ class Trainer:
       eval_lib.write_json(self.workdir / "eval" / f"{tag}_{step}.json", {
           "task": self.task.name, "tag": tag, "step": step,
           "protocol": eval_lib.protocol(self.task, style, scfg.block_length, scfg.temperature,
-                                        scfg.steps),
+                                        scfg.steps, cache=scfg.cache),
           "results": {str(scfg.gen_length): {"metrics": metrics, "generations": records}}})
     logging.info("eval %s @%d: %s", tag, step, metrics)
     return metrics
@@ -242,8 +243,7 @@ class Trainer:
     @jax.jit
     def gen(params, frozen, ids, mask):
       model = self.policy.model(params, frozen)
-      return sampler_lib.generate(sampler_lib.model_logits_fn(model, scfg.gen_length), ids, mask,
-                                  key, scfg).tokens
+      return sampler_lib.generate_model(model, ids, mask, key, scfg).tokens
 
     self._eval_fns[scfg] = gen
     return gen
