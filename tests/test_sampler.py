@@ -177,6 +177,9 @@ def test_classifier_free_guidance_hand_computed():
 def test_cfg_scale_config_checks():
   with pytest.raises(ValueError, match="SamplerConfig.cfg_scale"):
     sampler.SamplerConfig(gen_length=4, steps=2, block_length=4, mask_token_id=2, cfg_scale=-1.0)
+  with pytest.raises(ValueError, match="needs cache='none'"):
+    sampler.SamplerConfig(gen_length=4, steps=2, block_length=4, mask_token_id=2, cfg_scale=1.0,
+                          cache="prefix")
   assert sampler.SamplerConfig(gen_length=4, steps=2, block_length=4, mask_token_id=2).cfg_scale == 0
 
 
