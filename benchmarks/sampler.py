@@ -1,54 +1,139 @@
-"""Throughput of the jitted LLaDA sampler against a reference-style PyTorch sampler, same weights.
+"""Throughput of the jitted LLaDA sampler per cache mode against a reference-style PyTorch
+sampler on the same weights: tokens/s and achieved FLOP/s.
 
+    python benchmarks/sampler.py --shape short  # d256 L4 V512, B 8, prompt 32, gen 64, 32 steps
+    python benchmarks/sampler.py --shape long   # d512 L4 V512, B 4, prompt 128, gen 128, 64 steps
+    python benchmarks/sampler.py --shape d1     # d1's proportions at d256: prompt 200, gen 256
     python benchmarks/sampler.py --preset small --batch 8 --gen_length 128 --steps 64 \
-        --block_length 32 --threads 1
+        --block_length 32 --cache none,dual --threads 1
 
-JAX: `egspo.diffusion.sampler.generate_with_model` (one jitted scan over the steps, records the
-full rollout: commit steps, log-probs, entropies, x̂0). PyTorch: tests/torch_sampler.py with
-`record=False`, i.e. the ML-GSAI/LLaDA `generate` way: a Python loop over steps, one forward over
-the whole canvas per step, float64 softmax, `topk` per sample. Both are pinned to the same CPU cores
-(`sched_setaffinity`) and thread count (torch.set_num_threads; XLA single-threaded Eigen when
---threads 1). Timings after one warm-up run, median of --runs runs, as wall time and as process
-CPU time (the latter is less disturbed by other processes on a shared machine). tokens/s counts
-generated tokens (batch × gen_length).
+JAX: `sampler.generate_with_model` for each `--cache` mode (none | prefix | dual,
+egspo/diffusion/cache.py): one jitted program, a scan over blocks of scans over steps (`none`
+with `--x0_hat`: today's single scan over the steps). By default it samples tokens only (`record_x0_hat=False`: the LM head on the
+current block), as the reference does; `--x0_hat` times the RL rollout's record. PyTorch:
+tests/torch_sampler.py with `record=False`, the ML-GSAI/LLaDA `generate` way: a Python loop over
+steps, one forward over the whole canvas per step (LM head on every position), float64 softmax.
+Both pinned to the same cores and thread count; timings after one warm-up run (compilation),
+median of --runs, wall time and process CPU time (less disturbed on a shared machine).
+
+tokens/s counts generated tokens (batch × gen_length). FLOPs are analytic and count what each
+program executes (`step_flops`: layer matmuls 2·N per query position, attention
+4·L·queries·keys·d, the LM head 2·d·V per head position; norms, RoPE, softmax left out), against
+a matmul peak measured in the same run (benchmarks/train_step.py `matmul_peak`). Token
+agreement: the fraction of completion tokens equal to `none`'s (a cache samples from an
+approximation). Last line: `RESULT {json}` with every figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import statistics
 import sys
 import time
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODES = ("none", "prefix", "dual")
+# The issue-15 shapes: model overrides of the tiny preset and the sampling schedule.
+SHAPES = {
+    "short": dict(d_model=256, n_layers=4, vocab_size=512, batch=8, prompt_length=32,
+                  gen_length=64, steps=32, block_length=32),
+    "long": dict(d_model=512, n_layers=4, vocab_size=512, batch=4, prompt_length=128,
+                 gen_length=128, steps=64, block_length=32),
+    "d1": dict(d_model=256, n_layers=4, vocab_size=512, batch=4, prompt_length=200,
+               gen_length=256, steps=128, block_length=32),
+}
 
-def _parse():
+
+def _parse(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                 help="a named shape (its fields override the flags below)")
   p.add_argument("--preset", default="small")
+  p.add_argument("--d_model", type=int, default=None, help="override: width (heads of 32 dims)")
+  p.add_argument("--n_layers", type=int, default=None)
+  p.add_argument("--vocab_size", type=int, default=None,
+                 help="override: vocabulary (≥ the character tokenizer's ids)")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--prompt_length", type=int, default=32)
   p.add_argument("--gen_length", type=int, default=128)
   p.add_argument("--steps", type=int, default=64)
   p.add_argument("--block_length", type=int, default=32)
   p.add_argument("--temperature", type=float, default=0.0)
+  p.add_argument("--cache", default=",".join(MODES), help="comma-separated cache modes")
+  p.add_argument("--x0_hat", action="store_true", help="record x̂0 (the RL rollout's record)")
+  p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference loop")
   p.add_argument("--threads", type=int, default=1)
   p.add_argument("--runs", type=int, default=3)
+  p.add_argument("--matmul_n", type=int, default=1024, help="square size of the peak matmul")
   p.add_argument("--seed", type=int, default=0)
-  return p.parse_args()
+  args = p.parse_args(argv)
+  for k, v in SHAPES.get(args.shape, {}).items():
+    setattr(args, k, v)
+  args.cache = [m.strip() for m in args.cache.split(",") if m.strip()]
+  bad = [m for m in args.cache if m not in MODES]
+  if bad or not args.cache:
+    p.error(f"--cache {bad or '(empty)'}: allowed {MODES}")
+  return args
 
 
-def main():
-  args = _parse()
-  # Pin before jax/torch start their thread pools.
+def model_config(args):
+  from egspo.model import llada
+  from egspo.tokenizer import CharTokenizer
+
+  over = {}
+  if args.d_model:
+    heads = max(1, args.d_model // 32)
+    over.update(d_model=args.d_model, n_heads=heads, n_kv_heads=heads,
+                mlp_hidden_size=3 * args.d_model)
+  if args.n_layers:
+    over["n_layers"] = args.n_layers
+  if args.vocab_size:
+    over.update(vocab_size=args.vocab_size, embedding_size=args.vocab_size)
+  over["max_sequence_length"] = max(1024, 2 * (args.prompt_length + args.gen_length))
+  return llada.get_config(args.preset, vocab=CharTokenizer(), **over)
+
+
+def step_flops(cfg, queries: int, keys: int, head_positions: int) -> float:
+  """Analytic FLOPs of one forward of `queries` positions attending `keys` keys, the LM head on
+  `head_positions` of them (multiply-add = 2)."""
+  d, f = cfg.d_model, cfg.mlp_hidden_size
+  kv = cfg.n_kv_heads * cfg.head_dim
+  per_layer = 2 * d * d + 2 * d * kv + 3 * d * f
+  return (2.0 * cfg.n_layers * per_layer * queries + 4.0 * cfg.n_layers * queries * keys * d
+          + 2.0 * d * cfg.embedding_size * head_positions)
+
+
+def sampler_flops(cfg, *, batch, p, g, steps, block, mode, x0_hat) -> float:
+  """FLOPs of one generation of `batch` sequences as each program runs it ('torch': the
+  reference loop, LM head on the whole canvas)."""
+  s, blocks = p + g, g // block
+  if mode == "torch":
+    return batch * steps * step_flops(cfg, s, s, s)
+  head = g if x0_hat else block
+  full = step_flops(cfg, s, s, head)
+  if mode == "none":
+    return batch * steps * full
+  cached_steps = steps - blocks  # every block's first step is a full forward
+  if mode == "prefix":  # window G (block + rest + never-attended padding) over S + G − block keys
+    cached = step_flops(cfg, g, s + g - block, g if x0_hat else block)
+  else:  # dual: the block over the canvas
+    cached = step_flops(cfg, block, s, block)
+  return batch * (blocks * full + cached_steps * cached)
+
+
+def main(argv=None):
+  args = _parse(argv)
   cpus = sorted(os.sched_getaffinity(0))[-args.threads:]
-  os.sched_setaffinity(0, cpus)
+  os.sched_setaffinity(0, cpus)  # pin before jax/torch start their thread pools
   if args.threads == 1:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_cpu_multi_thread_eigen=false"
                                " intra_op_parallelism_threads=1").strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+  sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
   import jax
   import numpy as np
@@ -56,68 +141,104 @@ def main():
 
   import torch_llada
   import torch_sampler
+  from train_step import Clock, matmul_peak  # pylint: disable=import-error
   from egspo.diffusion import sampler
   from egspo.model import llada
-  from egspo.tokenizer import CharTokenizer
 
   torch.set_num_threads(args.threads)
   torch.set_num_interop_threads(1)
 
-  cfg = llada.get_config(args.preset, vocab=CharTokenizer())
+  cfg = model_config(args)
   tcfg = torch_sampler.torch_config(cfg)
-  # Random weights with peaked next-token distributions (as in tests/test_sampler.py), so that the
-  # greedy JAX and PyTorch completions can be compared token for token without near-ties.
+  # Random weights with peaked next-token distributions (as tests/test_sampler.py), so greedy
+  # completions can be compared token for token without near-ties.
   sd = torch_llada.random_state_dict(tcfg, seed=args.seed)
   sd["model.transformer.ff_out.weight"] *= 3.0
   model = torch_sampler.load_state_dict_into_jax(llada.init_model(cfg, args.seed), sd)
-  config = sampler.SamplerConfig(gen_length=args.gen_length, steps=args.steps,
-                                 block_length=args.block_length,
-                                 mask_token_id=cfg.mask_token_id, temperature=args.temperature)
   rng = np.random.default_rng(args.seed)
   # Real tokens only (the reference sampler has no padding mask), never the special ids.
   prompt = rng.integers(8, cfg.vocab_size, size=(args.batch, args.prompt_length)).astype(np.int32)
   mask = np.ones_like(prompt, bool)
-
-  def run_jax(i):
-    r = sampler.generate_with_model(model, prompt, mask, jax.random.key(i), config)
-    return jax.block_until_ready(r).tokens
-
-  def run_torch(i):
-    g = torch.Generator().manual_seed(i)
-    return torch_sampler.generate(sd, tcfg, torch.from_numpy(prompt).long(), None,
-                                  steps=args.steps, gen_length=args.gen_length,
-                                  block_length=args.block_length, mask_id=cfg.mask_token_id,
-                                  temperature=args.temperature, record=False,
-                                  generator=g)["tokens"]
+  n_tok = args.batch * args.gen_length
 
   def timed(fn):
     t0 = time.perf_counter()
     fn(0)  # warm-up (compilation for JAX)
     first = time.perf_counter() - t0
-    walls, cpus_ = [], []
+    walls, cpu = [], []
+    out = None
     for i in range(args.runs):
-      t0, c0 = time.perf_counter(), time.process_time()
-      out = fn(i + 1)
-      walls.append(time.perf_counter() - t0)
-      cpus_.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus_), first, out
+      with Clock() as ck:
+        out = fn(i + 1)
+      walls.append(ck.wall)
+      cpu.append(ck.cpu)
+    return statistics.median(walls), statistics.median(cpu), first, out
 
-  n_tok = args.batch * args.gen_length
-  print(f"preset={args.preset} params={cfg.num_params():,} batch={args.batch} "
+  print(f"shape={args.shape} preset={args.preset} d={cfg.d_model} L={cfg.n_layers} "
+        f"V={cfg.vocab_size} params={cfg.num_params():,} batch={args.batch} "
         f"prompt={args.prompt_length} gen={args.gen_length} steps={args.steps} "
-        f"block={args.block_length} temperature={args.temperature} threads={args.threads} "
-        f"cpus={cpus} runs={args.runs} jax={jax.__version__} torch={torch.__version__}")
-  jax_t, jax_c, jax_first, jax_tok = timed(run_jax)
-  print(f"jax generate:          wall {jax_t:.3f} s ({n_tok / jax_t:,.0f} tokens/s), "
-        f"cpu {jax_c:.3f} s ({n_tok / jax_c:,.0f} tokens/cpu-s); "
-        f"first call incl. compile {jax_first:.2f} s")
-  torch_t, torch_c, _, torch_tok = timed(run_torch)
-  print(f"torch reference-style: wall {torch_t:.3f} s ({n_tok / torch_t:,.0f} tokens/s), "
-        f"cpu {torch_c:.3f} s ({n_tok / torch_c:,.0f} tokens/cpu-s)")
-  print(f"speedup: {torch_t / jax_t:.2f}x wall, {torch_c / jax_c:.2f}x cpu time")
-  if args.temperature == 0:
-    same = np.array_equal(np.asarray(jax_tok), torch_tok.numpy())
-    print(f"greedy completions identical: {same}")
+        f"block={args.block_length} temperature={args.temperature} x0_hat={args.x0_hat} "
+        f"threads={args.threads} cpus={cpus} runs={args.runs} jax={jax.__version__} "
+        f"torch={torch.__version__} load={os.getloadavg()[0]:.2f}")
+  peak = matmul_peak(args.matmul_n)["jax"]
+  print(f"matmul peak ({args.matmul_n}² f32 jnp.dot, best of 5): {peak['wall']:.1f} GFLOP/s wall, "
+        f"{peak['cpu']:.1f} per CPU second")
+  shape = dict(batch=args.batch, p=args.prompt_length, g=args.gen_length, steps=args.steps,
+               block=args.block_length, x0_hat=args.x0_hat)
+  result = dict(shape=args.shape, d_model=cfg.d_model, n_layers=cfg.n_layers,
+                vocab_size=cfg.vocab_size, **shape, threads=args.threads,
+                matmul_peak_gflops=peak["wall"], matmul_peak_gflops_per_cpu_s=peak["cpu"],
+                modes={})
+  tokens = {}
+  for mode in args.cache:
+    config = sampler.SamplerConfig(gen_length=args.gen_length, steps=args.steps,
+                                   block_length=args.block_length,
+                                   mask_token_id=cfg.mask_token_id, temperature=args.temperature,
+                                   cache=mode, record_x0_hat=args.x0_hat)
+
+    def run(i, config=config):
+      r = sampler.generate_with_model(model, prompt, mask, jax.random.key(i), config)
+      return np.asarray(jax.block_until_ready(r).tokens)
+
+    wall, cpu, first, tokens[mode] = timed(run)
+    flops = sampler_flops(cfg, mode=mode, **shape)
+    row = dict(seconds=wall, cpu_seconds=cpu, compile_and_first_s=first,
+               tokens_per_s=n_tok / wall, tokens_per_cpu_s=n_tok / cpu, gflop=flops / 1e9,
+               gflops=flops / wall / 1e9, fraction_of_peak=flops / wall / 1e9 / peak["wall"])
+    if "none" in tokens:
+      row["token_agreement_with_none"] = float(np.mean(tokens[mode] == tokens["none"]))
+    result["modes"][mode] = row
+    agree = row.get("token_agreement_with_none")
+    print(f"jax {mode:6s}: {n_tok / wall:9,.0f} tokens/s wall ({n_tok / cpu:,.0f} per CPU s), "
+          f"{wall:.3f} s, {flops / 1e9:.2f} GFLOP, {row['gflops']:.1f} GFLOP/s "
+          f"({row['fraction_of_peak']:.0%} of peak); first call incl. compile {first:.1f} s"
+          + ("" if agree is None else f"; tokens equal to none's: {agree:.1%}"))
+  if not args.no_torch:
+    def run_torch(i):
+      g = torch.Generator().manual_seed(i)
+      return torch_sampler.generate(sd, tcfg, torch.from_numpy(prompt).long(), None,
+                                    steps=args.steps, gen_length=args.gen_length,
+                                    block_length=args.block_length, mask_id=cfg.mask_token_id,
+                                    temperature=args.temperature, record=False,
+                                    generator=g)["tokens"].numpy()
+
+    wall, cpu, _, torch_tok = timed(run_torch)
+    flops = sampler_flops(cfg, mode="torch", **shape)
+    result["torch"] = dict(seconds=wall, cpu_seconds=cpu, tokens_per_s=n_tok / wall,
+                           tokens_per_cpu_s=n_tok / cpu, gflop=flops / 1e9,
+                           gflops=flops / wall / 1e9)
+    print(f"torch reference-style: {n_tok / wall:9,.0f} tokens/s wall ({n_tok / cpu:,.0f} per "
+          f"CPU s), {wall:.3f} s, {flops / 1e9:.2f} GFLOP, {flops / wall / 1e9:.1f} GFLOP/s")
+    for mode, row in result["modes"].items():
+      row["speedup_vs_torch"] = wall / row["seconds"]
+      row["speedup_vs_torch_cpu"] = cpu / row["cpu_seconds"]
+    print("speedup over torch (wall / cpu): " + ", ".join(
+        f"{m} {r['speedup_vs_torch']:.2f}x / {r['speedup_vs_torch_cpu']:.2f}x"
+        for m, r in result["modes"].items()))
+    if args.temperature == 0 and "none" in tokens:
+      result["greedy_none_equals_torch"] = bool(np.array_equal(tokens["none"], torch_tok))
+      print(f"greedy completions of none identical to torch: {result['greedy_none_equals_torch']}")
+  print("RESULT " + json.dumps(result))
 
 
 if __name__ == "__main__":

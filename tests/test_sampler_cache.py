@@ -313,3 +313,32 @@ def test_generate_cli_cache_flag(capsys):
   with pytest.raises(SystemExit):
     generate_cli.main(args + ["--cache", "full"])
   assert "invalid choice: 'full'" in capsys.readouterr().err
+
+
+def test_sampler_benchmark_smallest():
+  """benchmarks/sampler.py at a tiny shape: every mode reported, consistent analytic FLOPs
+  (dual < prefix < none < the reference loop's, whose LM head covers the whole canvas), greedy
+  `none` equal to the PyTorch loop. Times are printed, not asserted."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  from conftest import REPO_ROOT
+
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "sampler.py"), "--preset", "tiny",
+         "--batch", "2", "--prompt_length", "8", "--gen_length", "16", "--steps", "8",
+         "--block_length", "8", "--runs", "1", "--matmul_n", "128"]
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(next(line for line in out.stdout.splitlines()
+                      if line.startswith("RESULT "))[len("RESULT "):])
+  modes = r["modes"]
+  assert sorted(modes) == ["dual", "none", "prefix"]
+  assert all(m["tokens_per_s"] > 0 and m["gflops"] > 0 for m in modes.values())
+  assert modes["dual"]["gflop"] < modes["prefix"]["gflop"] < modes["none"]["gflop"]
+  assert modes["none"]["gflop"] < r["torch"]["gflop"]
+  assert modes["none"]["token_agreement_with_none"] == 1.0
+  assert r["greedy_none_equals_torch"] is True
