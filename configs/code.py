@@ -14,6 +14,7 @@ def get_config(arg: str = ""):
   c = config_lib.base_config("code", arg)
   c.task.num_eval_examples = 257 + 164  # all of MBPP's sanitized test set and HumanEval
   # Many KodCode prompts exceed the 200-token window: keep their start (template, instructions)
-  # and end instead of the release's left cut ('left' reproduces it).
-  c.task.prompt_truncation = "middle"
+  # and end instead of the release's left cut (':reference' keeps the release's 'left').
+  if arg != "reference":
+    c.task.prompt_truncation = "middle"
   return c

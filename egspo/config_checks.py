@@ -13,8 +13,15 @@ from typing import Any
 
 import ml_collections
 
-VARIANTS = ("", "8b", "tiny")
+VARIANTS = ("", "8b", "reference", "tiny")
 RANDOM_INIT = "random"  # model.checkpoint value: the preset with seeded random weights
+# What the released trainer trains the generator tasks on (egspo/data_utils.py), for ':reference'.
+RELEASE_TRAIN_DATA = {
+    "countdown": "Jiayi-Pan/Countdown-Tasks-3to4 (train split; its last 500 rows after "
+                 "shuffle(seed=42) held out, as released)",
+    "sudoku": "the release's dataset/4x4_sudoku_unique_puzzles.csv (Puzzle/Solution columns; its "
+              "last 500 rows after shuffle(seed=42) held out)",
+}
 
 
 class ConfigError(ValueError):
@@ -205,6 +212,14 @@ def _validate_task(c) -> None:
          "must be a ConfigDict of keyword arguments of the task")
   _local_file(c, "task.train_file")
   _local_file(c, "task.eval_file")
+  name = _get(c, "task.name")
+  if _get(c, "variant") == "reference" and name in RELEASE_TRAIN_DATA:
+    # The release trains on a dataset file, not on generated problems.
+    train_file = _get(c, "task.train_file")
+    env = f"EGSPO_{name.upper()}_TRAIN_FILE"
+    _check(bool(train_file or os.environ.get(env)), "task.train_file", train_file,
+           f"the reference recipe trains {name} on {RELEASE_TRAIN_DATA[name]}: pass a local copy "
+           f"(--config.task.train_file=FILE or ${env})")
 
 
 def _validate_model(c) -> None:
@@ -218,6 +233,10 @@ def _validate_model(c) -> None:
   _bool(c, "model.scan_layers")
   tok = _str(c, "tokenizer")
   if preset == "llada_8b" and not ckpt:
+    if _get(c, "variant") == "reference":
+      _fail("model.checkpoint", ckpt, "the reference recipe starts RL from LLaDA-sft-s1k-merged "
+            "(LLaDA-8B-Instruct after d1's masked SFT on s1K, LoRA merged; d1's SFT/sft_train.py): "
+            "--config.model.checkpoint=DIR of it (HF or converted); 'random' only for smoke runs")
     _fail("model.checkpoint", ckpt, "the llada_8b preset needs a converted or HF checkpoint "
           "(--config.model.checkpoint=DIR); random 8B weights only with model.checkpoint=random")
   if ckpt in ("", RANDOM_INIT):  # the preset's architecture with seeded random weights

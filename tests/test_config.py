@@ -165,6 +165,39 @@ def test_every_config_file_and_variant(name):
     config_lib.validate(c)
 
 
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_reference_variant_is_the_release_and_needs_its_checkpoint(name, tmp_path, monkeypatch):
+  """`:reference` = every RELEASE_* value; it names the SFT-merged checkpoint it starts from and,
+  for the generator tasks, the dataset file the release trains on, and refuses to start without."""
+  for var in ("EGSPO_COUNTDOWN_TRAIN_FILE", "EGSPO_SUDOKU_TRAIN_FILE"):
+    monkeypatch.delenv(var, raising=False)
+  c = config_lib.load_config(str(REPO / "configs" / name) + ":reference")
+  for field, value in {**config_lib.RELEASE_ALGORITHM, **config_lib.RELEASE_RUN}.items():
+    node = c
+    for part in field.split("."):
+      node = node[part]
+    assert node == value, field
+  if c.task.name in ("countdown", "sudoku"):
+    with pytest.raises(config_lib.ConfigError, match=r"^bad config field task\.train_file='': "
+                       r"the reference recipe trains"):
+      config_lib.validate(c)
+    c.task.train_file = str(tmp_path / "train.jsonl")
+    (tmp_path / "train.jsonl").write_text("{}\n")
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^bad config field model\.checkpoint='': .*LLaDA-sft-s1k-merged"):
+    config_lib.validate(c)
+  c.model.checkpoint = "/ckpt/LLaDA-sft-s1k-merged"
+  config_lib.validate(c)
+
+
+def test_reference_settings_are_config_fields():
+  c = config_lib.base_config("gsm8k")
+  config_lib.apply_settings(c, {"egspo.lam": 0.25})
+  assert c.egspo.lam == 0.25
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config field egspo\.lamda"):
+    config_lib.apply_settings(c, {"egspo.lamda": 0.5})
+
+
 def test_random_8b_only_when_asked_and_with_its_tokenizer():
   c = config_lib.base_config("countdown")
   c.model.checkpoint = "random"

@@ -39,13 +39,13 @@ ATOL = 1e-5
 
 
 def reference_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The release's choices that the loss and advantages depend on (train.sh, train.yaml)."""
-  c.algorithm = "egspo_sa"
-  c.egspo.selection, c.egspo.pairing = "entropy", "entropy_rank"  # high_entropy, torch.topk
-  c.egspo.num_selected_steps, c.egspo.lam = K, LAM  # LOGPS_EVAL_NUM_STEPS, LAMBDA1
-  c.loss.eps, c.loss.eps_high, c.loss.beta = EPS, EPS_HIGH, BETA  # EPSILON, EPSILON_HIGH, beta
-  c.loss.scale = "tokens_per_step"  # compute_loss: mean / (gen_length // steps)
-  c.train.update_schedule, c.train.columns_per_update = "reference", GA  # accumulation 2
+  """The `:reference` config's algorithm (`config.RELEASE_ALGORITHM`: train.sh, train.yaml), K
+  shrunk to this test's T = 8 steps; the PyTorch side reads the same values from the constants
+  above."""
+  config_lib.apply_settings(c, config_lib.RELEASE_ALGORITHM)
+  c.egspo.num_selected_steps = K
+  assert (c.egspo.lam, c.loss.eps, c.loss.eps_high, c.loss.beta, c.train.columns_per_update) \
+      == (LAM, EPS, EPS_HIGH, BETA, GA)
   return c
 
 
