@@ -95,6 +95,15 @@ def step_logprobs(model, prompt_ids, prompt_mask, tokens, commit_step, steps, *,
   prompt_ids, prompt_mask: [B, P]; tokens, commit_step: [B, G]; steps: [B, K] → [B, K] float32.
   The LM head runs only at the ≤ M committed positions of each state, not the whole canvas.
   """
+  hidden = step_hidden(model, prompt_ids, prompt_mask, tokens, commit_step, steps,
+                       mask_token_id=mask_token_id)
+  return committed_logprobs(model, hidden, tokens, commit_step, steps, max_commit=max_commit)
+
+
+def step_hidden(model, prompt_ids, prompt_mask, tokens, commit_step, steps, *,
+                mask_token_id: int):
+  """The completion's final hidden states [B, K, G, D] of the B×K selected states x_t, one
+  batched forward (shapes as `step_logprobs`)."""
   b, k = steps.shape
   p, g = prompt_ids.shape[1], tokens.shape[1]
   ro = rollout_lib
@@ -103,7 +112,14 @@ def step_logprobs(model, prompt_ids, prompt_mask, tokens, commit_step, steps, *,
                          comp.astype(prompt_ids.dtype)], axis=-1).reshape(b * k, p + g)
   attn = jnp.concatenate([jnp.broadcast_to(prompt_mask[:, None], (b, k, p)),
                           jnp.ones((b, k, g), bool)], axis=-1).reshape(b * k, p + g)
-  hidden = model.hidden_states(ids, attn)[:, p:, :].reshape(b, k, g, -1)  # [B, K, G, D]
+  return model.hidden_states(ids, attn)[:, p:, :].reshape(b, k, g, -1)  # [B, K, G, D]
+
+
+def committed_logprobs(model, hidden, tokens, commit_step, steps, *, max_commit: int):
+  """Σ over the tokens committed at each selected step of log softmax(head(hidden))[token]:
+  hidden [B, K, G, D] (`step_hidden`) → [B, K] float32; the LM head runs at ≤ M positions."""
+  b, k = steps.shape
+  g = tokens.shape[1]
   idx, valid = committed_positions(commit_step, steps, max_commit)  # [B, K, M]
   h = jnp.take_along_axis(hidden, idx[..., None], axis=2)  # [B, K, M, D]
   logp = jax.nn.log_softmax(model.logits(h), axis=-1)  # [B, K, M, V]
