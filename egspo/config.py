@@ -129,6 +129,9 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   # 'dual'. A cache samples from an approximation μ of the full-attention policy; the recorded
   # log-probs and entropies are μ's.
   c.rollout.cache = "none"
+  # With a cache, RL recomputes π_old of the selected steps with full attention and weights each
+  # step's surrogate by min(π_old/μ, tis_cap) (truncated importance sampling, egspo.rl.tis).
+  c.rollout.tis_cap = 2.0
   c.rollout.max_prompt_length = 200
 
   c.batch = ml_collections.ConfigDict()

@@ -161,6 +161,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _validate_mesh(c)
 
   _sampling(c, "rollout")
+  _real(c, "rollout.tis_cap", 1.0)  # a weight cap below 1 would shrink every on-policy step
   prompt_len = _int(c, "rollout.max_prompt_length", 1)
   _sampling(c, "eval")
   _int(c, "eval.batch_size", 1)

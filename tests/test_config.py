@@ -61,6 +61,7 @@ BAD = [
     ("rollout.gen_length", 0), ("rollout.gen_length", 20), ("rollout.block_length", 0),
     ("rollout.steps", 32), ("rollout.steps", 0), ("rollout.temperature", -1.0),
     ("rollout.temperature", INF), ("rollout.remasking", "top_k"), ("rollout.cache", "full"),
+    ("rollout.tis_cap", 0.5), ("rollout.tis_cap", INF),
     ("eval.cache", "kv"),
     ("rollout.max_prompt_length", 0), ("rollout.max_prompt_length", 250),
     ("eval.gen_length", 20), ("eval.block_length", 0), ("eval.steps", 32),

@@ -11,6 +11,7 @@ from egspo.rl import losses as loss_lib
 from egspo.rl import selection as sel_lib
 from egspo.rl import step_variants
 from egspo.rl import termination as term_lib
+from egspo.rl import tis as tis_lib
 from egspo.rl import update as update_lib
 from egspo.rl import value as value_lib
 from egspo.rl.registry import Context, Iteration, register, split_micro
@@ -18,7 +19,7 @@ from egspo.rl.registry import Context, Iteration, register, split_micro
 # How one rollout's K selected-step columns become optimizer steps (`train.update_schedule`).
 UPDATE_SCHEDULES = ("per_step", "joint", "reference")
 # The [B, K] fields of a planned batch, sliced by column; the others are per sample.
-COLUMN_FIELDS = ("steps", "valid", "adv", "logp_old", "logp_ref", "ref_vocab")
+COLUMN_FIELDS = ("steps", "valid", "adv", "logp_old", "logp_ref", "ref_vocab", "tis_weight")
 
 
 def column_groups(schedule: str, k: int, columns_per_update: int = 2) -> list[list[int]]:
@@ -127,6 +128,14 @@ class EGSPO:
       self._variant_pass = step_variants.no_grad_pass(
           ctx.policy, self.micro, mask_token_id=ctx.mask_token_id, max_commit=ctx.max_commit,
           pred_state=self.pred_state, with_vocab=self.exact_kl)
+    # A cached rollout (rollout.cache) was sampled by μ ≠ π_old: the exact π_old (and, for the
+    # values, x̂0) of the selected states from one full forward, TIS weights min(π_old/μ, C)
+    # (egspo.rl.tis). None with cache='none': π_old is the rollout's record, no forward.
+    self._old_pass, self.tis_cap = None, float(c.rollout.tis_cap)
+    if c.rollout.cache != "none":
+      self._old_pass = tis_lib.old_step_pass(
+          ctx.policy, self.micro, mask_token_id=ctx.mask_token_id, max_commit=ctx.max_commit,
+          with_x0_hat=self.lam > 0)
 
   def _ref_logps_impl(self, ref_params, frozen, batch):
     """log π_ref(a_t|s_t) for all B×K selected states, scanned over micro-batches."""
@@ -155,6 +164,19 @@ class EGSPO:
     else:
       steps, valid = sel_lib.select_steps(c.egspo.selection, **select)
     metrics = {}
+    # π_old = the rollout's own log-probs: no forward needed (REFERENCE §3.1), unless a cache
+    # sampled the rollout: then they are μ's, and π_old and x̂0 come from full forwards.
+    logp_old = loss_lib.gather_step_logprobs(ro.logprob, ro.commit_step, steps)
+    old_x0_hat = tis_weight = None
+    if self._old_pass is not None:
+      logp_mu = logp_old
+      states = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, tokens=ro.tokens,
+                    commit_step=ro.commit_step, steps=steps)
+      logp_old = self._old_pass(params, frozen, states)
+      if self.lam > 0:
+        logp_old, old_x0_hat = logp_old
+      tis_weight, tis_metrics = tis_lib.truncated_weights(logp_old, logp_mu, self.tis_cap, valid)
+      metrics.update({k: float(v) for k, v in tis_metrics.items()})
     rewards = np.asarray(it.rewards, np.float32)
     lam = self.lam
     if lam > 0 and c.egspo.dynamic_lambda1:
@@ -165,7 +187,8 @@ class EGSPO:
       reward_fn = self.ctx.reward_fn
       if c.egspo.correctness_step_reward_only:
         reward_fn = value_lib.require_step_reward_fn(self.ctx.step_reward_fn)
-      guesses = self.ctx.to_host(value_lib.one_step_guesses(ro.x0_hat, steps))
+      guesses = self.ctx.to_host(old_x0_hat if old_x0_hat is not None else
+                                 value_lib.one_step_guesses(ro.x0_hat, steps))
       values, _, value_metrics = value_lib.one_step_values(
           guesses, reward_fn, self.ctx.decode_fn, it.examples, valid=self.ctx.to_host(valid))
       adv = adv_lib.stepwise_advantages(jnp.asarray(rewards), jnp.asarray(values),
@@ -179,9 +202,9 @@ class EGSPO:
       adv = jnp.broadcast_to(a[:, None], steps.shape)
     batch = dict(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, tokens=ro.tokens,
                  commit_step=ro.commit_step, steps=steps, valid=valid,
-                 adv=jnp.asarray(adv, jnp.float32),
-                 # π_old = the rollout's own log-probs: no forward needed (REFERENCE §3.1).
-                 logp_old=loss_lib.gather_step_logprobs(ro.logprob, ro.commit_step, steps))
+                 adv=jnp.asarray(adv, jnp.float32), logp_old=logp_old)
+    if tis_weight is not None:
+      batch["tis_weight"] = tis_weight
     if self._variant_pass is None:
       batch["logp_ref"] = self._ref_logps(self.ctx.ref_params, frozen, batch)
     else:
@@ -214,5 +237,6 @@ class EGSPO:
           pred_state=self.pred_state, exact_kl=self.exact_kl)
     return loss_lib.egspo_step_loss(logp, mb["logp_old"], mb["adv"], mb["valid"], mb["logp_ref"],
                                     epsilon=c.loss.eps, epsilon_high=c.loss.eps_high,
-                                    beta=c.loss.beta, loss_scale=self.loss_scale, kl=kl)
+                                    beta=c.loss.beta, loss_scale=self.loss_scale, kl=kl,
+                                    tis_weight=mb.get("tis_weight"))
 

@@ -14,6 +14,12 @@ on the same rollouts, with the same loop, as EGSPO. What they share:
     masks old and ref were computed with, whatever key the update step passes;
   * `loss` then calls the tested loss function of `egspo.rl.losses`.
 
+A cached rollout (`rollout.cache`, sampled by μ ≈ π_old): none of these methods reads the
+rollout's recorded log-probs; the old quantity is already their own forward of `params` with
+full attention, so π_old is exact without EGSPO's recomputation (`egspo.rl.tis`). The
+completions' own μ-vs-π_old mismatch is not importance-weighted here: its sequence-level weight
+would need the whole trajectory's likelihood under π_old (T forwards per completion).
+
 Forward counts per rollout of B completions (F = forwards of one estimator call per row):
 plan μ·B·F (old) + μ·B·F (reference, only when β > 0), update μ·B·F forward+backward.
 diffu-GRPO F = 1; ESPO F = 2·num_mc (coupled) or num_mc; GDPO F = num_nodes; StableDRL/wd1: that

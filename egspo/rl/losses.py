@@ -128,7 +128,7 @@ def step_loss_scale(scale, *, gen_length: int, steps: int) -> float:
 
 def egspo_step_loss(logp, logp_old, adv, valid=None, logp_ref=None, *, epsilon: float = 0.2,
                     epsilon_high: float = 0.5, beta: float = 0.04, loss_scale: float = 1.0,
-                    kl=None):
+                    kl=None, tis_weight=None):
   """EGSPO per-step clipped surrogate with the k3 KL (REFERENCE §3.7).
 
   logp, logp_old, logp_ref: [B, K] step-level log-probs log π(a_t | s_t) = Σ over the tokens
@@ -142,15 +142,20 @@ def egspo_step_loss(logp, logp_old, adv, valid=None, logp_ref=None, *, epsilon: 
   `kl`: optional [B, K] per-step KL that replaces k3 (carrying its own gradient), e.g. the
   release's `use_exact_kl` full-vocabulary KL (`egspo.rl.step_variants.exact_step_kl`); then
   `logp_ref` is not needed.
+  `tis_weight`: optional [B, K] truncated importance weight min(π_old/μ, C) of a rollout sampled
+  by an approximation μ of π_old (`egspo.rl.tis`); it multiplies the clipped surrogate, not the
+  KL term (as verl's TIS weights the policy-gradient loss alone), and is a constant (detached).
   Returns (Σ_valid ℓ, #valid, metrics: clip fractions, kl (mean KL term), ratio/mean).
   """
-  _check_inputs(2, logp, logp_old, adv, valid, logp_ref, kl, adv=adv)
+  _check_inputs(2, logp, logp_old, adv, valid, logp_ref, kl, tis_weight, adv=adv)
   valid = jnp.ones(jnp.shape(logp), bool) if valid is None else valid.astype(bool)
   # Padding slots are zeroed before any exp(), so garbage there cannot overflow into NaN grads.
   logp, logp_old, logp_ref = _zero_invalid(valid, logp, logp_old, logp_ref)
   adv = _sg(adv.astype(jnp.float32))
   ratio = jnp.exp(logp - logp_old)
   per = clipped_surrogate(ratio, adv, epsilon, epsilon_high)
+  if tis_weight is not None:
+    per = per * _sg(jnp.where(valid, tis_weight.astype(jnp.float32), 0.0))
   denom = valid.sum().astype(jnp.float32)
   metrics = _ppo_metrics(ratio, adv, valid, denom, epsilon, epsilon_high)
   if kl is not None and beta != 0.0:
