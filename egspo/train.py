@@ -302,6 +302,7 @@ def rl_iteration(tr: Trainer, rollout, algo, update, state, examples, key,
     rollout  T denoising steps of π_θ, recording each step's commits, log-probs, entropy, x̂0
     rewards  of the decoded completions
     plan     step selection, values, advantages, π_old / π_ref: the optimizer-step batches
+             (a cached rollout: π_old, x̂0 and TIS weights from one full forward, rl/tis.py)
     updates  one jitted, sharded optimizer step per batch
   """
   timer = timer or metrics_lib.Timer()

@@ -21,6 +21,7 @@ from egspo.diffusion import rollout as rollout_lib
 from egspo.diffusion import sampler
 from egspo.model import llada
 from egspo.rl import advantages as adv_lib
+from egspo.rl import algorithms as algo_lib
 from egspo.rl import losses as loss_lib
 from egspo.rl import registry
 from egspo.rl import tis as tis_lib
@@ -254,6 +255,14 @@ def test_plan_with_dual_cache_uses_exact_old_and_weights(model):
   want = adv_lib.stepwise_advantages(jnp.asarray(rewards), jnp.asarray(_values(want_x0, valid)),
                                      GROUP, 0.5, valid=jnp.asarray(valid))
   np.testing.assert_allclose(full["adv"], np.asarray(want), atol=1e-6)
+  # The weight is the sampled action's (the committed tokens), whatever the loss's target; the
+  # per-step schedule hands column j its own weights.
+  _, final, _, _ = _plan(model, ro, "dual", **{"rollout.tis_cap": 1.5,
+                                                "egspo.pred_state": "final"})
+  np.testing.assert_array_equal(final["tis_weight"], full["tis_weight"])
+  assert not np.allclose(final["logp_old"], full["logp_old"])
+  cols = [algo_lib.columns_batch(full, [j])["tis_weight"] for j in range(steps.shape[1])]
+  np.testing.assert_array_equal(np.concatenate(cols, 1), full["tis_weight"])
 
 
 # ---------------------------------------------------------------------------------------------
