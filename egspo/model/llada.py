@@ -164,11 +164,17 @@ PRESETS = {
                   rope_theta=10000.0, max_sequence_length=512),  # ~0.9M parameters
     "base": dict(d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, mlp_hidden_size=768,
                  rope_theta=10000.0, max_sequence_length=1024),  # ~5M parameters
+    # LLaDA-8B's architecture at half the width and half the depth (head_dim 128, MLP 3·d, MHA,
+    # its RoPE θ and norm ε, bf16) over a tokenizer's vocabulary, for accelerator benchmarks:
+    # 0.87B parameters without the embeddings (+ 2·d·V for the embedding and the untied head).
+    "llada_1b": dict(d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, mlp_hidden_size=6144,
+                     rope_theta=500000.0, rms_norm_eps=1e-5, max_sequence_length=4096,
+                     param_dtype="bfloat16", dtype="bfloat16"),
 }
 
 
 def get_config(preset: str, vocab=None, **overrides) -> ModelConfig:
-  """A named preset (`llada_8b`, `tiny`, `small`, `base`) with optional field overrides.
+  """A named preset (`llada_8b`, `tiny`, `small`, `base`, `llada_1b`) with optional overrides.
 
   vocab: the token ids, anything with `vocab_size`, `mask_id`, `eos_id` and `pad_id` (a
   tokenizer). The CPU presets are built over it (required); `llada_8b` has its checkpoint's
