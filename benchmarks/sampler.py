@@ -4,8 +4,14 @@ sampler on the same weights: tokens/s and achieved FLOP/s.
     python benchmarks/sampler.py --shape short  # d256 L4 V512, B 8, prompt 32, gen 64, 32 steps
     python benchmarks/sampler.py --shape long   # d512 L4 V512, B 4, prompt 128, gen 128, 64 steps
     python benchmarks/sampler.py --shape d1     # d1's proportions at d256: prompt 200, gen 256
+    python benchmarks/sampler.py --shape long_b1  # `_b1`: any shape at batch 1 (Fast-dLLM's)
     python benchmarks/sampler.py --preset small --batch 8 --gen_length 128 --steps 64 \
         --block_length 32 --cache none,dual --threads 1
+    python benchmarks/sampler.py --shape d1 --preset llada_1b --vocab_size 126464 --no_torch \
+        --threads 0 --matmul_dtype bfloat16 --matmul_n 8192 --peak_tflops 989  # on a GPU
+
+A shape sets the schedule and, unless --preset is given, the model width; flags given
+explicitly override it (`--shape d1 --preset llada_1b`: d1's schedule at the 1B preset).
 
 JAX: `sampler.generate_with_model` for each `--cache` mode (none | prefix | dual,
 egspo/diffusion/cache.py): one jitted program, a scan over blocks of scans over steps (`none`
@@ -19,7 +25,8 @@ median of --runs, wall time and process CPU time (less disturbed on a shared mac
 tokens/s counts generated tokens (batch × gen_length). FLOPs are analytic and count what each
 program executes (`step_flops`: layer matmuls 2·N per query position, attention
 4·L·queries·keys·d, the LM head 2·d·V per head position; norms, RoPE, softmax left out), against
-a matmul peak measured in the same run (benchmarks/train_step.py `matmul_peak`). Token
+a matmul peak measured in the same run (benchmarks/train_step.py `matmul_peak`) and, with
+--peak_tflops, as a fraction of an accelerator's stated peak (MFU). Token
 agreement: the fraction of completion tokens equal to `none`'s (a cache samples from an
 approximation). Last line: `RESULT {json}` with every figure.
 """
@@ -36,7 +43,9 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODES = ("none", "prefix", "dual")
-# The issue-15 shapes: model overrides of the tiny preset and the sampling schedule.
+# The issue-15 shapes: the model's width (overrides of the `small` preset, used when no --preset
+# is given) and the sampling schedule.
+MODEL_FIELDS = ("d_model", "n_layers", "vocab_size")
 SHAPES = {
     "short": dict(d_model=256, n_layers=4, vocab_size=512, batch=8, prompt_length=32,
                   gen_length=64, steps=32, block_length=32),
@@ -45,33 +54,43 @@ SHAPES = {
     "d1": dict(d_model=256, n_layers=4, vocab_size=512, batch=4, prompt_length=200,
                gen_length=256, steps=128, block_length=32),
 }
+# Batch-1 variants: the issue's Fast-dLLM table samples one prompt at a time.
+SHAPES.update({f"{name}_b1": {**shape, "batch": 1} for name, shape in list(SHAPES.items())})
+DEFAULTS = dict(preset="small", batch=8, prompt_length=32, gen_length=128, steps=64,
+                block_length=32)
 
 
 def _parse(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                 help="a named shape (its fields override the flags below)")
-  p.add_argument("--preset", default="small")
+                 help="a named shape: fills the flags not given (its width only without --preset)")
+  p.add_argument("--preset", default=None, help=f"model preset (default {DEFAULTS['preset']})")
   p.add_argument("--d_model", type=int, default=None, help="override: width (heads of 32 dims)")
   p.add_argument("--n_layers", type=int, default=None)
   p.add_argument("--vocab_size", type=int, default=None,
                  help="override: vocabulary (≥ the character tokenizer's ids)")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--prompt_length", type=int, default=32)
-  p.add_argument("--gen_length", type=int, default=128)
-  p.add_argument("--steps", type=int, default=64)
-  p.add_argument("--block_length", type=int, default=32)
+  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                 help="override: param and compute dtype (default: the preset's)")
+  for name in ("batch", "prompt_length", "gen_length", "steps", "block_length"):
+    p.add_argument(f"--{name}", type=int, default=None, help=f"default {DEFAULTS[name]}")
   p.add_argument("--temperature", type=float, default=0.0)
   p.add_argument("--cache", default=",".join(MODES), help="comma-separated cache modes")
   p.add_argument("--x0_hat", action="store_true", help="record x̂0 (the RL rollout's record)")
   p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference loop")
-  p.add_argument("--threads", type=int, default=1)
+  p.add_argument("--threads", type=int, default=1, help="CPU threads (0 = leave the default)")
   p.add_argument("--runs", type=int, default=3)
   p.add_argument("--matmul_n", type=int, default=1024, help="square size of the peak matmul")
+  p.add_argument("--matmul_dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--peak_tflops", type=float, default=None,
+                 help="stated dense peak of the accelerator in TFLOP/s: prints MFU against it")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   for k, v in SHAPES.get(args.shape, {}).items():
-    setattr(args, k, v)
+    if getattr(args, k) is None and not (k in MODEL_FIELDS and args.preset is not None):
+      setattr(args, k, v)
+  for k, v in DEFAULTS.items():
+    if getattr(args, k) is None:
+      setattr(args, k, v)
   args.cache = [m.strip() for m in args.cache.split(",") if m.strip()]
   bad = [m for m in args.cache if m not in MODES]
   if bad or not args.cache:
@@ -92,6 +111,8 @@ def model_config(args):
     over["n_layers"] = args.n_layers
   if args.vocab_size:
     over.update(vocab_size=args.vocab_size, embedding_size=args.vocab_size)
+  if args.dtype:
+    over.update(param_dtype=args.dtype, dtype=args.dtype)
   over["max_sequence_length"] = max(1024, 2 * (args.prompt_length + args.gen_length))
   return llada.get_config(args.preset, vocab=CharTokenizer(), **over)
 
@@ -126,14 +147,10 @@ def sampler_flops(cfg, *, batch, p, g, steps, block, mode, x0_hat) -> float:
 
 def main(argv=None):
   args = _parse(argv)
-  cpus = sorted(os.sched_getaffinity(0))[-args.threads:]
-  os.sched_setaffinity(0, cpus)  # pin before jax/torch start their thread pools
-  if args.threads == 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_multi_thread_eigen=false"
-                               " intra_op_parallelism_threads=1").strip()
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
+  from train_step import _setup_threads  # pylint: disable=import-error
+  cpus = _setup_threads(args.threads)  # pin before jax/torch start their thread pools
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
   import jax
   import numpy as np
@@ -145,8 +162,9 @@ def main(argv=None):
   from egspo.diffusion import sampler
   from egspo.model import llada
 
-  torch.set_num_threads(args.threads)
-  torch.set_num_interop_threads(1)
+  if args.threads > 0:
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
 
   cfg = model_config(args)
   tcfg = torch_sampler.torch_config(cfg)
@@ -178,15 +196,18 @@ def main(argv=None):
         f"V={cfg.vocab_size} params={cfg.num_params():,} batch={args.batch} "
         f"prompt={args.prompt_length} gen={args.gen_length} steps={args.steps} "
         f"block={args.block_length} temperature={args.temperature} x0_hat={args.x0_hat} "
-        f"threads={args.threads} cpus={cpus} runs={args.runs} jax={jax.__version__} "
+        f"dtype={cfg.dtype} threads={args.threads} cpus={cpus} runs={args.runs} "
+        f"device={jax.devices()[0].device_kind} jax={jax.__version__} "
         f"torch={torch.__version__} load={os.getloadavg()[0]:.2f}")
-  peak = matmul_peak(args.matmul_n)["jax"]
-  print(f"matmul peak ({args.matmul_n}² f32 jnp.dot, best of 5): {peak['wall']:.1f} GFLOP/s wall, "
-        f"{peak['cpu']:.1f} per CPU second")
+  peak = matmul_peak(args.matmul_n, dtype=args.matmul_dtype)["jax"]
+  print(f"matmul peak ({args.matmul_n}² {args.matmul_dtype} jnp.dot, best of 5): "
+        f"{peak['wall']:.1f} GFLOP/s wall, {peak['cpu']:.1f} per CPU second")
   shape = dict(batch=args.batch, p=args.prompt_length, g=args.gen_length, steps=args.steps,
                block=args.block_length, x0_hat=args.x0_hat)
   result = dict(shape=args.shape, d_model=cfg.d_model, n_layers=cfg.n_layers,
-                vocab_size=cfg.vocab_size, **shape, threads=args.threads,
+                vocab_size=cfg.vocab_size, preset=args.preset, dtype=cfg.dtype,
+                device=jax.devices()[0].device_kind, peak_tflops=args.peak_tflops,
+                **shape, threads=args.threads,
                 matmul_peak_gflops=peak["wall"], matmul_peak_gflops_per_cpu_s=peak["cpu"],
                 modes={})
   tokens = {}
@@ -205,13 +226,17 @@ def main(argv=None):
     row = dict(seconds=wall, cpu_seconds=cpu, compile_and_first_s=first,
                tokens_per_s=n_tok / wall, tokens_per_cpu_s=n_tok / cpu, gflop=flops / 1e9,
                gflops=flops / wall / 1e9, fraction_of_peak=flops / wall / 1e9 / peak["wall"])
+    if args.peak_tflops:
+      row["mfu"] = flops / wall / (args.peak_tflops * 1e12)
     if "none" in tokens:
       row["token_agreement_with_none"] = float(np.mean(tokens[mode] == tokens["none"]))
     result["modes"][mode] = row
     agree = row.get("token_agreement_with_none")
     print(f"jax {mode:6s}: {n_tok / wall:9,.0f} tokens/s wall ({n_tok / cpu:,.0f} per CPU s), "
           f"{wall:.3f} s, {flops / 1e9:.2f} GFLOP, {row['gflops']:.1f} GFLOP/s "
-          f"({row['fraction_of_peak']:.0%} of peak); first call incl. compile {first:.1f} s"
+          f"({row['fraction_of_peak']:.0%} of peak"
+          + (f", MFU {row['mfu']:.1%} of {args.peak_tflops:g} TFLOP/s" if "mfu" in row else "")
+          + f"); first call incl. compile {first:.1f} s"
           + ("" if agree is None else f"; tokens equal to none's: {agree:.1%}"))
   if not args.no_torch:
     def run_torch(i):

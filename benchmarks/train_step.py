@@ -3,6 +3,8 @@ batch-1 loop; FLOPs of EGSPO (K selected steps) against training on all T steps.
 
     python benchmarks/train_step.py --preset tiny
     python benchmarks/train_step.py --preset small --batch 64 --gen_length 32 --iters 3
+    python benchmarks/train_step.py --preset llada_1b --dtype bfloat16 --threads 0 \
+        --matmul_dtype bfloat16 --matmul_n 8192 --peak_tflops 989  # on a GPU (device_check.sh)
 
 Setting: `configs/countdown.py:tiny` (Countdown, char tokenizer, B = 16 prompts × 8, G = 32,
 T = 16, K = 4, EGSPO-SA, the reference per-step update schedule) with the model preset and the
@@ -18,7 +20,8 @@ Printed (one line each, then one JSON line `RESULT {...}` with every figure):
      reference-policy forward) / update, after one warm-up iteration, median of --iters;
   2. the update's FLOPs from XLA's `cost_analysis()` of the compiled update step and an analytic
      count, its achieved FLOP/s, and the ratio to this machine's matmul peak measured in the same
-     run (a large f32 `jnp.dot`, best of 5; torch's `torch.mm` for reference);
+     run (a large `jnp.dot` in --matmul_dtype, best of 5; torch's `torch.mm` for reference);
+     tokens/s of the rollout (B·G generated) and of the update (B·K·(P+G) trained);
   3. the same update in the reference scheme (REFERENCE §3.9 defect): one jitted per-state
      gradient function called on each of the B·K states at batch size 1 in a Python loop,
      accumulating gradients, then the same optimizer step; likewise the reference-policy forwards
@@ -26,6 +29,9 @@ Printed (one line each, then one JSON line `RESULT {...}` with every figure):
      the batched one;
   4. FLOPs per iteration (rollout + update + reference forward) of EGSPO against training on all
      T steps (K = T), analytic, and the ratio.
+
+With --peak_tflops (an accelerator's stated dense peak, benchmarks/device_check.sh) the update's
+and the rollout's analytic FLOP/s are also printed as a fraction of it (MFU).
 
 Timing: wall time (`time.perf_counter`) is what is reported; process CPU time
 (`time.process_time`) is printed beside it, since the machine may be shared (the load average
@@ -43,6 +49,8 @@ import statistics
 import sys
 import tempfile
 import time
+
+MATMUL_DTYPES = ("float32", "bfloat16")
 
 
 def _parse(argv=None):
@@ -64,6 +72,14 @@ def _parse(argv=None):
   p.add_argument("--ref_iters", type=int, default=1, help="timed runs of the batch-1 scheme")
   p.add_argument("--threads", type=int, default=1, help="CPU threads (0 = leave XLA's default)")
   p.add_argument("--matmul_n", type=int, default=2048, help="square size for the peak matmul")
+  p.add_argument("--matmul_dtype", default="float32", choices=MATMUL_DTYPES)
+  p.add_argument("--peak_tflops", type=float, default=None,
+                 help="stated dense peak of the accelerator in TFLOP/s: prints MFU against it")
+  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                 help="model.param_dtype and model.dtype; default: the config's (float32)")
+  p.add_argument("--scan_layers", default=None, action=argparse.BooleanOptionalAction,
+                 help="model.scan_layers (one compiled block: shorter compiles)")
+  p.add_argument("--remat", default=None, action=argparse.BooleanOptionalAction)
   p.add_argument("--seed", type=int, default=0)
   return p.parse_args(argv)
 
@@ -142,24 +158,34 @@ def iteration_flops(cfg, *, b, p, g, t, k, m):
   return dict(rollout=rollout, update=update, ref=ref, total=rollout + update + ref)
 
 
-def matmul_peak(n: int, reps: int = 5):
-  """Best of `reps` timed n×n f32 matmuls → {jax, torch} × {wall, cpu} GFLOP/s (cpu: FLOPs per
-  second of process CPU time, which other jobs on a shared machine do not inflate)."""
+def matmul_peak(n: int, reps: int = 5, dtype: str = "float32"):
+  """Best of `reps` timed n×n matmuls in `dtype` → {jax, torch} × {wall, cpu} GFLOP/s (cpu: FLOPs
+  per second of process CPU time, which other jobs on a shared machine do not inflate). On a GPU
+  backend torch runs on the GPU too (synchronised)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   import torch
 
+  if dtype not in MATMUL_DTYPES:
+    raise ValueError(f"matmul dtype {dtype!r}: allowed {MATMUL_DTYPES}")
   rng = np.random.default_rng(0)
   a = rng.standard_normal((n, n), np.float32)
   b = rng.standard_normal((n, n), np.float32)
   flops = 2.0 * n ** 3
   dot = jax.jit(jnp.dot)
-  ja, jb = jnp.asarray(a), jnp.asarray(b)
-  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+  ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+  gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+  tdev, tdt = ("cuda" if gpu else "cpu"), getattr(torch, dtype)
+  ta, tb = torch.from_numpy(a).to(tdev, tdt), torch.from_numpy(b).to(tdev, tdt)
+
+  def torch_mm():
+    torch.mm(ta, tb)
+    if gpu:
+      torch.cuda.synchronize()
+
   out = {}
-  for name, fn in (("jax", lambda: dot(ja, jb).block_until_ready()),
-                   ("torch", lambda: torch.mm(ta, tb))):
+  for name, fn in (("jax", lambda: dot(ja, jb).block_until_ready()), ("torch", torch_mm)):
     fn()  # warm-up (compilation)
     wall = cpu = float("inf")
     for _ in range(reps):
@@ -215,6 +241,11 @@ def main(argv=None):
     c.egspo.num_selected_steps = args.k
   if args.schedule is not None:
     c.train.update_schedule = args.schedule
+  if args.dtype is not None:
+    c.model.param_dtype = c.model.dtype = args.dtype
+  for name in ("scan_layers", "remat"):
+    if getattr(args, name) is not None:
+      c.model[name] = getattr(args, name)
   config_lib.validate(c)
 
   workdir = tempfile.mkdtemp(prefix="egspo_bench_")
@@ -239,8 +270,9 @@ def main(argv=None):
         f"algorithm={c.algorithm} schedule={c.train.update_schedule}")
   print(f"B={b} (prompts {c.batch.num_prompts} x group {c.batch.group_size}) P={p} G={g} T={t} "
         f"K={k} M={max_commit} micro_batch={c.batch.micro_batch_size} threads={args.threads} "
-        f"cpus={cpus} devices={jax.device_count()} jax={jax.__version__} "
-        f"torch={torch.__version__}")
+        f"cpus={cpus} devices={jax.device_count()} ({jax.devices()[0].device_kind}) "
+        f"dtype={mcfg.dtype} scan_layers={mcfg.scan_layers} remat={mcfg.remat} "
+        f"jax={jax.__version__} torch={torch.__version__}")
   print(f"load average at start (1/5/15 min): {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} "
         f"on {os.cpu_count()} cores")
 
@@ -302,19 +334,22 @@ def main(argv=None):
              * (b // c.batch.micro_batch_size))
   fl = iteration_flops(mcfg, b=b, p=p, g=g, t=t, k=k, m=max_commit)
   naive = 2.0 * mcfg.num_params() * (b * k * (p + g)) * 3
-  peak = matmul_peak(args.matmul_n)
+  peak = matmul_peak(args.matmul_n, dtype=args.matmul_dtype)
   upd_s, upd_c = med["update"], med_cpu["update"]
   print(f"[2] update FLOPs per iteration: XLA cost_analysis {xla_update / 1e9:.3f} GFLOP; "
         f"analytic (layers+attention+head, x3 fwd+bwd) {fl['update'] / 1e9:.3f} GFLOP; "
         f"naive 2*N*tokens*3 {naive / 1e9:.3f} GFLOP (N={mcfg.num_params():,}, "
         f"tokens=B*K*(P+G)={b * k * (p + g):,})")
   print(f"    reference-policy forward: XLA {xla_ref / 1e9:.3f} GFLOP; analytic "
-        f"{fl['ref'] / 1e9:.3f} GFLOP")
+        f"{fl['ref'] / 1e9:.3f} GFLOP"
+        + ("; scan_layers: XLA counts the scanned block once, not per layer"
+           if mcfg.scan_layers else ""))
   print(f"    achieved: {xla_update / upd_s / 1e9:.2f} GFLOP/s (XLA count) / "
         f"{fl['update'] / upd_s / 1e9:.2f} GFLOP/s (analytic) per wall second "
         f"({upd_s:.4f} s); {xla_update / upd_c / 1e9:.2f} / {fl['update'] / upd_c / 1e9:.2f} "
         f"GFLOP/s per CPU second ({upd_c:.4f} s)")
-  print(f"    matmul peak ({args.matmul_n}x{args.matmul_n} f32, best of 5): jax.numpy.dot "
+  print(f"    matmul peak ({args.matmul_n}x{args.matmul_n} {args.matmul_dtype}, best of 5): "
+        f"jax.numpy.dot "
         f"{peak['jax']['wall']:.2f} GFLOP/s wall, {peak['jax']['cpu']:.2f} per CPU second; "
         f"torch.mm {peak['torch']['wall']:.2f} wall, {peak['torch']['cpu']:.2f} per CPU second")
   frac_wall = xla_update / upd_s / 1e9 / peak["jax"]["wall"]
@@ -323,6 +358,20 @@ def main(argv=None):
         f"{frac_cpu:.1%} in CPU time; analytic count: "
         f"{fl['update'] / upd_s / 1e9 / peak['jax']['wall']:.1%} wall, "
         f"{fl['update'] / upd_c / 1e9 / peak['jax']['cpu']:.1%} cpu")
+  rollout_s = med["rollout"]
+  tok = dict(rollout_tokens_per_s=b * g / rollout_s, update_tokens_per_s=b * k * (p + g) / upd_s)
+  mfu = {}
+  if args.peak_tflops:
+    stated = args.peak_tflops * 1e12
+    mfu = dict(peak_tflops=args.peak_tflops, update_mfu=fl["update"] / upd_s / stated,
+               update_mfu_xla=xla_update / upd_s / stated,
+               rollout_mfu=fl["rollout"] / rollout_s / stated)
+  print(f"    tokens/s: rollout {tok['rollout_tokens_per_s']:,.0f} generated (B*G / rollout s), "
+        f"update {tok['update_tokens_per_s']:,.0f} trained (B*K*(P+G) / update s)"
+        + ("" if not mfu else
+           f"; MFU (analytic FLOPs) against the stated peak {args.peak_tflops:g} TFLOP/s: "
+           f"update {mfu['update_mfu']:.1%} (XLA count {mfu['update_mfu_xla']:.1%}), rollout "
+           f"{mfu['rollout_mfu']:.1%}"))
 
   # ---- 3. the reference's scheme: batch-1 per-state forwards+backwards in a Python loop -------
   def loss_of_params(params, frozen, mb):
@@ -445,6 +494,8 @@ def main(argv=None):
       update_gflops_xla=xla_update / upd_s / 1e9,
       update_gflops_analytic=fl["update"] / upd_s / 1e9,
       update_gflops_per_cpu_s_xla=xla_update / upd_c / 1e9,
+      matmul_dtype=args.matmul_dtype, dtype=mcfg.dtype, device=jax.devices()[0].device_kind,
+      **tok, **mfu,
       matmul_peak_gflops_jax=peak["jax"]["wall"], matmul_peak_gflops_torch=peak["torch"]["wall"],
       matmul_peak_gflops_per_cpu_s_jax=peak["jax"]["cpu"],
       matmul_peak_gflops_per_cpu_s_torch=peak["torch"]["cpu"],
