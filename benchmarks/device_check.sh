@@ -25,8 +25,9 @@
 #   GPU_NAME  [nvidia-smi's]  PEAK_TFLOPS  [the table below, by GPU_NAME]
 #   T_PARITY [85] (each test file, run side by side)  T_TRAIN [150]  T_SAMPLER [150]
 #   T_SMALL [25] (each small shape)  SMALL_SHAPES [short long long_b1]
-# Worst case with these: ~20 s of set-up + 85 + 150 + 150 + 3 x 25 = 480 s.
 #   TRAIN_ARGS, SAMPLER_ARGS: extra flags for the 1B stages (later flags win)
+#   FETCH_PACKAGES [ml_collections tensorboardX]
+# Worst case with these timeouts: ~20 s of set-up + 85 + 150 + 150 + 3 x 25 = 480 s.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -39,8 +40,9 @@ T_SAMPLER=${T_SAMPLER:-150}
 T_SMALL=${T_SMALL:-25}
 SMALL_SHAPES=${SMALL_SHAPES:-short long long_b1}
 JAX_PIN=$(sed -n 's/^jax==//p' requirements/constraints.txt)
-# Packages the GPU image lacks (KINDS.md's list), pure Python, at the pinned versions.
-FETCH=(ml_collections tensorboardX)
+# `fetch`: packages the GPU image lacks (pure Python; their needs are there), at the pinned
+# versions; FETCH_PACKAGES replaces the list (e.g. adding flax optax chex to pin those too).
+read -ra FETCH <<< "${FETCH_PACKAGES:-ml_collections tensorboardX}"
 
 # Dense bf16 tensor-core peak in TFLOP/s by `nvidia-smi` name, from NVIDIA's datasheets (the
 # sparsity figures halved): H100/H200 SXM 989 (1,979 sparse), H100 PCIe 756, H100/H200 NVL 835,
