@@ -147,7 +147,8 @@ def _commands(stdout):
 
 
 def test_device_check_dry_run_prints_every_stage_with_flags_the_scripts_take(tmp_path):
-  out = _device_check({"DRY_RUN": "1", "GPU_NAME": "NVIDIA H200", "OUT": str(tmp_path)})
+  out = _device_check({"DRY_RUN": "1", "GPU_NAME": "NVIDIA H200", "OUT": str(tmp_path),
+                       "WHEELS": str(tmp_path / "no_wheels")})
   assert out.returncode == 0, out.stdout + out.stderr
   assert (tmp_path / "device_check.log").read_text() == out.stdout
   assert "bf16 peak 989 TFLOP/s" in out.stdout
