@@ -151,7 +151,7 @@ class ModelConfig:
 LLADA_8B_VOCAB = dict(vocab_size=126464, embedding_size=126464, mask_token_id=126336,
                       eos_token_id=126081, pad_token_id=126081)
 
-# Architectures by name. The CPU presets are built over a tokenizer's vocabulary, given to
+# Architectures by name. All but `llada_8b` are built over a tokenizer's vocabulary, given to
 # `get_config` (the built-in character tokenizer: `egspo.tokenizer.CharTokenizer`).
 PRESETS = {
     "llada_8b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
@@ -177,7 +177,7 @@ def get_config(preset: str, vocab=None, **overrides) -> ModelConfig:
   """A named preset (`llada_8b`, `tiny`, `small`, `base`, `llada_1b`) with optional overrides.
 
   vocab: the token ids, anything with `vocab_size`, `mask_id`, `eos_id` and `pad_id` (a
-  tokenizer). The CPU presets are built over it (required); `llada_8b` has its checkpoint's
+  tokenizer). The other presets are built over it (required); `llada_8b` has its checkpoint's
   ids, which `vocab` must fit (its size at most the preset's, the same mask and EOS ids).
   """
   if preset not in PRESETS:
