@@ -241,11 +241,13 @@ for f in sorted(src.glob("*.out")):
     m = (re.findall(r"^=+ (.*) in [\d.]+s", text, re.M)
          or re.findall(r"^(\d+ (?:passed|failed).*)$", text, re.M))
     results[f.stem] = {"pytest": m[-1] if m else "no pytest summary (timed out?)"}
+  else:
+    results[f.stem] = {"missing": "no RESULT line (timed out or failed; its output is above)"}
 pct = lambda v: "-" if v is None else f"{v:.1%}"
 print("=== summary")
 for name, r in results.items():
-  if "pytest" in r:
-    print(f"{name}: {r['pytest']}")
+  if "pytest" in r or "missing" in r:
+    print(f"{name}: {r.get('pytest', r.get('missing'))}")
   elif "update_speedup" in r:
     print(f"{name}: {r.get('device')} {r['params']:,} params {r.get('dtype')}, B={r['B']} "
           f"P={r['P']} G={r['G']} T={r['T']} K={r['K']}: rollout "

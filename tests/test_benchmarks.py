@@ -260,6 +260,7 @@ def test_device_check_runs_every_stage_and_reports_timeouts_and_failures(tmp_pat
     assert f"  {stage}: ok in " in text, stage
   assert "  sampler_short: TIMED OUT after 2 s" in text
   assert "  sampler_long: FAILED (exit 3)" in text
+  assert "sampler_short: no RESULT line (timed out or failed" in text
   assert "parity_model: 3 passed, 1 deselected\n" in text
   assert ("batched update 6.50x the batch-1 loop, reference forward 3.00x, both 5.00x" in text)
   assert "update 5,000 tok/s (MFU 40.0%)" in text
@@ -269,4 +270,4 @@ def test_device_check_runs_every_stage_and_reports_timeouts_and_failures(tmp_pat
   saved = json.loads((out_dir / "device_check.json").read_text())
   assert saved["train_step"]["update_speedup"] == 6.5
   assert set(saved) == {"parity_model", "parity_golden", "parity_cache", "train_step",
-                        "sampler_1b"}
+                        "sampler_1b", "sampler_short", "sampler_long"}
