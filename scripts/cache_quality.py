@@ -16,7 +16,8 @@ after RL, the paired hierarchical-bootstrap difference against `none` (seeds, th
 Runs are compare_methods' (`Run`, `Runner`): finished ones are skipped, so a rerun (e.g. with
 more seeds) only runs what is new. With `--from DIR` (a compare_methods / ablation runs folder,
 DIR/seedS/{sft, <method slug>}) each seed's SFT run is DIR's (it must be finished) and DIR's
-finished cache-none arm of `--method` is reused; otherwise they run in `--runs`.
+finished cache-none arm of `--method` is reused unless `--runs` holds a finished one; otherwise
+they run in `--runs`.
 
     python scripts/cache_quality.py --config configs/countdown.py:tiny --seeds 0,1,2 \\
         --from /work/ablation_runs/countdown
@@ -35,6 +36,7 @@ import datetime
 import json
 import math
 import pathlib
+import shlex
 import statistics
 import subprocess
 import sys
@@ -50,6 +52,7 @@ from egspo import stats  # noqa: E402  (compare_methods put the repository on th
 MODES = ("none", "prefix", "dual")
 METHOD = "egspo_sa/entropy/lam0.5"
 TIS_KEYS = ("rl/tis/logp_gap", "rl/tis/capped_frac")
+PHASES = ("rollout", "plan", "update")  # rl/time/<phase>: the cache moves time between them
 QUALITY_TOLERANCE = 0.01  # issue 15: prefix / dual within 1 point of none
 
 
@@ -80,6 +83,15 @@ def mean_logged(rows: list[dict], key: str) -> float:
   """Mean of `key` over the metrics rows that log it; nan when none does."""
   xs = [r[key] for r in rows if key in r]
   return statistics.fmean(xs) if xs else math.nan
+
+
+def median_phase_seconds(rows: list[dict]) -> dict[str, float]:
+  """Median over RL iterations of each `rl/time/<phase>` (PHASES); nan for a phase never logged."""
+  out = {}
+  for phase in PHASES:
+    xs = [r[f"rl/time/{phase}"] for r in rows if f"rl/time/{phase}" in r]
+    out[phase] = statistics.median(xs) if xs else math.nan
+  return out
 
 
 def binomial_se(p: float, n: int) -> float:
@@ -131,12 +143,14 @@ def quality_verdict(rows: list[dict], tolerance: float = QUALITY_TOLERANCE) -> d
 
 def rl_table(rows: list[dict]) -> str:
   """Markdown: one row per (seed, rollout cache) RL run."""
-  lines = ["| seed | rollout cache | SFT % | after RL % | s / iteration (median) | RL train s | "
-           "mean tis/logp_gap | mean tis/capped_frac | run |", "|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| seed | rollout cache | SFT % | after RL % | s / iteration (median) | "
+           "rollout / plan / update s (medians) | RL train s | mean tis/logp_gap | "
+           "mean tis/capped_frac | run |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     gap, cap = (r.get(k, math.nan) for k in TIS_KEYS)
+    phases = " / ".join(f"{r['phase_seconds'][p]:.3f}" for p in PHASES)
     lines.append(f"| {r['seed']} | {r['mode']} | {_pct(r['sft_accuracy'])} | "
-                 f"{_pct(r['accuracy'])} | {r['seconds_per_iteration']:.2f} | "
+                 f"{_pct(r['accuracy'])} | {r['seconds_per_iteration']:.2f} | {phases} | "
                  f"{r['rl_train_seconds']:.0f} | "
                  + ("–" if math.isnan(gap) else f"{gap:.4f}") + " | "
                  + ("–" if math.isnan(cap) else f"{cap:.4f}") + f" | {r['source']} |")
@@ -146,14 +160,17 @@ def rl_table(rows: list[dict]) -> str:
 def rl_verdict(per_example: dict[str, np.ndarray], mode: str, num_resamples: int, seed: int
                ) -> dict:
   """`mode` − none on [seeds, problems] per-example correctness: the paired bootstrap, the
-  binomial SE of one run and of the seed-mean difference of two independent runs; within noise
-  = the 95% interval covers 0."""
+  binomial SE of one run and of the seed-mean difference of two independent runs. Two readings
+  of "within noise": the paired 95% interval covers 0 (`within_noise`), and |mean| ≤ 2 binomial
+  SEs of the seed-mean difference (`within_2se`, the issue's yardstick)."""
   a, b = per_example[mode], per_example["none"]
   boot = stats.paired_bootstrap(a, b, num_resamples, seed)
   s, n = a.shape
   se_run = binomial_se(float(b.mean()), n)
-  return {**boot, "binomial_se_run": se_run, "binomial_se_mean_diff": se_run * math.sqrt(2 / s),
-          "within_noise": not boot["significant"], "num_seeds": s, "num_problems": n}
+  se_diff = se_run * math.sqrt(2 / s)
+  return {**boot, "binomial_se_run": se_run, "binomial_se_mean_diff": se_diff,
+          "within_noise": not boot["significant"],
+          "within_2se": abs(boot["mean"]) <= 2 * se_diff, "num_seeds": s, "num_problems": n}
 
 
 def markdown(entry: dict) -> str:
@@ -173,9 +190,11 @@ def markdown(entry: dict) -> str:
           f"{mode} − none after RL over {v['num_seeds']} seed(s) × {v['num_problems']} problems: "
           f"{100 * v['mean']:+.2f} points, 95% paired-bootstrap interval [{100 * v['lo']:+.2f}, "
           f"{100 * v['hi']:+.2f}] (per seed {', '.join(f'{100 * d:+.1f}' for d in v['per_seed'])}"
-          f"); binomial SE of one run {100 * v['binomial_se_run']:.2f}, of the seed-mean "
-          f"difference {100 * v['binomial_se_mean_diff']:.2f}: **"
-          f"{'within noise' if v['within_noise'] else 'outside noise'}**.")
+          f"): the interval {'covers' if v['within_noise'] else 'excludes'} 0. Binomial SE of "
+          f"one run {100 * v['binomial_se_run']:.2f} points, of the seed-mean difference of "
+          f"independent runs {100 * v['binomial_se_mean_diff']:.2f}: |Δ| = "
+          f"{abs(v['mean']) / v['binomial_se_mean_diff']:.1f} SE, "
+          f"{'within' if v['within_2se'] else 'beyond'} 2 SE.")
     lines.append("")
   lines.append(f"{entry['note']}")
   return "\n".join(lines)
@@ -218,12 +237,9 @@ def plan(runs_dir: pathlib.Path, from_dir: pathlib.Path | None, seeds: list[int]
     for mode in rl_modes:
       args = tuple([f"--config.seed={s}"] + common + cm.METHODS[method] + [
           f"--config.rollout.cache={mode}", "--config.eval.before_training=False"])
-      reuse = from_dir / f"seed{s}" / cm.slug(method) if from_dir is not None else None
-      if mode == "none" and reuse is not None and (reuse / "history.json").exists():
-        rl.append(cm.Run(f"rl/{mode}", s, reuse, args, sft[s].workdir))
-      else:
-        rl.append(cm.Run(f"rl/{mode}", s, runs_dir / f"seed{s}" / f"rl_{mode}", args,
-                         sft[s].workdir))
+      own = cm.Run(f"rl/{mode}", s, runs_dir / f"seed{s}" / f"rl_{mode}", args, sft[s].workdir)
+      reuse = own._replace(workdir=from_dir / f"seed{s}" / cm.slug(method)) if from_dir else own
+      rl.append(reuse if mode == "none" and reuse.done and not own.done else own)
   return {"sft": sft, "eval": evals, "rl": rl}
 
 
@@ -266,6 +282,7 @@ def rl_rows(rl: list[cm.Run], sft: dict, runs_dir: pathlib.Path) -> list[dict]:
                  "accuracy": cm.final_eval(h)["accuracy"], "sft_accuracy": before["accuracy"],
                  "seconds_per_iteration": cm.median_iteration_seconds(r.workdir / "metrics.jsonl"),
                  "rl_train_seconds": float(h.get("rl_train_seconds", math.nan)),
+                 "phase_seconds": median_phase_seconds(metrics),
                  **{k: mean_logged(metrics, k) for k in TIS_KEYS},
                  "source": "this script" if runs_dir in r.workdir.parents else "--from",
                  "workdir": str(r.workdir)})
@@ -354,12 +371,13 @@ def main():
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cm.REPO, capture_output=True,
                           text=True, check=False).stdout.strip()
   entry = {"config": a.config, "overrides": list(a.extra), "method": a.method, "commit": commit,
-           "command": " ".join(["python", "scripts/cache_quality.py"] + sys.argv[1:]),
+           "command": shlex.join(["python", "scripts/cache_quality.py"] + sys.argv[1:]),
            "quality": {"rows": qrows, "verdict": quality_verdict(qrows)},
            "rl": {"rows": rrows, "verdicts": verdicts},
-           "note": (f"{task}: {c.task.num_eval_examples} held-out problems per seed, greedy; "
-                    f"RL {c.train.num_iterations} iterations of {a.method}, evaluated with "
-                    "eval.cache=none; commit " + commit + ". Times on the 2-core machine, loaded.")}
+           "note": (f"{task}: {c.task.num_eval_examples} held-out problems per seed, greedy"
+                    + (f"; RL {c.train.num_iterations} iterations of {a.method}, evaluated with "
+                       "eval.cache=none" if rl_seeds else "")
+                    + f"; commit {commit}. Times on the 2-core machine, loaded.")}
   json_file, md_file = out.with_name(out.name + ".json"), out.with_name(out.name + ".md")
   entries = json.loads(json_file.read_text()) if json_file.exists() else {}
   entries[a.config] = entry

@@ -68,20 +68,31 @@ def test_rl_verdict_and_table():
   rng = np.random.default_rng(0)
   none = (rng.random((3, 1024)) < 0.2).astype(float)
   same = cq.rl_verdict({"none": none, "dual": none.copy()}, "dual", 200, 0)
-  assert same["mean"] == 0.0 and same["within_noise"]
+  assert same["mean"] == 0.0 and same["within_noise"] and same["within_2se"]
   assert same["binomial_se_run"] == pytest.approx(math.sqrt(none.mean() * (1 - none.mean()) / 1024))
   assert same["binomial_se_mean_diff"] == pytest.approx(same["binomial_se_run"] * math.sqrt(2 / 3))
   better = np.maximum(none, (rng.random((3, 1024)) < 0.2).astype(float))  # ~16 points more
-  assert not cq.rl_verdict({"none": none, "dual": better}, "dual", 200, 0)["within_noise"]
+  worse = cq.rl_verdict({"none": better, "dual": none}, "dual", 200, 0)
+  assert worse["mean"] < -0.1 and not worse["within_noise"] and not worse["within_2se"]
+  # one problem in 1024 fewer on one seed of three: tiny, well within 2 SE
+  one = none.copy()
+  one[0, np.argmax(one[0])] = 0.0
+  assert cq.rl_verdict({"none": none, "dual": one}, "dual", 200, 0)["within_2se"]
   rows = [{"seed": 0, "mode": "dual", "sft_accuracy": 0.128, "accuracy": 0.2, "source": "x",
            "seconds_per_iteration": 0.61, "rl_train_seconds": 300.0,
+           "phase_seconds": {"rollout": 0.1, "plan": 0.2, "update": 0.3},
            "rl/tis/logp_gap": 0.01234, "rl/tis/capped_frac": 0.0},
           {"seed": 0, "mode": "none", "sft_accuracy": 0.128, "accuracy": 0.19, "source": "x",
            "seconds_per_iteration": 0.55, "rl_train_seconds": 280.0,
+           "phase_seconds": {"rollout": 0.2, "plan": 0.1, "update": math.nan},
            "rl/tis/logp_gap": math.nan, "rl/tis/capped_frac": math.nan}]
   md = cq.rl_table(rows).splitlines()
-  assert "| 0 | dual | 12.8 | 20.0 | 0.61 | 300 | 0.0123 | 0.0000 |" in md[2]
-  assert "| 0.55 | 280 | – | – |" in md[3]
+  assert "| 0 | dual | 12.8 | 20.0 | 0.61 | 0.100 / 0.200 / 0.300 | 300 | 0.0123 | 0.0000 |" in md[2]
+  assert "| 0.55 | 0.200 / 0.100 / nan | 280 | – | – |" in md[3]
+  logged = [{"rl/time/rollout": 1.0, "rl/time/plan": 5.0}, {"rl/time/rollout": 3.0},
+            {"rl/time/rollout": 2.0, "rl/time/plan": 1.0}, {"sft/loss": 0.1}]
+  med = cq.median_phase_seconds(logged)
+  assert med["rollout"] == 2.0 and med["plan"] == 3.0 and math.isnan(med["update"])
   assert cq.mean_logged([{"a": 1.0}, {"b": 2.0}, {"a": 3.0}], "a") == 2.0
   assert math.isnan(cq.mean_logged([{"b": 1.0}], "a"))
 
@@ -103,6 +114,10 @@ def test_plan_reuses_a_finished_ablation_folder(tmp_path):
   dual, none = p["rl"]
   assert dual.workdir == runs / "seed0" / "rl_dual" and "--config.rollout.cache=dual" in dual.args
   assert none.workdir == arm  # the ablation's finished cache-none arm
+  (runs / "seed0" / "rl_none").mkdir(parents=True)
+  (runs / "seed0" / "rl_none" / "history.json").write_text("{}")
+  again = cq.plan(runs, src, [0], [0], ["none"], [None], ["dual", "none"], cq.METHOD, [])
+  assert again["rl"][1].workdir == runs / "seed0" / "rl_none"  # a finished own run comes first
   assert "--config.eval.before_training=False" in dual.args
   assert "--config.eval.cache=dual" not in dual.args  # evaluation stays at the default none
   with pytest.raises(SystemExit, match="seed1/sft holds no finished SFT run"):
