@@ -129,6 +129,7 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   # 'dual'. A cache samples from an approximation μ of the full-attention policy; the recorded
   # log-probs and entropies are μ's.
   c.rollout.cache = "none"
+  c.rollout.cache_refresh = 0  # with a cache: refill it every N steps of a block (0: block start)
   # With a cache, RL recomputes π_old of the selected steps with full attention and weights each
   # step's surrogate by min(π_old/μ, tis_cap) (truncated importance sampling, egspo.rl.tis).
   c.rollout.tis_cap = 2.0
@@ -191,6 +192,7 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.eval.block_length = 32
   c.eval.steps = 128  # d1 protocol: gen_length / 2
   c.eval.cache = "none"  # the evaluation sampler's block K/V cache: 'none' | 'prefix' | 'dual'
+  c.eval.cache_refresh = 0  # with a cache: refill it every N steps of a block (0: block start)
   c.eval.batch_size = 64
   c.eval.before_training = True
 

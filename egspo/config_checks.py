@@ -275,7 +275,7 @@ def _sampling(c, section: str) -> None:
   """`rollout` or `eval`: the fields of a `SamplerConfig`, checked by the sampler itself."""
   from egspo.diffusion import sampler  # pylint: disable=import-outside-toplevel
 
-  names = ("gen_length", "steps", "block_length", "cache") + (
+  names = ("gen_length", "steps", "block_length", "cache", "cache_refresh") + (
       ("temperature", "remasking", "cfg_scale") if section == "rollout" else ())
   try:
     sampler.check_sampling(**{n: _get(c, f"{section}.{n}") for n in names},

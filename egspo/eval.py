@@ -47,9 +47,11 @@ from egspo.tasks import get_task
 def generate_texts(model, tokenizer, prompts: Sequence[str], gen_length: int, *,
                    block_length: int = 32, steps: int | None = None, temperature: float = 0.0,
                    seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
-                   reference: bool = False, cache: str = "none") -> list[str]:
+                   reference: bool = False, cache: str = "none",
+                   cache_refresh: int = 0) -> list[str]:
   """Completions of `prompts` (already chat-formatted and prefilled) with the LLaDA sampler
-  (`cache`: its block K/V cache, 'none' | 'prefix' | 'dual'; the LM head on the block only).
+  (`cache`: its block K/V cache, 'none' | 'prefix' | 'dual', refilled every `cache_refresh`
+  steps of a block, 0 = at its start; the LM head on the block only).
 
   Batches are padded to `batch_size` rows (by repeating the last prompt) and prompts to `pad_to`
   tokens, so one compiled program serves the whole evaluation. reference=True decodes as the
@@ -62,7 +64,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], gen_length: int, *,
   config = sampler.SamplerConfig(gen_length=gen_length, steps=steps,
                                  block_length=min(block_length, gen_length),
                                  mask_token_id=model.cfg.mask_token_id, temperature=temperature,
-                                 cache=cache, record_x0_hat=False)
+                                 cache=cache, cache_refresh=cache_refresh, record_x0_hat=False)
   if pad_to is None:
     pad_to = max(len(tokenizer.encode(p)) for p in prompts)
   key = jax.random.key(seed)
@@ -101,16 +103,16 @@ def generation_records(task, examples: Sequence[dict], prompts: Sequence[str],
 
 
 def protocol(task, style: str, block_length: int, temperature: float, steps: Any = "gen_length/2",
-             cache: str = "none") -> dict:
+             cache: str = "none", cache_refresh: int = 0) -> dict:
   return {"temperature": temperature, "block_length": block_length, "steps": steps,
           "prefill": task.eval_prefill(style), "style": style, "remasking": "low_confidence",
-          "cache": cache}
+          "cache": cache, "cache_refresh": cache_refresh}
 
 
 def evaluate(model, tokenizer, task, examples: Sequence[dict], gen_lengths: Sequence[int] = (128, 256, 512),
              batch_size: int = 8, *, style: str = "chat", block_length: int = 32,
              temperature: float = 0.0, seed: int = 0, generate_fn=None,
-             cache: str = "none") -> dict:
+             cache: str = "none", cache_refresh: int = 0) -> dict:
   """Generate for every example at every length with the d1 protocol and score.
 
   Returns {"task", "protocol", "results": {str(L): {"metrics", "generations", "seconds"}}} with
@@ -129,13 +131,14 @@ def evaluate(model, tokenizer, task, examples: Sequence[dict], gen_lengths: Sequ
     else:
       texts = generate_texts(model, tokenizer, prompts, int(length), block_length=block_length,
                              temperature=temperature, seed=seed, batch_size=batch_size,
-                             pad_to=pad_to, reference=task.reference_rewards, cache=cache)
+                             pad_to=pad_to, reference=task.reference_rewards, cache=cache,
+                             cache_refresh=cache_refresh)
     scores, metrics = score_generations(task, texts, examples)
     results[str(length)] = {"metrics": metrics,
                             "generations": generation_records(task, examples, prompts, texts, scores),
                             "seconds": round(time.time() - t0, 3)}
   return {"task": task.name, "protocol": protocol(task, style, block_length, temperature,
-                                                  cache=cache),
+                                                  cache=cache, cache_refresh=cache_refresh),
           "results": results}
 
 
@@ -252,6 +255,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--temperature", type=float, default=0.0)
   p.add_argument("--cache", choices=["none", "prefix", "dual"], default="none",
                  help="the sampler's block K/V cache (egspo.diffusion.cache)")
+  p.add_argument("--cache_refresh", type=int, default=0,
+                 help="with --cache: refill it every N steps of a block (0: at each block start)")
   p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
   p.add_argument("--data_path", default=None, help="eval data file (else the task's default)")
   p.add_argument("--style", choices=["chat", "plain"], default=None,
@@ -286,6 +291,19 @@ def _load_model(args, parser):
     parser.error(f"--checkpoint {args.checkpoint}: {e}")
 
 
+def _check_sampling(parser, args, gen_lengths) -> None:
+  """The sampler's settings of every --gen_lengths value, before a model is loaded."""
+  from egspo.diffusion import sampler  # pylint: disable=import-outside-toplevel
+
+  for length in gen_lengths:
+    try:
+      sampler.check_sampling(length, length // 2, min(args.block_length, length),
+                             temperature=args.temperature, cache=args.cache,
+                             cache_refresh=args.cache_refresh)
+    except ValueError as e:  # gen_length = each --gen_lengths value, steps = gen_length / 2
+      parser.error(f"--gen_lengths {length}: {e}".replace("SamplerConfig.", "--"))
+
+
 def main(argv=None) -> dict:
   parser = _parser()
   args = parser.parse_args(argv)
@@ -315,6 +333,7 @@ def main(argv=None) -> dict:
     gen_lengths = [int(x) for x in args.gen_lengths.split(",") if x.strip()]
   except ValueError:
     parser.error(f"--gen_lengths must be comma-separated integers, got {args.gen_lengths!r}")
+  _check_sampling(parser, args, gen_lengths)
   examples = task.load_examples("test", args.data_path) if args.data_path else task.load_examples("test")
   if args.limit:
     examples = examples[:args.limit]
@@ -324,7 +343,7 @@ def main(argv=None) -> dict:
   style = args.style or ("plain" if args.preset else "chat")
   result = evaluate(model, tokenizer, task, examples, gen_lengths, args.batch_size, style=style,
                     block_length=args.block_length, temperature=args.temperature,
-                    cache=args.cache)
+                    cache=args.cache, cache_refresh=args.cache_refresh)
   result["checkpoint"] = args.checkpoint or f"preset:{args.preset}:seed{args.seed}"
   if output is not None:
     write_json(output, result)

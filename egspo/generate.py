@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"])
   p.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
                  help="the sampler's block K/V cache (egspo.diffusion.cache)")
+  p.add_argument("--cache_refresh", type=int, default=0,
+                 help="with --cache: refill it every N steps of a block (0: at each block start)")
   p.add_argument("--sample_seed", type=int, default=0, help="PRNG seed of the sampler")
   p.add_argument("--json", action="store_true", help="print one JSON object")
   return p
@@ -97,7 +99,8 @@ def main(argv=None) -> dict:
                                    block_length=args.block_length,
                                    mask_token_id=model.cfg.mask_token_id,
                                    temperature=args.temperature, remasking=args.remasking,
-                                   cache=args.cache, record_x0_hat=False)
+                                   cache=args.cache, cache_refresh=args.cache_refresh,
+                                   record_x0_hat=False)
     sampler.check_model_config(model.cfg, config, len(ids))
   except ValueError as e:
     parser.error(str(e))

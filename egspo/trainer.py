@@ -71,6 +71,7 @@ def sampler_config(config, model_cfg, section: str) -> sampler_lib.SamplerConfig
       temperature=float(s.temperature) if section == "rollout" else 0.0,
       remasking=s.remasking if section == "rollout" else "low_confidence",
       cfg_scale=float(s.cfg_scale) if section == "rollout" else 0.0, cache=s.cache,
+      cache_refresh=s.cache_refresh,
       record_x0_hat=section == "rollout")  # evaluation: the LM head on the block only
 
 
@@ -229,7 +230,8 @@ class Trainer:
       eval_lib.write_json(self.workdir / "eval" / f"{tag}_{step}.json", {
           "task": self.task.name, "tag": tag, "step": step,
           "protocol": eval_lib.protocol(self.task, style, scfg.block_length, scfg.temperature,
-                                        scfg.steps, cache=scfg.cache),
+                                        scfg.steps, cache=scfg.cache,
+                                        cache_refresh=scfg.cache_refresh),
           "results": {str(scfg.gen_length): {"metrics": metrics, "generations": records}}})
     logging.info("eval %s @%d: %s", tag, step, metrics)
     return metrics

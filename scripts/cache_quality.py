@@ -5,7 +5,9 @@ Quality: each seed's SFT checkpoint evaluated greedily on the held-out problems 
 `--modes` cache mode (and every `--block_lengths` evaluation block length): eval-only runs, the
 checkpoint copied into a new workdir (`train.num_iterations=0`, `eval.before_training`) →
 accuracy (Sudoku: and cell accuracy) and the token agreement of each mode's generations with
-those of `none` at the same block length (`token_agreement`).
+those of `none` at the same block length (`token_agreement`); with `--refreshes`, the cached
+modes also with `eval.cache_refresh` = each value (a full forward every r steps of a block), at
+the config's block length; such a row's mode reads e.g. `dual r2`.
 RL: from the same checkpoint, `--method` (EGSPO-SA, entropy, λ 0.5 by default; compare_methods'
 METHODS) for the config's `train.num_iterations` with `rollout.cache` = each of `--rl_modes`,
 evaluated with the default `eval.cache=none` so the accuracies are comparable → held-out accuracy
@@ -125,6 +127,40 @@ def quality_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def mode_means(rows: list[dict]) -> list[dict]:
+  """Per (block length, mode): the seed-mean accuracy (and cell accuracy) and its Δ against
+  `none`, over the seeds that have both."""
+  none = {(r["seed"], r["block_length"]): r for r in rows if r["mode"] == "none"}
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    if (r["seed"], r["block_length"]) in none:
+      groups.setdefault((r["block_length"], r["mode"]), []).append(r)
+  out = []
+  for (block, mode), rs in groups.items():
+    row = {"block_length": block, "mode": mode, "seeds": [r["seed"] for r in rs]}
+    for m in ablation.METRICS:
+      if all(m in r for r in rs):
+        row[m] = statistics.fmean(r[m] for r in rs)
+        row[f"delta_{m}"] = statistics.fmean(
+            r[m] - none[(r["seed"], r["block_length"])][m] for r in rs)
+    if all("token_agreement" in r for r in rs):
+      row["token_agreement"] = statistics.fmean(r["token_agreement"] for r in rs)
+    out.append(row)
+  return out
+
+
+def means_table(means: list[dict]) -> str:
+  """Markdown: one row per (block length, mode), seed means."""
+  lines = ["| eval block | cache | seeds | accuracy % (mean) | Δ vs none (points) | "
+           "token agreement % |", "|---|---|---|---|---|---|"]
+  for m in means:
+    d = m.get("delta_accuracy")
+    lines.append(f"| {m['block_length']} | {m['mode']} | {len(m['seeds'])} | "
+                 f"{_pct(m.get('accuracy'))} | {'–' if d is None else f'{100 * d:+.1f}'} | "
+                 f"{_pct(m.get('token_agreement'))} |")
+  return "\n".join(lines)
+
+
 def quality_verdict(rows: list[dict], tolerance: float = QUALITY_TOLERANCE) -> dict:
   """The largest |mode − none| over seeds and block lengths, per metric, and whether every
   cached mode is within `tolerance` of `none`."""
@@ -179,7 +215,7 @@ def markdown(entry: dict) -> str:
   if q["rows"]:
     v = q["verdict"]
     worst = ", ".join(f"{m} {100 * x:.1f}" for m, x in v["max_abs_diff"].items())
-    lines += [quality_table(q["rows"]), "",
+    lines += [quality_table(q["rows"]), "", means_table(mode_means(q["rows"])), "",
               f"Largest |cached − none| (points): {worst or '–'}; target (≤ "
               f"{100 * v['tolerance']:.0f} point): **{'holds' if v['holds'] else 'missed'}**.", ""]
   rl = entry["rl"]
@@ -206,9 +242,11 @@ def markdown(entry: dict) -> str:
 
 def plan(runs_dir: pathlib.Path, from_dir: pathlib.Path | None, seeds: list[int],
          rl_seeds: list[int], modes: list[str], block_lengths: list[int | None],
-         rl_modes: list[str], method: str, common: list[str]) -> dict:
+         rl_modes: list[str], method: str, common: list[str], refreshes: tuple[int, ...] = ()
+         ) -> dict:
   """{"sft": {seed: Run}, "eval": [(block_length, Run)], "rl": [Run]}; eval and RL runs start
-  from their seed's SFT run (DIR's with --from). Names: eval/<mode>[/b<L>], rl/<mode>."""
+  from their seed's SFT run (DIR's with --from). Names: eval/<mode>[/b<L>], eval/<mode>/r<r>
+  (the cached modes with `eval.cache_refresh` r, at the config's block length), rl/<mode>."""
   sft, evals, rl = {}, [], []
   for s in sorted(set(seeds) | set(rl_seeds)):
     seed_arg = [f"--config.seed={s}"]
@@ -233,6 +271,14 @@ def plan(runs_dir: pathlib.Path, from_dir: pathlib.Path | None, seeds: list[int]
                                          "--config.train.num_iterations=0",
                                          "--config.eval.before_training=True",
                                          f"--config.eval.cache={mode}"]), sft[s].workdir)))
+    for r in refreshes:
+      for mode in (m for m in modes if m != "none"):
+        evals.append((None, cm.Run(f"eval/{mode}/r{r}", s, runs_dir / f"seed{s}" / f"eval_{mode}_r{r}",
+                                   tuple([f"--config.seed={s}"] + common + [
+                                       "--config.train.num_iterations=0",
+                                       "--config.eval.before_training=True",
+                                       f"--config.eval.cache={mode}",
+                                       f"--config.eval.cache_refresh={r}"]), sft[s].workdir)))
   for s in rl_seeds:
     for mode in rl_modes:
       args = tuple([f"--config.seed={s}"] + common + cm.METHODS[method] + [
@@ -259,6 +305,8 @@ def quality_rows(evals: list[tuple[int | None, cm.Run]]) -> list[dict]:
     ev, mode = _eval_file(r.workdir), r.method.split("/")[1]
     if ev["protocol"]["cache"] != mode:
       raise ValueError(f"{r.workdir}: evaluated with cache {ev['protocol']['cache']!r}, not {mode!r}")
+    refresh = ev["protocol"].get("cache_refresh", 0)
+    mode += f" r{refresh}" if refresh else ""
     (res,) = ev["results"].values()
     block = ev["protocol"]["block_length"]
     texts[(r.seed, block, mode)] = [g["generations"] for g in res["generations"]]
@@ -326,6 +374,8 @@ def main():
   ap.add_argument("--modes", default=",".join(MODES), help="eval.cache modes")
   ap.add_argument("--block_lengths", default="",
                   help="extra eval.block_length values evaluated beside the config's")
+  ap.add_argument("--refreshes", default="",
+                  help="eval.cache_refresh values evaluated for the cached modes (config's block)")
   ap.add_argument("--rl_modes", default="dual,none", help="rollout.cache modes (none is the reference)")
   ap.add_argument("--method", default=METHOD, help=f"one of: {', '.join(cm.METHODS)}")
   ap.add_argument("--from", dest="from_dir", default=None,
@@ -356,8 +406,9 @@ def main():
   out = (pathlib.Path(a.out).expanduser().resolve() if a.out else
          cm.REPO / "results" / datetime.date.today().isoformat() / "cache_quality")
   from_dir = pathlib.Path(a.from_dir).expanduser().resolve() if a.from_dir else None
+  refreshes = tuple(r for r in _ints(ap, a.refreshes, "--refreshes") if r)
   p = plan(runs_dir, from_dir, seeds, rl_seeds, modes, block_lengths, rl_modes, a.method,
-           list(a.extra))
+           list(a.extra), refreshes)
   runner = cm.Runner(a.config, 1, a.dry_run)
   runner.run_all(list(p["sft"].values()) + [r for _, r in p["eval"]] + p["rl"])
   if a.dry_run:

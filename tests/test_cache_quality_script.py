@@ -128,3 +128,38 @@ def test_plan_reuses_a_finished_ablation_folder(tmp_path):
   assert "--config.train.num_iterations=0" in own["sft"][0].args
   assert "--config.train.num_iterations=3" not in own["sft"][0].args
   assert own["rl"][0].workdir == runs / "seed0" / "rl_none"
+
+
+def test_refresh_runs_and_seed_means(tmp_path):
+  """--refreshes adds the cached modes with eval.cache_refresh at the config's block length; a
+  row's mode names its refresh (read from the evaluation's protocol), and the seed means give
+  each mode's Δ against none of the same seeds."""
+  cq = _script()
+  src = tmp_path / "ablation"
+  (src / "seed0" / "sft").mkdir(parents=True)
+  (src / "seed0" / "sft" / "history.json").write_text("{}")
+  p = cq.plan(tmp_path / "runs", src, [0], [], ["none", "dual"], [None, 8], ["none"], cq.METHOD,
+              [], refreshes=(2,))
+  names = [r.method for _, r in p["eval"]]
+  assert names == ["eval/none", "eval/dual", "eval/none/b8", "eval/dual/b8", "eval/dual/r2"]
+  evals = [p["eval"][i] for i in (0, 1, 4)]  # the config's block length
+  r2 = evals[2][1]
+  assert "--config.eval.cache_refresh=2" in r2.args and "--config.eval.cache=dual" in r2.args
+  assert not any(a.startswith("--config.eval.block_length") for a in r2.args)
+  for (_, run), (refresh, text) in zip(evals, [(0, "ab"), (0, "xb"), (2, "ab")]):
+    ev = {"protocol": {"cache": run.method.split("/")[1], "block_length": 16,
+                       "cache_refresh": refresh},
+          "results": {"16": {"metrics": {"accuracy": 0.5 if text == "ab" else 0.25},
+                             "generations": [{"generations": text}]}}}
+    (run.workdir / "eval").mkdir(parents=True)
+    (run.workdir / "eval" / "eval_0.json").write_text(json.dumps(ev))
+  rows = cq.quality_rows(evals)
+  assert [r["mode"] for r in rows] == ["none", "dual", "dual r2"]
+  assert [r["token_agreement"] for r in rows] == [1.0, 0.5, 1.0]
+  more = rows + [_row(1, "none", 0.4), _row(1, "dual", 0.1), _row(2, "dual r2", 0.9)]
+  means = {m["mode"]: m for m in cq.mode_means(more)}
+  assert means["dual"]["seeds"] == [0, 1]
+  assert means["dual"]["accuracy"] == pytest.approx(0.175)
+  assert means["dual"]["delta_accuracy"] == pytest.approx(-0.275)  # (−0.25 − 0.3) / 2
+  assert means["dual r2"]["seeds"] == [0]  # seed 2 has no none to compare with
+  assert "| 16 | dual r2 | 1 | 50.0 | +0.0 | 100.0 |" in cq.means_table(list(means.values()))

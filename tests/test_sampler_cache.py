@@ -152,21 +152,24 @@ def test_hidden_states_kv_matches_the_full_forward(scan):
     np.testing.assert_allclose(np.asarray(new[0]), np.asarray(kv[0]), atol=2e-5)
 
 
+@pytest.mark.parametrize("steps,refresh", [(STEPS, 0), (8, 2)], ids=["block_start", "every2"])
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
-def test_record_equals_the_cached_forward_by_hand(deep, mode):
-  """Two layers, three steps per block: the cached rollout differs from `none` (μ ≠ π), and its
-  log-probs, entropies and commits equal a by-hand recomputation: keys/values from a full forward
-  on the block start's state x_{t0}, the window (prefix: block + rest, dual: block) on x_t."""
-  config = _config(deep, cache=mode)
+def test_record_equals_the_cached_forward_by_hand(deep, mode, steps, refresh):
+  """Two layers, three (four) steps per block: the cached rollout differs from `none` (μ ≠ π),
+  and its log-probs, entropies and commits equal a by-hand recomputation: keys/values from a full
+  forward on the state x_{t0} of the last refresh (the block start; with `cache_refresh` 2 every
+  second step), the window (prefix: block + rest, dual: block) on x_t."""
+  config = _config(deep, cache=mode, steps=steps, cache_refresh=refresh)
   r, states = _run(deep, config, states=True)
   _check_schedule(r, config)
+  spb, spr = steps // 2, refresh or steps // 2
   ids, pmask = _pad(PROMPTS, deep.cfg.pad_token_id)
   mask = jnp.asarray(np.concatenate([pmask, np.ones((3, GEN), bool)], 1))
   pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
   canvas = lambda t: jnp.asarray(np.concatenate([ids, states[:, t]], 1))
-  for t in range(STEPS):
-    t0 = t - t % (STEPS // 2)
-    blk = P + (t // (STEPS // 2)) * BLOCK
+  for t in range(steps):
+    t0 = t - t % spr
+    blk = P + (t // spb) * BLOCK
     hid, kv = deep.hidden_states_kv(canvas(t0), pos, mask)
     if t != t0:
       end = P + GEN if mode == "prefix" else blk + BLOCK
@@ -181,7 +184,19 @@ def test_record_equals_the_cached_forward_by_hand(deep, mode):
     # Greedy: each committed token is the window's argmax (mask token excluded).
     logp[..., deep.cfg.mask_token_id] = -np.inf
     np.testing.assert_array_equal(r.tokens[act], logp[b, g].argmax(-1))
-  assert not np.array_equal(r.logprob, _run(deep, _config(deep)).logprob)  # an approximation
+  assert not np.array_equal(r.logprob, _run(deep, _config(deep, steps=steps)).logprob)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_cache_refresh_bounds(deep, mode):
+  """cache_refresh = steps per block is the default (the block start only); 1 refills the cache
+  at every step, so the cached modes equal `none` at any depth."""
+  base = _run(deep, _config(deep, cache=mode))
+  _assert_same(_run(deep, _config(deep, cache=mode, cache_refresh=STEPS // 2)), base,
+               FIELDS + ("x0_hat",))
+  ref = _run(deep, _config(deep))
+  _assert_same(_run(deep, _config(deep, cache=mode, cache_refresh=1)), ref, FIELDS + ("x0_hat",))
+  assert _config(deep, cache=mode).steps_per_refresh == STEPS // 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,8 +246,9 @@ def _head_rows(jaxpr, d, vocab):
     ("prefix", True, {GEN}), ("prefix", False, {BLOCK}),
     ("dual", True, {GEN, BLOCK}), ("dual", False, {BLOCK})])
 def test_lm_head_runs_only_on_needed_positions(deep, mode, record, rows):
-  """The traced program: a scan over blocks of scans over steps, and the LM head only on the
-  block (without x̂0), the completion (none, block starts) or the window (prefix)."""
+  """The traced program: a scan over blocks of scans over refresh groups (one per block by
+  default) of scans over steps, and the LM head only on the block (without x̂0), the completion
+  (none, block starts) or the window (prefix)."""
   config = _config(deep, cache=mode, record_x0_hat=record)
   ids, mask = _pad(PROMPTS, deep.cfg.pad_token_id)
   graphdef, state = nnx.split(deep)
@@ -242,7 +258,7 @@ def test_lm_head_runs_only_on_needed_positions(deep, mode, record, rows):
   assert vocab not in (d, deep.cfg.mlp_hidden_size)  # the head's kernel is unambiguous
   assert _head_rows(jaxpr, d, vocab) == {(3, n) for n in rows}
   lengths = _scan_lengths(jaxpr)
-  assert lengths[:2] == ([STEPS] if mode == "none" and record else [2, 2])[:2]
+  assert lengths[:3] == ([STEPS] if mode == "none" and record else [2, 1, 2])[:3]
 
 
 def test_head_on_block_gives_identical_logits(deep):
@@ -281,6 +297,13 @@ def test_bad_cache_values_and_the_logits_fn_path(deep):
     _config(deep, cache="full")
   with pytest.raises(sampler.SamplerConfigError, match=r"record_x0_hat"):
     _config(deep, record_x0_hat="yes")
+  with pytest.raises(sampler.SamplerConfigError, match=r"cache_refresh=2: needs cache='prefix'"):
+    _config(deep, cache_refresh=2)
+  with pytest.raises(sampler.SamplerConfigError, match=r"cache_refresh=2: must divide the 3 steps"):
+    _config(deep, cache="dual", cache_refresh=2)
+  for bad in (-1, 1.5, True):
+    with pytest.raises(sampler.SamplerConfigError, match=r"cache_refresh=.*must be an integer"):
+      _config(deep, cache="dual", cache_refresh=bad)
   with pytest.raises(ValueError, match="needs the model, not a logits_fn"):
     sampler.generate(lambda i, m: None, *_pad(PROMPTS, 0), jax.random.key(0),
                      _config(deep, cache="dual"))
@@ -297,6 +320,13 @@ def test_config_fields(section):
   config_lib.validate(c)
   c[section].cache = "dual"
   config_lib.validate(c)
+  c[section].cache_refresh = 4  # the :tiny 8 steps in one block
+  config_lib.validate(c)
+  c[section].cache_refresh = 3
+  with pytest.raises(config_lib.ConfigError,
+                     match=rf"^bad config field {section}\.cache_refresh=3: must divide the 8"):
+    config_lib.validate(c)
+  c[section].cache_refresh = 0
   c[section].cache = "kv"
   with pytest.raises(config_lib.ConfigError, match=rf"^bad config field {section}\.cache='kv'"):
     config_lib.validate(c)
@@ -313,6 +343,23 @@ def test_generate_cli_cache_flag(capsys):
   with pytest.raises(SystemExit):
     generate_cli.main(args + ["--cache", "full"])
   assert "invalid choice: 'full'" in capsys.readouterr().err
+  out = generate_cli.main(args + ["--cache", "dual", "--cache_refresh", "1"])
+  assert out["completion_ids"] == outs["none"]["completion_ids"]  # refilled at every step
+  capsys.readouterr()
+  with pytest.raises(SystemExit):
+    generate_cli.main(args + ["--cache", "dual", "--cache_refresh", "3"])
+  assert "cache_refresh=3: must divide the 4 steps per block" in capsys.readouterr().err
+
+
+def test_eval_cli_checks_the_sampler_before_loading(capsys):
+  """A bad --cache_refresh (or --gen_lengths value) is one line before any model is built."""
+  from egspo import eval as eval_cli  # pylint: disable=import-outside-toplevel
+  with pytest.raises(SystemExit):
+    eval_cli.main(["--task", "countdown", "--checkpoint", "/nonexistent", "--gen_lengths", "16",
+                   "--block_length", "16", "--cache", "dual", "--cache_refresh", "3"])
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.endswith("--gen_lengths 16: --cache_refresh=3: must divide the 8 steps per block "
+                      "(steps / (gen_length/block_length))")
 
 
 def test_sampler_benchmark_smallest():

@@ -6,13 +6,15 @@
           values; the block's other steps run the block and everything after it (the suffix)
           against the kept keys/values of the positions before the block;
   dual    as prefix, but the other steps run the block only: the keys/values of everything
-          outside it (prompt, decoded blocks, the masked suffix) are the block start's.
+          outside it (prompt, decoded blocks, the masked suffix) are the last refresh's.
 The cached positions' tokens do not change within a block, but with bidirectional attention their
 keys/values above the first layer depend on the block's tokens: the cached modes sample from an
 approximation μ of the full-attention policy, exact for one step per block or a one-layer model.
+`cache_refresh` = r refills the cache with a full forward every r steps of a block (0: only at
+its first step), trading speed for a closer μ.
 
-Static shapes: one `lax.scan` over the blocks, each a block-start step (the full forward) and a
-`lax.scan` over the block's other steps. `prefix` runs a window of G positions from the block's
+Static shapes: one `lax.scan` over the blocks, each a `lax.scan` over its refresh groups of r
+steps, each group a full-forward step and a `lax.scan` over the group's other steps. `prefix` runs a window of G positions from the block's
 start: the canvas is padded on the right by G − block_length never-attended positions, so the
 window (block + suffix + padding) has one length for every block; `dual` runs block_length.
 
@@ -62,6 +64,7 @@ def generate(graphdef, state, prompt_ids, prompt_mask, key, config, *, commit: C
                      f"{prompt_ids.shape} and {prompt_mask.shape}")
   b, p = prompt_ids.shape
   g, bl, spb = config.gen_length, config.block_length, config.steps_per_block
+  spr = config.steps_per_refresh if config.cache != "none" else spb
   mask_id, mode, record = config.mask_token_id, config.cache, config.record_x0_hat
   s, pad, width = p + g, right_padding(config), window_length(config)
   prompt_ids = prompt_ids.astype(jnp.int32)
@@ -93,7 +96,7 @@ def generate(graphdef, state, prompt_ids, prompt_mask, key, config, *, commit: C
     return head(model, jax.lax.dynamic_slice_in_dim(hidden, p + start, bl, axis=1)), None, kv
 
   def cached_step(st, kv, guess, completion, t):
-    """The window against the block start's kv → (block logits, guess with the window's)."""
+    """The window against the last refresh's kv → (block logits, guess with the window's)."""
     model = nnx.merge(graphdef, st)
     start = (t // spb) * bl
     ids = jax.lax.dynamic_slice_in_dim(canvas(completion), p + start, width, axis=1)
@@ -117,8 +120,9 @@ def generate(graphdef, state, prompt_ids, prompt_mask, key, config, *, commit: C
              jnp.where(committed, ent, entropy), st)
     return carry, (h, x0_hat) + ((completion,) if return_states else ())
 
-  def block(carry, j):
-    t0 = j * spb
+  def group(carry, t0):
+    """Steps t0 .. t0 + spr − 1 of one block: a full forward (refilling the cache), then the
+    cached steps against it."""
     blk_logits, guess, kv = full_step(carry[-1], carry[0], t0)
     carry, first = take_step(carry, t0, blk_logits, guess)
 
@@ -131,8 +135,12 @@ def generate(graphdef, state, prompt_ids, prompt_mask, key, config, *, commit: C
       carry, ys = take_step(carry, t, blk_logits, fresh)
       return (carry, kv), ys
 
-    (carry, _), rest = jax.lax.scan(step, (carry, kv), t0 + jnp.arange(1, spb, dtype=jnp.int32))
+    (carry, _), rest = jax.lax.scan(step, (carry, kv), t0 + jnp.arange(1, spr, dtype=jnp.int32))
     return carry, jax.tree.map(lambda a, r: jnp.concatenate([a[None], r]), first, rest)
+
+  def block(carry, j):
+    carry, ys = jax.lax.scan(group, carry, j * spb + spr * jnp.arange(spb // spr, dtype=jnp.int32))
+    return carry, jax.tree.map(lambda a: a.reshape((spb,) + a.shape[2:]), ys)
 
   init = (jnp.full((b, g), mask_id, jnp.int32), jnp.full((b, g), config.steps, jnp.int32),
           jnp.zeros((b, g), jnp.float32), jnp.zeros((b, g), jnp.float32), state)

@@ -54,6 +54,9 @@ class SamplerConfig:
   remasking:     'low_confidence' (commit the most probable candidates) or 'random'.
   cache:         'none' (every step runs the whole canvas), 'prefix' or 'dual' (a block K/V
                  cache, egspo/diffusion/cache.py; needs the model: `generate_from_state`).
+  cache_refresh: with a cache, a full forward refills it every `cache_refresh` steps of a block
+                 (a divisor of the steps per block); 0 = at each block's first step only, as
+                 Fast-dLLM. 1 runs every step in full (the cache then changes nothing).
   record_x0_hat: record the per-step x̂0 (RL's one-step values); False (evaluation) runs the LM
                  head on the current block only and leaves `Rollout.x0_hat` None.
   cfg_scale:     classifier-free guidance s ≥ 0 (0 = none): logits = u + (s + 1)(c − u), u from the
@@ -69,6 +72,7 @@ class SamplerConfig:
   cache: str = "none"
   record_x0_hat: bool = True
   cfg_scale: float = 0.0
+  cache_refresh: int = 0
 
   def __post_init__(self):
     if self.mask_token_id is None:
@@ -82,6 +86,11 @@ class SamplerConfig:
   @property
   def steps_per_block(self) -> int:
     return self.steps // self.num_blocks
+
+  @property
+  def steps_per_refresh(self) -> int:
+    """Steps between two full forwards of the cached sampler (the steps per block when 0)."""
+    return self.cache_refresh or self.steps_per_block
 
   def replace(self, **kw) -> "SamplerConfig":
     return dataclasses.replace(self, **kw)
@@ -97,7 +106,7 @@ class SamplerConfigError(ValueError):
 
 def check_sampling(gen_length, steps, block_length, mask_token_id=None, temperature=0.0,
                    remasking="low_confidence", cache="none", record_x0_hat=True,
-                   cfg_scale=0.0, *, prefix: str = "") -> None:
+                   cfg_scale=0.0, cache_refresh=0, *, prefix: str = "") -> None:
   """Raises `SamplerConfigError` for the first bad `SamplerConfig` field (`mask_token_id=None`:
   not known yet, not checked); `prefix` names the other fields in the reasons (e.g. 'rollout.')."""
   def bad(field, value, why):
@@ -135,6 +144,13 @@ def check_sampling(gen_length, steps, block_length, mask_token_id=None, temperat
   if cfg_scale > 0 and cache != "none":
     bad("cfg_scale", cfg_scale, f"classifier-free guidance needs {prefix}cache='none' "
                                 f"(got {cache!r})")
+  if not is_int(cache_refresh) or cache_refresh < 0:
+    bad("cache_refresh", cache_refresh, "must be an integer >= 0 (0 = at each block start)")
+  if cache_refresh and cache == "none":
+    bad("cache_refresh", cache_refresh, f"needs {prefix}cache='prefix' or 'dual' (got 'none')")
+  if cache_refresh and (steps // blocks) % cache_refresh:
+    bad("cache_refresh", cache_refresh, f"must divide the {steps // blocks} steps per block "
+                                        f"({prefix}steps / ({prefix}gen_length/block_length))")
 
 
 def commit_schedule(config: SamplerConfig) -> np.ndarray:
