@@ -75,6 +75,8 @@ def _parse(argv=None):
     p.add_argument(f"--{name}", type=int, default=None, help=f"default {DEFAULTS[name]}")
   p.add_argument("--temperature", type=float, default=0.0)
   p.add_argument("--cache", default=",".join(MODES), help="comma-separated cache modes")
+  p.add_argument("--cache_refresh", type=int, default=0,
+                 help="the cached modes refill their cache every N steps of a block (0: block start)")
   p.add_argument("--x0_hat", action="store_true", help="record x̂0 (the RL rollout's record)")
   p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference loop")
   p.add_argument("--threads", type=int, default=1, help="CPU threads (0 = leave the default)")
@@ -127,9 +129,9 @@ def step_flops(cfg, queries: int, keys: int, head_positions: int) -> float:
           + 2.0 * d * cfg.embedding_size * head_positions)
 
 
-def sampler_flops(cfg, *, batch, p, g, steps, block, mode, x0_hat) -> float:
+def sampler_flops(cfg, *, batch, p, g, steps, block, mode, x0_hat, refresh=0) -> float:
   """FLOPs of one generation of `batch` sequences as each program runs it ('torch': the
-  reference loop, LM head on the whole canvas)."""
+  reference loop, LM head on the whole canvas; `refresh`: the cached modes' cache_refresh)."""
   s, blocks = p + g, g // block
   if mode == "torch":
     return batch * steps * step_flops(cfg, s, s, s)
@@ -137,12 +139,13 @@ def sampler_flops(cfg, *, batch, p, g, steps, block, mode, x0_hat) -> float:
   full = step_flops(cfg, s, s, head)
   if mode == "none":
     return batch * steps * full
-  cached_steps = steps - blocks  # every block's first step is a full forward
+  fulls = steps // (refresh or steps // blocks)  # every refresh (block start) is a full forward
+  cached_steps = steps - fulls
   if mode == "prefix":  # window G (block + rest + never-attended padding) over S + G − block keys
     cached = step_flops(cfg, g, s + g - block, g if x0_hat else block)
   else:  # dual: the block over the canvas
     cached = step_flops(cfg, block, s, block)
-  return batch * (blocks * full + cached_steps * cached)
+  return batch * (fulls * full + cached_steps * cached)
 
 
 def main(argv=None):
@@ -195,7 +198,8 @@ def main(argv=None):
   print(f"shape={args.shape} preset={args.preset} d={cfg.d_model} L={cfg.n_layers} "
         f"V={cfg.vocab_size} params={cfg.num_params():,} batch={args.batch} "
         f"prompt={args.prompt_length} gen={args.gen_length} steps={args.steps} "
-        f"block={args.block_length} temperature={args.temperature} x0_hat={args.x0_hat} "
+        f"block={args.block_length} cache_refresh={args.cache_refresh} "
+        f"temperature={args.temperature} x0_hat={args.x0_hat} "
         f"dtype={cfg.dtype} threads={args.threads} cpus={cpus} runs={args.runs} "
         f"device={jax.devices()[0].device_kind} jax={jax.__version__} "
         f"torch={torch.__version__} load={os.getloadavg()[0]:.2f}")
@@ -204,7 +208,8 @@ def main(argv=None):
         f"{peak['wall']:.1f} GFLOP/s wall, {peak['cpu']:.1f} per CPU second")
   shape = dict(batch=args.batch, p=args.prompt_length, g=args.gen_length, steps=args.steps,
                block=args.block_length, x0_hat=args.x0_hat)
-  result = dict(shape=args.shape, d_model=cfg.d_model, n_layers=cfg.n_layers,
+  result = dict(shape=args.shape, cache_refresh=args.cache_refresh, d_model=cfg.d_model,
+                n_layers=cfg.n_layers,
                 vocab_size=cfg.vocab_size, preset=args.preset, dtype=cfg.dtype,
                 device=jax.devices()[0].device_kind, peak_tflops=args.peak_tflops,
                 **shape, threads=args.threads,
@@ -215,14 +220,15 @@ def main(argv=None):
     config = sampler.SamplerConfig(gen_length=args.gen_length, steps=args.steps,
                                    block_length=args.block_length,
                                    mask_token_id=cfg.mask_token_id, temperature=args.temperature,
-                                   cache=mode, record_x0_hat=args.x0_hat)
+                                   cache=mode, record_x0_hat=args.x0_hat,
+                                   cache_refresh=0 if mode == "none" else args.cache_refresh)
 
     def run(i, config=config):
       r = sampler.generate_with_model(model, prompt, mask, jax.random.key(i), config)
       return np.asarray(jax.block_until_ready(r).tokens)
 
     wall, cpu, first, tokens[mode] = timed(run)
-    flops = sampler_flops(cfg, mode=mode, **shape)
+    flops = sampler_flops(cfg, mode=mode, refresh=config.cache_refresh, **shape)
     row = dict(seconds=wall, cpu_seconds=cpu, compile_and_first_s=first,
                tokens_per_s=n_tok / wall, tokens_per_cpu_s=n_tok / cpu, gflop=flops / 1e9,
                gflops=flops / wall / 1e9, fraction_of_peak=flops / wall / 1e9 / peak["wall"])

@@ -93,6 +93,23 @@ def test_sampler_flags_override_a_shape_and_a_preset_keeps_its_width():
     sampler_bench._parse(["--shape", "huge"])
 
 
+def test_sampler_flops_count_one_full_forward_per_refresh():
+  """dual at 2 blocks × 4 steps: refresh 0 = 2 full forwards + 6 block forwards, refresh 2 =
+  4 + 4, refresh 1 = every step in full (none's FLOPs)."""
+  from egspo.model import llada
+  from egspo.tokenizer import CharTokenizer
+  cfg = llada.get_config("tiny", vocab=CharTokenizer())
+  shape = dict(batch=2, p=8, g=16, steps=8, block=8, x0_hat=False)
+  full = sampler_bench.step_flops(cfg, 24, 24, 8)
+  blk = sampler_bench.step_flops(cfg, 8, 24, 8)
+  for refresh, n_full in ((0, 2), (4, 2), (2, 4), (1, 8)):
+    got = sampler_bench.sampler_flops(cfg, mode="dual", refresh=refresh, **shape)
+    assert got == pytest.approx(2 * (n_full * full + (8 - n_full) * blk)), refresh
+  assert sampler_bench.sampler_flops(cfg, mode="dual", refresh=1, **shape) == pytest.approx(
+      sampler_bench.sampler_flops(cfg, mode="none", **shape))
+  assert sampler_bench._parse(["--cache_refresh", "2"]).cache_refresh == 2
+
+
 def test_llada_1b_is_llada_8b_at_half_width_and_depth():
   from flax import nnx
 
