@@ -14,8 +14,8 @@ approximation μ of the full-attention policy, exact for one step per block or a
 its first step), trading speed for a closer μ.
 
 Static shapes: one `lax.scan` over the blocks, each a `lax.scan` over its refresh groups of r
-steps, each group a full-forward step and a `lax.scan` over the group's other steps. `prefix` runs a window of G positions from the block's
-start: the canvas is padded on the right by G − block_length never-attended positions, so the
+steps, each group a full-forward step and a `lax.scan` over the group's other steps. `prefix`
+runs a window of G positions from the block's start: the canvas is padded on the right by G − block_length never-attended positions, so the
 window (block + suffix + padding) has one length for every block; `dual` runs block_length.
 
 LM head: the commit rule uses the block's logits; the record's x̂0 every still-masked position's.
