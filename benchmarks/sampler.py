@@ -7,6 +7,7 @@ sampler on the same weights: tokens/s and achieved FLOP/s.
     python benchmarks/sampler.py --shape long_b1  # `_b1`: any shape at batch 1 (Fast-dLLM's)
     python benchmarks/sampler.py --preset small --batch 8 --gen_length 128 --steps 64 \
         --block_length 32 --cache none,dual --threads 1
+    python benchmarks/sampler.py --shape long_b1 --public ~/Fast-dLLM --public_llada ~/LLaDA
     python benchmarks/sampler.py --shape d1 --preset llada_1b --vocab_size 126464 --no_torch \
         --threads 0 --matmul_dtype bfloat16 --matmul_n 8192 --peak_tflops 989  # on a GPU
 
@@ -28,7 +29,11 @@ program executes (`step_flops`: layer matmuls 2·N per query position, attention
 a matmul peak measured in the same run (benchmarks/train_step.py `matmul_peak`) and, with
 --peak_tflops, as a fraction of an accelerator's stated peak (MFU). Token
 agreement: the fraction of completion tokens equal to `none`'s (a cache samples from an
-approximation). Last line: `RESULT {json}` with every figure.
+approximation). `--public`: also the published samplers on the same weights and prompts
+(Fast-dLLM's none / prefix / dual cache, one prompt at a time; with `--public_llada`, ML-GSAI/LLaDA's
+batched `generate`), each against the egspo mode that runs its algorithm: tokens/s, egspo's
+speed-up and token agreement (benchmarks/public_llada.py). Last line: `RESULT {json}` with every
+figure.
 """
 
 from __future__ import annotations
@@ -79,6 +84,12 @@ def _parse(argv=None):
                  help="the cached modes refill their cache every N steps of a block (0: block start)")
   p.add_argument("--x0_hat", action="store_true", help="record x̂0 (the RL rollout's record)")
   p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference loop")
+  p.add_argument("--public", default=None, metavar="DIR",
+                 help="a checkout of NVlabs/Fast-dLLM: also time LLaDA's published model with "
+                      "Fast-dLLM's samplers (none, prefix, dual cache; one prompt at a time) on "
+                      "the same weights (benchmarks/public_llada.py)")
+  p.add_argument("--public_llada", default=None, metavar="DIR",
+                 help="with --public, a checkout of ML-GSAI/LLaDA: also its batched generate")
   p.add_argument("--threads", type=int, default=1, help="CPU threads (0 = leave the default)")
   p.add_argument("--runs", type=int, default=3)
   p.add_argument("--matmul_n", type=int, default=1024, help="square size of the peak matmul")
@@ -93,6 +104,12 @@ def _parse(argv=None):
   for k, v in DEFAULTS.items():
     if getattr(args, k) is None:
       setattr(args, k, v)
+  if args.public_llada and not args.public:
+    p.error("--public_llada needs --public (the model code is Fast-dLLM's modeling_llada.py)")
+  if args.public:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import public_llada  # pylint: disable=import-outside-toplevel
+    public_llada.check_dirs(args.public, args.public_llada)
   args.cache = [m.strip() for m in args.cache.split(",") if m.strip()]
   bad = [m for m in args.cache if m not in MODES]
   if bad or not args.cache:
@@ -269,7 +286,51 @@ def main(argv=None):
     if args.temperature == 0 and "none" in tokens:
       result["greedy_none_equals_torch"] = bool(np.array_equal(tokens["none"], torch_tok))
       print(f"greedy completions of none identical to torch: {result['greedy_none_equals_torch']}")
+  if args.public:
+    result["public"] = time_public(args, model, prompt, tokens, result, timed, n_tok, np)
   print("RESULT " + json.dumps(result))
+
+
+def time_public(args, model, prompt, tokens, result, timed, n_tok, np) -> dict:
+  """The published samplers (benchmarks/public_llada.py) on the same weights and prompts: their
+  tokens/s, the speed-up of the matching egspo mode over each, and token agreement with it."""
+  import public_llada  # pylint: disable=import-error,import-outside-toplevel
+
+  pub = public_llada.Public(model, args.public, args.public_llada)
+  ids = np.concatenate([prompt, np.full((args.batch, args.gen_length), model.cfg.mask_token_id,
+                                        prompt.dtype)], axis=1)
+  ours = np.asarray(model(ids, np.ones_like(ids, bool)))
+  out = {"logits_max_abs_diff": float(np.max(np.abs(pub.logits(ids)[..., :ours.shape[-1]] - ours)))}
+  print(f"published model (Fast-dLLM's modeling_llada.py) on egspo's export: max |logits diff| "
+        f"{out['logits_max_abs_diff']:.1e}")
+  for name in pub.samplers():
+    if args.temperature != 0:
+      raise SystemExit("error: --public compares greedy runs: use --temperature 0")
+    mode = public_llada.EGSPO_MODE[name]
+
+    def run(i, name=name):
+      del i  # greedy
+      return pub.generate(name, prompt, steps=args.steps, gen_length=args.gen_length,
+                          block_length=args.block_length)
+
+    wall, cpu, _, tok = timed(run)
+    row = dict(seconds=wall, cpu_seconds=cpu, tokens_per_s=n_tok / wall,
+               tokens_per_cpu_s=n_tok / cpu, egspo_mode=mode)
+    ours_row = result["modes"].get(mode)
+    if ours_row is not None:
+      row.update(egspo_speedup=wall / ours_row["seconds"],
+                 egspo_speedup_cpu=cpu / ours_row["cpu_seconds"],
+                 token_agreement_with_egspo=float(np.mean(tok == tokens[mode])))
+    if "dual" in result["modes"]:
+      row["egspo_dual_speedup"] = wall / result["modes"]["dual"]["seconds"]
+    out[name] = row
+    print(f"{name:11s}: {n_tok / wall:9,.0f} tokens/s wall ({n_tok / cpu:,.0f} per CPU s), "
+          f"{wall:.3f} s" + ("" if ours_row is None else
+                             f"; egspo {mode} {row['egspo_speedup']:.2f}x faster, tokens equal "
+                             f"to egspo {mode}'s: {row['token_agreement_with_egspo']:.1%}")
+          + ("" if "egspo_dual_speedup" not in row else
+             f"; egspo dual {row['egspo_dual_speedup']:.2f}x"))
+  return out
 
 
 if __name__ == "__main__":

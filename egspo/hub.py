@@ -24,6 +24,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "generation_config.json")
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
 CONFIG_FILES = ("config.json",)
+# LLaDA's modeling code, which a checkpoint's config.json names in `auto_map` for
+# `transformers.AutoModel.from_pretrained(..., trust_remote_code=True)`; kept with the config.
+REMOTE_CODE_FILES = ("configuration_llada.py", "modeling_llada.py")
 
 # A hub model repo id: ORG/NAME, each part [A-Za-z0-9_.-], no '--' or '..' (the hub's rules),
 # optionally @REVISION (branch, tag or commit).
@@ -93,7 +96,8 @@ def _snapshot(value: str, repo_id: str, revision: str | None, *, what: str,
                                   "as a hub repo id needs huggingface_hub (pip install "
                                   "huggingface_hub)") from e
   cache, offline = constants.HF_HUB_CACHE, bool(constants.HF_HUB_OFFLINE)
-  patterns = list(CONFIG_FILES + TOKENIZER_FILES + (WEIGHT_FILES if weights else ()))
+  patterns = list(CONFIG_FILES + REMOTE_CODE_FILES + TOKENIZER_FILES
+                  + (WEIGHT_FILES if weights else ()))
   try:
     return pathlib.Path(huggingface_hub.snapshot_download(repo_id, revision=revision,
                                                           allow_patterns=patterns))

@@ -110,6 +110,38 @@ def test_sampler_flops_count_one_full_forward_per_refresh():
   assert sampler_bench._parse(["--cache_refresh", "2"]).cache_refresh == 2
 
 
+def test_sampler_public_baselines_fail_fast(tmp_path, capsys):
+  """--public / --public_llada are checked at parsing, before any model is built."""
+  with pytest.raises(SystemExit) as e:
+    sampler_bench._parse(["--public", str(tmp_path)])
+  assert "llada/generate.py not found" in str(e.value) and "NVlabs/Fast-dLLM" in str(e.value)
+  with pytest.raises(SystemExit):
+    sampler_bench._parse(["--public_llada", str(tmp_path)])
+  assert "--public_llada needs --public" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.environ.get("EGSPO_FAST_DLLM_DIR"),
+                    reason="needs $EGSPO_FAST_DLLM_DIR, a checkout of NVlabs/Fast-dLLM "
+                           "(and optionally $EGSPO_LLADA_DIR, one of ML-GSAI/LLaDA)")
+def test_public_samplers_give_egspo_tokens(capsys):
+  """LLaDA's published model loads egspo's export with the same logits, and Fast-dLLM's three
+  samplers (and ML-GSAI/LLaDA's batched one) give the tokens of egspo's none / prefix / dual."""
+  llada_dir = os.environ.get("EGSPO_LLADA_DIR")
+  sampler_bench.main(["--preset", "tiny", "--batch", "2", "--prompt_length", "12",
+                      "--gen_length", "16", "--steps", "8", "--block_length", "8", "--runs", "1",
+                      "--no_torch", "--threads", "0", "--matmul_n", "128",
+                      "--public", os.environ["EGSPO_FAST_DLLM_DIR"]]
+                     + (["--public_llada", llada_dir] if llada_dir else []))
+  out = capsys.readouterr().out
+  r = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+  pub = r["public"]
+  assert pub["logits_max_abs_diff"] < 1e-4
+  names = ["fast_none", "fast_prefix", "fast_dual"] + (["public"] if llada_dir else [])
+  for name in names:
+    assert pub[name]["token_agreement_with_egspo"] == 1.0, name
+    assert pub[name]["tokens_per_s"] > 0
+
+
 def test_llada_1b_is_llada_8b_at_half_width_and_depth():
   from flax import nnx
 

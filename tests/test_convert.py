@@ -174,6 +174,55 @@ def test_export_is_bit_identical(f32_ckpt, tmp_path, scan):
     assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
   cfg = json.loads((tmp_path / "export" / "config.json").read_text())
   assert {k: cfg[k] for k in HF_CFG} == HF_CFG
+  # LLaDA's modeling code builds this model only with these fields (its defaults: no RoPE,
+  # LayerNorm, fused projections); the values are GSAI-ML/LLaDA-8B-Instruct's config.json.
+  assert {k: cfg[k] for k in LLADA_8B_ARCHITECTURE} == LLADA_8B_ARCHITECTURE
+  # No modeling code in the source: auto_map names the hub repo's.
+  assert cfg["auto_map"]["AutoModel"] == "GSAI-ML/LLaDA-8B-Instruct--modeling_llada.LLaDAModelLM"
+  assert not (tmp_path / "export" / "modeling_llada.py").exists()
+
+
+# Architecture fields of GSAI-ML/LLaDA-8B-Instruct's config.json, written out by hand.
+LLADA_8B_ARCHITECTURE = {
+    "activation_type": "silu", "alibi": False, "attention_layer_norm": False,
+    "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama",
+    "include_bias": False, "include_qkv_bias": False, "input_emb_norm": False,
+    "layer_norm_type": "rms", "layer_norm_with_affine": True, "multi_query_attention": None,
+    "rope": True, "scale_logits": False, "weight_tying": False, "attention_dropout": 0.0,
+    "residual_dropout": 0.0, "embedding_dropout": 0.0, "flash_attention": False,
+    "rope_full_precision": True, "use_cache": False}
+
+
+def test_modeling_code_travels_with_the_checkpoint(tmp_path):
+  """configuration_llada.py / modeling_llada.py of the source go into the orbax dir and from
+  there into an export, whose auto_map then names the local files."""
+  sd = torch_llada.random_state_dict(HF_CFG, seed=5)
+  hf = write_hf(tmp_path / "hf", sd, n_shards=1)
+  for name in ("configuration_llada.py", "modeling_llada.py"):
+    (hf / name).write_text(f"# {name} of the source\n")
+  pretrained.convert_hf_to_orbax(hf, tmp_path / "orbax")
+  assert (tmp_path / "orbax" / "modeling_llada.py").read_text() == "# modeling_llada.py of the source\n"
+  export_hf(from_pretrained(tmp_path / "orbax"), tmp_path / "export", tokenizer=tmp_path / "orbax")
+  cfg = json.loads((tmp_path / "export" / "config.json").read_text())
+  assert cfg["auto_map"] == {"AutoConfig": "configuration_llada.LLaDAConfig",
+                             "AutoModel": "modeling_llada.LLaDAModelLM",
+                             "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"}
+  assert (tmp_path / "export" / "configuration_llada.py").is_file()
+
+
+@pytest.mark.parametrize("field,value", [("block_type", "sequential"), ("rope", False),
+                                         ("layer_norm_type", "default"), ("include_bias", True),
+                                         ("activation_type", "swiglu"),
+                                         ("multi_query_attention", True)])
+def test_other_architectures_are_refused(tmp_path, field, value):
+  hf = write_hf(tmp_path / "hf", _small_sd(), cfg={**HF_CFG, field: value}, n_shards=1)
+  with pytest.raises(CheckpointError) as e:
+    from_pretrained(hf)
+  msg = str(e.value)
+  assert "\n" not in msg and f"{field}={value!r}" in msg and "does not implement" in msg
+  # LLaDA-8B's own values (and fields left out) load.
+  write_hf(tmp_path / "ok", _small_sd(), cfg={**HF_CFG, **LLADA_8B_ARCHITECTURE}, n_shards=1)
+  from_pretrained(tmp_path / "ok")
 
 
 def test_save_pretrained_orbax_round_trip(f32_ckpt, tmp_path):

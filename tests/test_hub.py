@@ -120,7 +120,7 @@ def test_repo_id_from_the_offline_cache(tiny_hf, offline_hub):
   assert tok.mask_id == HF_CFG["mask_token_id"]
 
 
-def test_only_weights_config_and_tokenizer_are_fetched(monkeypatch, tmp_path):
+def test_only_weights_config_modeling_code_and_tokenizer_are_fetched(monkeypatch, tmp_path):
   calls = []
 
   def fake_snapshot_download(repo_id, **kwargs):
@@ -138,13 +138,14 @@ def test_only_weights_config_and_tokenizer_are_fetched(monkeypatch, tmp_path):
                 "tokenizer_config.json", "pytorch_model.bin", ".gitattributes"]
   pick = lambda patterns: sorted(huggingface_hub.utils.filter_repo_objects(
       llada_repo, allow_patterns=patterns))
+  code = ["configuration_llada.py", "modeling_llada.py"]  # what config.json's auto_map names
   assert pick(kw["allow_patterns"]) == sorted(
       ["config.json", "generation_config.json", "model-00001-of-00006.safetensors",
        "model.safetensors.index.json", "special_tokens_map.json", "tokenizer.json",
-       "tokenizer_config.json"])
+       "tokenizer_config.json"] + code)
   assert pick(kw_tok["allow_patterns"]) == sorted(
       ["config.json", "generation_config.json", "special_tokens_map.json", "tokenizer.json",
-       "tokenizer_config.json"])
+       "tokenizer_config.json"] + code)
 
 
 def test_errors_are_one_clear_line(tmp_path, offline_hub):

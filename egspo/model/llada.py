@@ -31,6 +31,24 @@ from egspo import partitioning
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# The architecture fields of LLaDA-8B's config.json (GSAI-ML/LLaDA-8B-Instruct) that this model
+# implements: a Llama-style block (separate q/k/v, SwiGLU with SiLU), RoPE, RMSNorm with weights,
+# no biases, an untied head. LLaDA's modeling code defaults to another model (fused projections,
+# no RoPE, LayerNorm), so an export writes them all and a checkpoint with another value of any of
+# them is refused. A tuple lists the values accepted on reading (the first is written).
+LLADA_ARCHITECTURE: dict[str, Any] = {
+    "block_type": "llama", "activation_type": "silu", "rope": True, "layer_norm_type": "rms",
+    "layer_norm_with_affine": True, "include_bias": False, "include_qkv_bias": (False, None),
+    "bias_for_layer_norm": (False, None), "alibi": False, "attention_layer_norm": False,
+    "input_emb_norm": False, "scale_logits": False, "weight_tying": False,
+    "multi_query_attention": (None, False), "block_group_size": 1,
+}
+# Written on export only (inference settings of the 8B config.json, not checked on reading).
+LLADA_EXPORT_DEFAULTS: dict[str, Any] = {
+    "attention_dropout": 0.0, "residual_dropout": 0.0, "embedding_dropout": 0.0,
+    "rope_full_precision": True, "flash_attention": False, "use_cache": False,
+}
+
 # Names of `jax.checkpoint` policies for `ModelConfig.remat_policy`.
 REMAT_POLICIES = {
     "nothing": jax.checkpoint_policies.nothing_saveable,
@@ -122,13 +140,27 @@ class ModelConfig:
              "max_sequence_length")
 
   def to_hf_config(self) -> dict[str, Any]:
+    """LLaDA's config.json: the sizes, and the architecture fields LLaDA's modeling code reads
+    (`LLADA_ARCHITECTURE`; its defaults build a different model: no RoPE, LayerNorm, fused
+    projections)."""
     cfg = {k: getattr(self, k) for k in self.HF_KEYS}
     cfg["pad_token_id"] = self.pad_token_id
     cfg["model_type"] = "llada"
+    cfg.update({k: v[0] if isinstance(v, tuple) else v for k, v in LLADA_ARCHITECTURE.items()})
+    cfg.update(LLADA_EXPORT_DEFAULTS)
     return cfg
 
   @classmethod
   def from_hf_config(cls, cfg: dict[str, Any], **overrides) -> "ModelConfig":
+    """The config of LLaDA's config.json; a ValueError names any architecture field whose value
+    this model does not implement (an absent field counts as LLaDA-8B's)."""
+    allowed = {k: v if isinstance(v, tuple) else (v,) for k, v in LLADA_ARCHITECTURE.items()}
+    other = {k: cfg[k] for k, ok in allowed.items() if k in cfg and cfg[k] not in ok}
+    if other:
+      raise ValueError(
+          "config.json describes an architecture egspo's LLaDA does not implement: "
+          + ", ".join(f"{k}={v!r} (implemented: {' or '.join(map(repr, allowed[k]))})"
+                      for k, v in other.items()))
     missing = [k for k in cls.HF_KEYS if k not in cfg and k not in overrides
                and k not in ("embedding_size", "n_kv_heads", "max_sequence_length")]
     if missing:

@@ -28,7 +28,8 @@ from flax import nnx, traverse_util
 from egspo import paths
 from egspo import sharding as sharding_lib
 from egspo import tokenizer as tok_lib
-from egspo.hub import TOKENIZER_FILES, CheckpointError, is_remote, resolve_checkpoint
+from egspo.hub import (REMOTE_CODE_FILES, TOKENIZER_FILES, CheckpointError, is_remote,
+                       resolve_checkpoint)
 from egspo.model import checkpoint_spec as spec_lib
 from egspo.model import orbax_io
 from egspo.model import safetensors_io as st
@@ -149,9 +150,35 @@ def _copy_file(src, dst) -> None:
     shutil.copyfile(src, dst)
 
 
-def _write_config(out_dir, cfg: ModelConfig, tokenizer, **extra) -> None:
+# `auto_map` of an export: LLaDA's modeling code beside the weights when the source had it, else
+# the code of the hub repo the 8B checkpoints come from (transformers' "REPO--module.Class").
+LLADA_CODE_REPO = "GSAI-ML/LLaDA-8B-Instruct"
+_AUTO_MAP = {"AutoConfig": "configuration_llada.LLaDAConfig",
+             "AutoModel": "modeling_llada.LLaDAModelLM",
+             "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"}
+
+
+def copy_remote_code(source, out_dir) -> bool:
+  """Copy LLaDA's modeling code (`REMOTE_CODE_FILES`) from a source checkpoint directory, if it
+  has it; True if `out_dir` then holds all of it."""
+  if isinstance(source, (str, os.PathLike)):
+    src = _checkpoint_dir(source, what="checkpoint", weights=False)
+    if all((src / f).is_file() for f in REMOTE_CODE_FILES):
+      for f in REMOTE_CODE_FILES:
+        _copy_file(src / f, out_dir / f)
+  return all((out_dir / f).is_file() for f in REMOTE_CODE_FILES)
+
+
+def _write_config(out_dir, cfg: ModelConfig, source, *, auto_map: bool = False,
+                  **extra) -> None:
+  """config.json (LLaDA's fields, `extra`), the tokenizer of `source` (see `save_tokenizer`) and
+  its modeling code; `auto_map` (an HF export) names that code, or the hub's if there is none."""
   cfg_json = dict(cfg.to_hf_config(), **extra)
-  save_tokenizer(tokenizer, out_dir, cfg_json)
+  save_tokenizer(source, out_dir, cfg_json)
+  local_code = copy_remote_code(source, out_dir)
+  if auto_map:
+    cfg_json["auto_map"] = {k: v if local_code else f"{LLADA_CODE_REPO}--{v}"
+                            for k, v in _AUTO_MAP.items()}
   (out_dir / CONFIG).write_text(json.dumps(cfg_json, indent=2) + "\n")
 
 
@@ -390,6 +417,6 @@ def export_hf(model: LLaDA, out_dir: str | os.PathLike, *, max_shard_bytes: int 
     if len(plan) > 1:
       index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
       (out_dir / st.INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    _write_config(out_dir, model.cfg, tokenizer, architectures=["LLaDAModelLM"],
-                  torch_dtype=dtype, weight_tying=False)
+    _write_config(out_dir, model.cfg, tokenizer, auto_map=True, architectures=["LLaDAModelLM"],
+                  torch_dtype=dtype)
   return files
