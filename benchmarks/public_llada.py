@@ -17,7 +17,7 @@ Samplers (greedy, low-confidence remasking, as published):
 Compatibility: the published code targets transformers 4.x. Under transformers 5 its
 `from_pretrained` fails, so the model is constructed from `LLaDAConfig` and the safetensors
 loaded with `load_state_dict(strict=True)`; LLaDAConfig's `use_cache` is set on the instance
-(transformers 5 no longer keeps it). It imports `einops` (`pip install einops`).
+(transformers 5 no longer keeps it). It imports `einops` (the `bench` extra).
 """
 
 from __future__ import annotations
