@@ -157,12 +157,13 @@ def sampler_flops(cfg, *, batch, p, g, steps, block, mode, x0_hat, refresh=0) ->
   if mode == "none":
     return batch * steps * full
   fulls = steps // (refresh or steps // blocks)  # every refresh (block start) is a full forward
-  cached_steps = steps - fulls
-  if mode == "prefix":  # window G (block + rest + never-attended padding) over S + G − block keys
-    cached = step_flops(cfg, g, s + g - block, g if x0_hat else block)
+  per_block = (steps - fulls) // blocks  # cached steps of each block
+  if mode == "prefix":  # block j's window: the block and every later position, over S keys
+    cached = sum(step_flops(cfg, g - j * block, s, g - j * block if x0_hat else block)
+                 for j in range(blocks))
   else:  # dual: the block over the canvas
-    cached = step_flops(cfg, block, s, block)
-  return batch * (fulls * full + cached_steps * cached)
+    cached = blocks * step_flops(cfg, block, s, block)
+  return batch * (fulls * full + per_block * cached)
 
 
 def main(argv=None):

@@ -243,12 +243,13 @@ def _head_rows(jaxpr, d, vocab):
 
 @pytest.mark.parametrize("mode,record,rows", [
     ("none", True, {GEN}), ("none", False, {BLOCK}),
-    ("prefix", True, {GEN}), ("prefix", False, {BLOCK}),
+    ("prefix", True, {GEN, GEN - BLOCK}), ("prefix", False, {BLOCK}),
     ("dual", True, {GEN, BLOCK}), ("dual", False, {BLOCK})])
 def test_lm_head_runs_only_on_needed_positions(deep, mode, record, rows):
-  """The traced program: a scan over blocks of scans over refresh groups (one per block by
-  default) of scans over steps, and the LM head only on the block (without x̂0), the completion
-  (none, block starts) or the window (prefix)."""
+  """The traced program: a scan over blocks (prefix: one program per block, its window
+  shrinking) of scans over refresh groups (one per block by default) of scans over steps, and
+  the LM head only on the block (without x̂0), the completion (none, block starts) or the window
+  (prefix: block + rest, G − j · block_length)."""
   config = _config(deep, cache=mode, record_x0_hat=record)
   ids, mask = _pad(PROMPTS, deep.cfg.pad_token_id)
   graphdef, state = nnx.split(deep)
@@ -258,7 +259,8 @@ def test_lm_head_runs_only_on_needed_positions(deep, mode, record, rows):
   assert vocab not in (d, deep.cfg.mlp_hidden_size)  # the head's kernel is unambiguous
   assert _head_rows(jaxpr, d, vocab) == {(3, n) for n in rows}
   lengths = _scan_lengths(jaxpr)
-  assert lengths[:3] == ([STEPS] if mode == "none" and record else [2, 1, 2])[:3]
+  want = {"prefix": [1, 2] * (GEN // BLOCK)}.get(mode, [2, 1, 2])
+  assert lengths[:len(want)] == ([STEPS] if mode == "none" and record else want)[:len(want)]
 
 
 def test_head_on_block_gives_identical_logits(deep):
@@ -307,10 +309,11 @@ def test_bad_cache_values_and_the_logits_fn_path(deep):
   with pytest.raises(ValueError, match="needs the model, not a logits_fn"):
     sampler.generate(lambda i, m: None, *_pad(PROMPTS, 0), jax.random.key(0),
                      _config(deep, cache="dual"))
-  assert (cache.window_length(_config(deep, cache="prefix")), cache.right_padding(
-      _config(deep, cache="prefix"))) == (GEN, GEN - BLOCK)
-  assert (cache.window_length(_config(deep, cache="dual")), cache.right_padding(
-      _config(deep, cache="dual"))) == (BLOCK, 0)
+  # prefix: the block and every later position (Fast-dLLM's window); dual: the block.
+  prefix, dual = _config(deep, cache="prefix"), _config(deep, cache="dual")
+  assert [cache.window_length(prefix, j) for j in range(GEN // BLOCK)] == [
+      GEN - j * BLOCK for j in range(GEN // BLOCK)]
+  assert [cache.window_length(dual, j) for j in range(GEN // BLOCK)] == [BLOCK] * (GEN // BLOCK)
 
 
 @pytest.mark.parametrize("section", ["rollout", "eval"])
