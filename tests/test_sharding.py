@@ -303,7 +303,7 @@ full = np.asarray(sharding.process_allgather(g))
 sharding.sync_global_devices("done")
 print("RESULT " + json.dumps({"devices": jax.device_count(), "shape": list(g.shape),
                               "total": total, "full": full.tolist(),
-                              "main": sharding.is_main_process()}))
+                              "main": sharding.is_main_process()}), flush=True)
 """
 
 
@@ -334,7 +334,9 @@ def test_two_process_loopback_helpers(tmp_path):
         q.kill()
       raise
     assert p.returncode == 0, err[-2000:]
-    results.append(json.loads(out.split("RESULT ", 1)[1].splitlines()[0]))
+    # raw_decode: the JSON object only; Gloo's C++ logging shares stdout and was once seen
+    # glued to the end of the RESULT line.
+    results.append(json.JSONDecoder().raw_decode(out.split("RESULT ", 1)[1])[0])
   rows = np.concatenate([np.arange(6).reshape(2, 3) + 100 * i for i in range(2)]).tolist()
   for pid, r in enumerate(results):
     assert r["devices"] == 4 and r["shape"] == [4, 3]
