@@ -106,6 +106,8 @@ def _parse(argv=None):
       setattr(args, k, v)
   if args.public_llada and not args.public:
     p.error("--public_llada needs --public (the model code is Fast-dLLM's modeling_llada.py)")
+  if args.public and args.temperature != 0:
+    p.error("--public compares greedy runs token for token: use --temperature 0")
   if args.public:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import public_llada  # pylint: disable=import-outside-toplevel
@@ -305,8 +307,6 @@ def time_public(args, model, prompt, tokens, result, timed, n_tok, np) -> dict:
   print(f"published model (Fast-dLLM's modeling_llada.py) on egspo's export: max |logits diff| "
         f"{out['logits_max_abs_diff']:.1e}")
   for name in pub.samplers():
-    if args.temperature != 0:
-      raise SystemExit("error: --public compares greedy runs: use --temperature 0")
     mode = public_llada.EGSPO_MODE[name]
 
     def run(i, name=name):

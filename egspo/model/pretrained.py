@@ -158,7 +158,7 @@ _AUTO_MAP = {"AutoConfig": "configuration_llada.LLaDAConfig",
              "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"}
 
 
-def copy_remote_code(source, out_dir) -> bool:
+def _copy_remote_code(source, out_dir) -> bool:
   """Copy LLaDA's modeling code (`REMOTE_CODE_FILES`) from a source checkpoint directory, if it
   has it; True if `out_dir` then holds all of it."""
   if isinstance(source, (str, os.PathLike)):
@@ -175,7 +175,7 @@ def _write_config(out_dir, cfg: ModelConfig, source, *, auto_map: bool = False,
   its modeling code; `auto_map` (an HF export) names that code, or the hub's if there is none."""
   cfg_json = dict(cfg.to_hf_config(), **extra)
   save_tokenizer(source, out_dir, cfg_json)
-  local_code = copy_remote_code(source, out_dir)
+  local_code = _copy_remote_code(source, out_dir)
   if auto_map:
     cfg_json["auto_map"] = {k: v if local_code else f"{LLADA_CODE_REPO}--{v}"
                             for k, v in _AUTO_MAP.items()}
@@ -364,7 +364,8 @@ def save_pretrained_orbax(model: LLaDA, out_dir: str | os.PathLike, *, tokenizer
   """Write `model` as an egspo orbax dir (the layout `python -m egspo.convert` writes).
 
   `tokenizer` (optional, see `save_tokenizer`) is stored beside the weights, so that
-  `egspo.tokenizer.load_tokenizer(out_dir)` returns it. Orbax saves sharded arrays shard by
+  `egspo.tokenizer.load_tokenizer(out_dir)` returns it (with a checkpoint directory, its LLaDA
+  modeling code too, for a later `export_hf`). Orbax saves sharded arrays shard by
   shard; a scanned model is written layer by layer.
   """
   out_dir = _prepare_out_dir(out_dir, overwrite)
@@ -384,8 +385,11 @@ def export_hf(model: LLaDA, out_dir: str | os.PathLike, *, max_shard_bytes: int 
   `model-0000X-of-0000N.safetensors` (each ≤ max_shard_bytes unless one tensor is larger) and
   `model.safetensors.index.json`. Kernels are transposed back to `[out, in]`; tensors are fetched
   from the devices and written one at a time. `dtype` (default: the param dtype) sets the stored
-  dtype; `tokenizer` (optional, see `save_tokenizer`) is written beside the weights.
-  Returns the shard paths.
+  dtype; `tokenizer` (optional, see `save_tokenizer`) is written beside the weights, and when it
+  is a checkpoint directory holding LLaDA's modeling code (`REMOTE_CODE_FILES`), that code too.
+  config.json carries LLaDA-8B's architecture fields and an `auto_map` naming that code (or,
+  without it, the hub's `LLADA_CODE_REPO`), so `transformers.AutoModel.from_pretrained(out_dir,
+  trust_remote_code=True)` builds this model. Returns the shard paths.
   """
   if max_shard_bytes <= 0:
     raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
