@@ -242,11 +242,13 @@ def markdown(entry: dict) -> str:
 
 def plan(runs_dir: pathlib.Path, from_dir: pathlib.Path | None, seeds: list[int],
          rl_seeds: list[int], modes: list[str], block_lengths: list[int | None],
-         rl_modes: list[str], method: str, common: list[str], refreshes: tuple[int, ...] = ()
-         ) -> dict:
+         rl_modes: list[str], method: str, common: list[str], refreshes: tuple[int, ...] = (),
+         config: str = cm.CONFIG, rl_refreshes: tuple[int, ...] = ()) -> dict:
   """{"sft": {seed: Run}, "eval": [(block_length, Run)], "rl": [Run]}; eval and RL runs start
   from their seed's SFT run (DIR's with --from). Names: eval/<mode>[/b<L>], eval/<mode>/r<r>
-  (the cached modes with `eval.cache_refresh` r, at the config's block length), rl/<mode>."""
+  (the cached modes with `eval.cache_refresh` r, at the config's block length), rl/<mode>,
+  rl/<mode>/r<r> (the cached modes with `rollout.cache_refresh` r). A finished --from run is
+  the rl/none reference only if its config.json is this comparison's (`same_config`)."""
   sft, evals, rl = {}, [], []
   for s in sorted(set(seeds) | set(rl_seeds)):
     seed_arg = [f"--config.seed={s}"]
@@ -281,12 +283,27 @@ def plan(runs_dir: pathlib.Path, from_dir: pathlib.Path | None, seeds: list[int]
                                        f"--config.eval.cache_refresh={r}"]), sft[s].workdir)))
   for s in rl_seeds:
     for mode in rl_modes:
-      args = tuple([f"--config.seed={s}"] + common + cm.METHODS[method] + [
-          f"--config.rollout.cache={mode}", "--config.eval.before_training=False"])
-      own = cm.Run(f"rl/{mode}", s, runs_dir / f"seed{s}" / f"rl_{mode}", args, sft[s].workdir)
-      reuse = own._replace(workdir=from_dir / f"seed{s}" / cm.slug(method)) if from_dir else own
-      rl.append(reuse if mode == "none" and reuse.done and not own.done else own)
+      for r in (0,) + (rl_refreshes if mode != "none" else ()):
+        name, extra = (f"{mode}/r{r}", [f"--config.rollout.cache_refresh={r}"]) if r else (mode, [])
+        args = tuple([f"--config.seed={s}"] + common + cm.METHODS[method] + [
+            f"--config.rollout.cache={mode}", "--config.eval.before_training=False"] + extra)
+        own = cm.Run(f"rl/{name}", s, runs_dir / f"seed{s}" / f"rl_{name.replace('/', '_')}",
+                     args, sft[s].workdir)
+        reuse = own._replace(workdir=from_dir / f"seed{s}" / cm.slug(method)) if from_dir else own
+        rl.append(reuse if (mode == "none" and reuse.done and not own.done
+                            and same_config(reuse, config)) else own)
   return {"sft": sft, "eval": evals, "rl": rl}
+
+
+def same_config(run: cm.Run, config: str) -> bool:
+  """Whether `run`'s saved config.json is the one its arguments resolve to: a --from run of
+  another `train.num_iterations` (the ablation's 100) or of an older commit's fields is not the
+  reference of this comparison and is run again here instead."""
+  saved = run.workdir / "config.json"
+  if not saved.exists():
+    return False
+  want = json.loads(cm.resolved_config(list(run.args), config).to_json_best_effort())
+  return json.loads(saved.read_text()) == want
 
 
 def _eval_file(workdir: pathlib.Path) -> dict:
@@ -320,13 +337,18 @@ def quality_rows(evals: list[tuple[int | None, cm.Run]]) -> list[dict]:
   return rows
 
 
+def rl_mode(run: cm.Run) -> str:
+  """'rl/dual/r2' → 'dual r2' (the quality tables' name), 'rl/none' → 'none'."""
+  return run.method.split("/", 1)[1].replace("/", " ")
+
+
 def rl_rows(rl: list[cm.Run], sft: dict, runs_dir: pathlib.Path) -> list[dict]:
   rows = []
   for r in rl:
     h = json.loads((r.workdir / "history.json").read_text())
     metrics = [json.loads(l) for l in (r.workdir / "metrics.jsonl").read_text().splitlines()]
     before = json.loads((sft[r.seed].workdir / "history.json").read_text())["before"]
-    rows.append({"seed": r.seed, "mode": r.method.split("/")[1],
+    rows.append({"seed": r.seed, "mode": rl_mode(r),
                  "accuracy": cm.final_eval(h)["accuracy"], "sft_accuracy": before["accuracy"],
                  "seconds_per_iteration": cm.median_iteration_seconds(r.workdir / "metrics.jsonl"),
                  "rl_train_seconds": float(h.get("rl_train_seconds", math.nan)),
@@ -341,7 +363,7 @@ def per_example(rl: list[cm.Run]) -> dict[str, np.ndarray]:
   """{mode: [seeds, problems] correctness}, refusing runs of a seed on different problems."""
   recs = {}
   for r in rl:
-    recs.setdefault(r.method.split("/")[1], {})[r.seed] = cm.final_generations(r.workdir)
+    recs.setdefault(rl_mode(r), {})[r.seed] = cm.final_generations(r.workdir)
   seeds = sorted(recs["none"])
   for mode, by_seed in recs.items():
     for s in seeds:
@@ -377,6 +399,8 @@ def main():
   ap.add_argument("--refreshes", default="",
                   help="eval.cache_refresh values evaluated for the cached modes (config's block)")
   ap.add_argument("--rl_modes", default="dual,none", help="rollout.cache modes (none is the reference)")
+  ap.add_argument("--rl_refreshes", default="",
+                  help="rollout.cache_refresh values of extra RL runs of the cached --rl_modes")
   ap.add_argument("--method", default=METHOD, help=f"one of: {', '.join(cm.METHODS)}")
   ap.add_argument("--from", dest="from_dir", default=None,
                   help="a compare_methods / ablation runs folder: its SFT runs and finished "
@@ -407,8 +431,9 @@ def main():
          cm.REPO / "results" / datetime.date.today().isoformat() / "cache_quality")
   from_dir = pathlib.Path(a.from_dir).expanduser().resolve() if a.from_dir else None
   refreshes = tuple(r for r in _ints(ap, a.refreshes, "--refreshes") if r)
+  rl_refreshes = tuple(r for r in _ints(ap, a.rl_refreshes, "--rl_refreshes") if r)
   p = plan(runs_dir, from_dir, seeds, rl_seeds, modes, block_lengths, rl_modes, a.method,
-           list(a.extra), refreshes)
+           list(a.extra), refreshes, a.config, rl_refreshes)
   runner = cm.Runner(a.config, 1, a.dry_run)
   runner.run_all(list(p["sft"].values()) + [r for _, r in p["eval"]] + p["rl"])
   if a.dry_run:
@@ -418,7 +443,7 @@ def main():
   verdicts = {}
   if p["rl"]:
     scores = per_example(p["rl"])
-    verdicts = {m: rl_verdict(scores, m, a.resamples, 0) for m in rl_modes if m != "none"}
+    verdicts = {m: rl_verdict(scores, m, a.resamples, 0) for m in scores if m != "none"}
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cm.REPO, capture_output=True,
                           text=True, check=False).stdout.strip()
   entry = {"config": a.config, "overrides": list(a.extra), "method": a.method, "commit": commit,

@@ -104,7 +104,17 @@ def test_plan_reuses_a_finished_ablation_folder(tmp_path):
   for d in (src / "seed0" / "sft", arm):
     d.mkdir(parents=True)
     (d / "history.json").write_text(json.dumps({}))
-  p = cq.plan(runs, src, [0], [0], ["none", "dual"], [None, 8], ["dual", "none"], cq.METHOD, [])
+  plan = lambda: cq.plan(runs, src, [0], [0], ["none", "dual"], [None, 8], ["dual", "none"],
+                         cq.METHOD, [])
+  unchecked = plan()["rl"][1]
+  assert unchecked.workdir == runs / "seed0" / "rl_none"  # no config.json: not known to match
+  resolved = json.loads(cq.cm.resolved_config(list(unchecked.args)).to_json_best_effort())
+  other = json.loads(json.dumps(resolved))
+  other["train"]["num_iterations"] = 100  # the ablation's arms: not this comparison's reference
+  (arm / "config.json").write_text(json.dumps(other))
+  assert plan()["rl"][1].workdir == runs / "seed0" / "rl_none"
+  (arm / "config.json").write_text(json.dumps(resolved))
+  p = plan()
   assert p["sft"][0].workdir == src / "seed0" / "sft" and p["sft"][0].done
   names = [r.method for _, r in p["eval"]]
   assert names == ["eval/none", "eval/dual", "eval/none/b8", "eval/dual/b8"]
@@ -118,6 +128,12 @@ def test_plan_reuses_a_finished_ablation_folder(tmp_path):
   (runs / "seed0" / "rl_none" / "history.json").write_text("{}")
   again = cq.plan(runs, src, [0], [0], ["none"], [None], ["dual", "none"], cq.METHOD, [])
   assert again["rl"][1].workdir == runs / "seed0" / "rl_none"  # a finished own run comes first
+  r2 = cq.plan(runs, src, [0], [0], ["none"], [None], ["dual", "none"], cq.METHOD, [],
+               rl_refreshes=(2,))["rl"]
+  assert [r.method for r in r2] == ["rl/dual", "rl/dual/r2", "rl/none"]
+  assert r2[1].workdir == runs / "seed0" / "rl_dual_r2"
+  assert "--config.rollout.cache_refresh=2" in r2[1].args
+  assert [cq.rl_mode(r) for r in r2] == ["dual", "dual r2", "none"]
   assert "--config.eval.before_training=False" in dual.args
   assert "--config.eval.cache=dual" not in dual.args  # evaluation stays at the default none
   with pytest.raises(SystemExit, match="seed1/sft holds no finished SFT run"):
