@@ -453,7 +453,8 @@ def compiled_flops(model_cfg: llada.ModelConfig, plan: Plan, wl: Workload,
 
 
 def model_config_8b(scan_layers: bool = True) -> llada.ModelConfig:
-  return llada.get_config("llada_8b", scan_layers=scan_layers)
+  # The accelerators' attention ("auto" would pick the CPU kernel on these fake CPU devices).
+  return llada.get_config("llada_8b", scan_layers=scan_layers, attention_impl="xla")
 
 
 def child(n: int, chips: list[str], plans: list[str], wl: Workload, flops: bool) -> None:

@@ -76,6 +76,9 @@ def _parse(argv=None):
                  help="override: vocabulary (≥ the character tokenizer's ids)")
   p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                  help="override: param and compute dtype (default: the preset's)")
+  p.add_argument("--attention_impl", default="auto",
+                 choices=("auto", "xla", "cudnn", "head_major"),
+                 help="ModelConfig.attention_impl of egspo's model (auto: head_major on CPU)")
   for name in ("batch", "prompt_length", "gen_length", "steps", "block_length"):
     p.add_argument(f"--{name}", type=int, default=None, help=f"default {DEFAULTS[name]}")
   p.add_argument("--temperature", type=float, default=0.0)
@@ -135,6 +138,7 @@ def model_config(args):
   if args.dtype:
     over.update(param_dtype=args.dtype, dtype=args.dtype)
   over["max_sequence_length"] = max(1024, 2 * (args.prompt_length + args.gen_length))
+  over["attention_impl"] = args.attention_impl
   return llada.get_config(args.preset, vocab=CharTokenizer(), **over)
 
 
@@ -220,7 +224,8 @@ def main(argv=None):
         f"prompt={args.prompt_length} gen={args.gen_length} steps={args.steps} "
         f"block={args.block_length} cache_refresh={args.cache_refresh} "
         f"temperature={args.temperature} x0_hat={args.x0_hat} "
-        f"dtype={cfg.dtype} threads={args.threads} cpus={cpus} runs={args.runs} "
+        f"dtype={cfg.dtype} attention={cfg.attention_impl} threads={args.threads} cpus={cpus} "
+        f"runs={args.runs} "
         f"device={jax.devices()[0].device_kind} jax={jax.__version__} "
         f"torch={torch.__version__} load={os.getloadavg()[0]:.2f}")
   peak = matmul_peak(args.matmul_n, dtype=args.matmul_dtype)["jax"]
@@ -231,7 +236,7 @@ def main(argv=None):
   result = dict(shape=args.shape, cache_refresh=args.cache_refresh, d_model=cfg.d_model,
                 n_layers=cfg.n_layers,
                 vocab_size=cfg.vocab_size, preset=args.preset, dtype=cfg.dtype,
-                device=jax.devices()[0].device_kind, peak_tflops=args.peak_tflops,
+                attention_impl=cfg.attention_impl, device=jax.devices()[0].device_kind, peak_tflops=args.peak_tflops,
                 **shape, threads=args.threads,
                 matmul_peak_gflops=peak["wall"], matmul_peak_gflops_per_cpu_s=peak["cpu"],
                 modes={})

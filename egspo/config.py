@@ -57,6 +57,9 @@ def base_config(task: str, variant: str = "") -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"
   c.model.remat = True
   c.model.scan_layers = True  # one compiled block: short compiles at 32 layers
+  # 'auto' = 'head_major' on the CPU backend, else 'xla'; 'xla' | 'cudnn' | 'head_major'
+  # (egspo.model.llada.attention).
+  c.model.attention_impl = "auto"
   c.tokenizer = ""  # '' = the checkpoint directory; 'char' = built-in character tokenizer
 
   c.lora = ml_collections.ConfigDict()

@@ -232,6 +232,7 @@ def _validate_model(c) -> None:
     _choice(c, f"model.{name}", sorted(llada.DTYPES))
   _bool(c, "model.remat")
   _bool(c, "model.scan_layers")
+  _choice(c, "model.attention_impl", list(llada.ATTENTION_IMPLS))
   tok = _str(c, "tokenizer")
   if preset == "llada_8b" and not ckpt:
     if _get(c, "variant") == "reference":

@@ -38,7 +38,8 @@ def build_model(config, tokenizer, mesh, rules):
   """The policy, sharded: pretrained weights (HF or converted dir, or hub repo id ORG/NAME), or a
   seeded random init of `model.preset` when `model.checkpoint` is '' or 'random'."""
   overrides = dict(param_dtype=config.model.param_dtype, dtype=config.model.dtype,
-                   remat=config.model.remat, scan_layers=config.model.scan_layers)
+                   remat=config.model.remat, scan_layers=config.model.scan_layers,
+                   attention_impl=config.model.attention_impl)
   if config.model.checkpoint not in ("", "random"):
     from egspo.model import from_pretrained
 

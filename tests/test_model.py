@@ -91,9 +91,10 @@ def torch_sd():
           for kv in (2, 4)}
 
 
+@pytest.mark.parametrize("impl", ["auto", "xla", "head_major"])
 @pytest.mark.parametrize("n_kv_heads", [4, 2])  # MHA and GQA
-def test_parity_with_torch_f32(torch_sd, n_kv_heads):
-  cfg = small_config(n_kv_heads=n_kv_heads)
+def test_parity_with_torch_f32(torch_sd, n_kv_heads, impl):
+  cfg = small_config(n_kv_heads=n_kv_heads, attention_impl=impl)
   sd = torch_sd[n_kv_heads]
   model = from_torch(cfg, sd)
   ids = random_ids(0, 3, 17, cfg.vocab_size)
@@ -105,6 +106,35 @@ def test_parity_with_torch_f32(torch_sd, n_kv_heads):
   # A different state dict gives different logits: the loader really moved the weights.
   other = torch_logits(cfg, torch_llada.random_state_dict(cfg.to_hf_config(), seed=99), ids)
   assert np.abs(other - ref).max() > 0.1
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_head_major_attention_is_jax_attention(kv_heads, dtype, tol):
+  """`head_major_attention` computes `jax.nn.dot_product_attention` (MHA and GQA, left-padded
+  keys, float32 and bfloat16): values and gradients; "auto" is it on the CPU backend."""
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (2, 5, 4, 8), dtype) * 2
+  k, v = (jax.random.normal(x, (2, 7, kv_heads, 8), dtype) for x in ks[1:3])
+  mask = jnp.ones((2, 7), bool).at[0, :3].set(False)
+  want = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
+  got = llada.head_major_attention(q, k, v, mask)
+  assert got.dtype == want.dtype == dtype and got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol)
+  assert jax.default_backend() == "cpu"
+  np.testing.assert_array_equal(np.asarray(llada.attention(q, k, v, mask, "auto"), np.float32),
+                                np.asarray(got, np.float32))
+  np.testing.assert_array_equal(np.asarray(llada.attention(q, k, v, mask, "xla"), np.float32),
+                                np.asarray(want, np.float32))
+  if dtype == jnp.float32:
+    w = jax.random.normal(ks[3], want.shape)
+    loss = lambda impl: lambda q, k, v: (llada.attention(q, k, v, mask, impl) * w).sum()
+    for a, b in zip(jax.grad(loss("head_major"), (0, 1, 2))(q, k, v),
+                    jax.grad(loss("xla"), (0, 1, 2))(q, k, v)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    np.testing.assert_array_equal(  # a padded key has no influence
+        np.asarray(llada.head_major_attention(q, k.at[0, :3].set(1e4), v.at[0, :3].set(-1e4),
+                                              mask)), np.asarray(got))
 
 
 def test_left_padding_equals_prompt_alone(torch_sd):
@@ -269,6 +299,7 @@ def test_presets_take_the_vocabulary_ids():
     (dict(param_dtype="int8"), "param_dtype"),
     (dict(remat_policy="some"), "remat_policy"),
     (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+    (dict(attention_impl="flash"), "attention_impl"),
 ])
 def test_config_validation(kw, field):
   with pytest.raises(ValueError, match=f"ModelConfig.{field}="):

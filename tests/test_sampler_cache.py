@@ -37,9 +37,9 @@ def _pad(prompts, pad_id):
   return ids, ids != pad_id
 
 
-def _model(n_layers=2, scan=False):
+def _model(n_layers=2, scan=False, **kw):
   """The tiny preset, random weights with peaked distributions (a scaled LM head)."""
-  cfg = llada.get_config("tiny", vocab=CharTokenizer(), n_layers=n_layers, scan_layers=scan)
+  cfg = llada.get_config("tiny", vocab=CharTokenizer(), n_layers=n_layers, scan_layers=scan, **kw)
   model = llada.init_model(cfg, 3)
   model.ff_out.kernel[...] = model.ff_out.kernel[...] * 8.0
   return model
@@ -129,11 +129,13 @@ def test_one_layer_cache_is_exact(mode, kw):
 # The model's cached forward
 
 
+@pytest.mark.parametrize("impl", ["xla", "head_major"])
 @pytest.mark.parametrize("scan", [False, True])
-def test_hidden_states_kv_matches_the_full_forward(scan):
-  """kv=None is `hidden_states` (and returns the canvas' keys/values); a window against keys and
-  values of the same canvas gives the full forward's hidden states there, left padding included."""
-  model = _model(2, scan)
+def test_hidden_states_kv_matches_the_full_forward(scan, impl):
+  """kv=None is `hidden_states` (and returns the canvas' keys/values, in the kernel's layout); a
+  window against keys and values of the same canvas gives the full forward's hidden states
+  there, left padding included, and writes its own keys/values over whatever the cache held."""
+  model = _model(2, scan, attention_impl=impl)
   ids, pmask = _pad(PROMPTS, model.cfg.pad_token_id)
   comp = np.asarray(jax.random.randint(jax.random.key(1), (3, GEN), 3, 100), np.int32)
   ids = jnp.asarray(np.concatenate([ids, comp], 1))
@@ -142,14 +144,22 @@ def test_hidden_states_kv_matches_the_full_forward(scan):
   full = nnx.jit(lambda m: m.hidden_states(ids, mask))(model)
   hid, kv = nnx.jit(lambda m: m.hidden_states_kv(ids, pos, mask))(model)
   np.testing.assert_allclose(np.asarray(hid), np.asarray(full), atol=2e-5)  # fusion may differ
-  assert kv[0].shape == (2, 3, P + GEN, model.cfg.n_kv_heads, model.cfg.head_dim)
+  heads, hd = model.cfg.n_kv_heads, model.cfg.head_dim
+  want_shapes = (((2, 3, heads, hd, P + GEN), (2, 3, heads, P + GEN, hd)) if impl == "head_major"
+                 else ((2, 3, P + GEN, heads, hd),) * 2)
+  assert (kv[0].shape, kv[1].shape) == want_shapes
+  assert model.kv_position_axes == ((4, 3) if impl == "head_major" else (2, 2))
   for start, width in ((P, BLOCK), (P + BLOCK, BLOCK), (P + 3, GEN - 3)):
-    stale = jax.tree.map(lambda a: a.at[:, :, start:start + width].set(7.0), kv)  # overwritten
+    stale = tuple(  # 7.0 at the window's positions: overwritten, never read
+        jax.lax.dynamic_update_slice_in_dim(
+            a, jnp.full_like(jax.lax.slice_in_dim(a, start, start + width, axis=ax), 7.0), start,
+            axis=ax) for a, ax in zip(kv, model.kv_position_axes))
     win, new = nnx.jit(lambda m: m.hidden_states_kv(
         ids[:, start:start + width], pos[:, start:start + width], mask, stale, start))(model)
     np.testing.assert_allclose(np.asarray(win), np.asarray(full)[:, start:start + width],
                                atol=2e-5)
     np.testing.assert_allclose(np.asarray(new[0]), np.asarray(kv[0]), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(new[1]), np.asarray(kv[1]), atol=2e-5)
 
 
 @pytest.mark.parametrize("steps,refresh", [(STEPS, 0), (8, 2)], ids=["block_start", "every2"])
