@@ -243,11 +243,12 @@ def markdown(entry: dict) -> str:
 def plan(runs_dir: pathlib.Path, from_dir: pathlib.Path | None, seeds: list[int],
          rl_seeds: list[int], modes: list[str], block_lengths: list[int | None],
          rl_modes: list[str], method: str, common: list[str], refreshes: tuple[int, ...] = (),
-         config: str = cm.CONFIG, rl_refreshes: tuple[int, ...] = ()) -> dict:
+         config: str = cm.CONFIG, rl_refreshes: tuple[int, ...] = (0,)) -> dict:
   """{"sft": {seed: Run}, "eval": [(block_length, Run)], "rl": [Run]}; eval and RL runs start
   from their seed's SFT run (DIR's with --from). Names: eval/<mode>[/b<L>], eval/<mode>/r<r>
   (the cached modes with `eval.cache_refresh` r, at the config's block length), rl/<mode>,
-  rl/<mode>/r<r> (the cached modes with `rollout.cache_refresh` r). A finished --from run is
+  rl/<mode>/r<r> (the cached modes with each `rollout.cache_refresh` r of rl_refreshes, 0 = the
+  block start only: rl/<mode>). A finished --from run is
   the rl/none reference only if its config.json is this comparison's (`same_config`)."""
   sft, evals, rl = {}, [], []
   for s in sorted(set(seeds) | set(rl_seeds)):
@@ -283,7 +284,7 @@ def plan(runs_dir: pathlib.Path, from_dir: pathlib.Path | None, seeds: list[int]
                                        f"--config.eval.cache_refresh={r}"]), sft[s].workdir)))
   for s in rl_seeds:
     for mode in rl_modes:
-      for r in (0,) + (rl_refreshes if mode != "none" else ()):
+      for r in (rl_refreshes if mode != "none" else (0,)):
         name, extra = (f"{mode}/r{r}", [f"--config.rollout.cache_refresh={r}"]) if r else (mode, [])
         args = tuple([f"--config.seed={s}"] + common + cm.METHODS[method] + [
             f"--config.rollout.cache={mode}", "--config.eval.before_training=False"] + extra)
@@ -399,8 +400,9 @@ def main():
   ap.add_argument("--refreshes", default="",
                   help="eval.cache_refresh values evaluated for the cached modes (config's block)")
   ap.add_argument("--rl_modes", default="dual,none", help="rollout.cache modes (none is the reference)")
-  ap.add_argument("--rl_refreshes", default="",
-                  help="rollout.cache_refresh values of extra RL runs of the cached --rl_modes")
+  ap.add_argument("--rl_refreshes", default="0",
+                  help="rollout.cache_refresh values of the RL runs of the cached --rl_modes "
+                       "(0: refilled at each block's start only)")
   ap.add_argument("--method", default=METHOD, help=f"one of: {', '.join(cm.METHODS)}")
   ap.add_argument("--from", dest="from_dir", default=None,
                   help="a compare_methods / ablation runs folder: its SFT runs and finished "
@@ -431,7 +433,9 @@ def main():
          cm.REPO / "results" / datetime.date.today().isoformat() / "cache_quality")
   from_dir = pathlib.Path(a.from_dir).expanduser().resolve() if a.from_dir else None
   refreshes = tuple(r for r in _ints(ap, a.refreshes, "--refreshes") if r)
-  rl_refreshes = tuple(r for r in _ints(ap, a.rl_refreshes, "--rl_refreshes") if r)
+  rl_refreshes = tuple(dict.fromkeys(_ints(ap, a.rl_refreshes, "--rl_refreshes")))
+  if not rl_refreshes or min(rl_refreshes) < 0:
+    ap.error(f"--rl_refreshes: non-negative integers expected, got {a.rl_refreshes!r}")
   p = plan(runs_dir, from_dir, seeds, rl_seeds, modes, block_lengths, rl_modes, a.method,
            list(a.extra), refreshes, a.config, rl_refreshes)
   runner = cm.Runner(a.config, 1, a.dry_run)

@@ -129,11 +129,14 @@ def test_plan_reuses_a_finished_ablation_folder(tmp_path):
   again = cq.plan(runs, src, [0], [0], ["none"], [None], ["dual", "none"], cq.METHOD, [])
   assert again["rl"][1].workdir == runs / "seed0" / "rl_none"  # a finished own run comes first
   r2 = cq.plan(runs, src, [0], [0], ["none"], [None], ["dual", "none"], cq.METHOD, [],
-               rl_refreshes=(2,))["rl"]
+               rl_refreshes=(0, 2))["rl"]
   assert [r.method for r in r2] == ["rl/dual", "rl/dual/r2", "rl/none"]
   assert r2[1].workdir == runs / "seed0" / "rl_dual_r2"
   assert "--config.rollout.cache_refresh=2" in r2[1].args
   assert [cq.rl_mode(r) for r in r2] == ["dual", "dual r2", "none"]
+  only = cq.plan(runs, src, [0], [0], ["none"], [None], ["dual", "none"], cq.METHOD, [],
+                 rl_refreshes=(2,))["rl"]
+  assert [r.method for r in only] == ["rl/dual/r2", "rl/none"]
   assert "--config.eval.before_training=False" in dual.args
   assert "--config.eval.cache=dual" not in dual.args  # evaluation stays at the default none
   with pytest.raises(SystemExit, match="seed1/sft holds no finished SFT run"):
