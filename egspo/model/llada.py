@@ -338,7 +338,7 @@ def head_major_attention(q, k, v, key_mask, *, head_major_kv: bool = False):
   """`jax.nn.dot_product_attention`'s XLA computation (float32 logits and softmax, probabilities
   in the values' dtype), written as 4-d matmuls over [B, K, ·, ·] with the keys as [H, S]: each
   kv head's query group stacked along the query axis, the softmax normalised after the values'
-  matmul. The same values to float32 rounding; on XLA's CPU backend 1.3–4× faster at 32-dim
+  matmul. The same values to float32 rounding; on XLA's CPU backend 1.2–3.9× faster at 32-dim
   heads, where the einsum form runs far below the matmul rate. head_major_kv: k and v are
   already `to_head_major`'s (the block cache keeps them so: no transpose per cached step).
   """
