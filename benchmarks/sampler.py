@@ -61,6 +61,8 @@ SHAPES = {
 }
 # Batch-1 variants: the Fast-dLLM table samples one prompt at a time.
 SHAPES.update({f"{name}_b1": {**shape, "batch": 1} for name, shape in list(SHAPES.items())})
+# llada.ATTENTION_IMPLS, written out: parsing imports no jax (tests/test_benchmarks.py compares).
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "head_major")
 DEFAULTS = dict(preset="small", batch=8, prompt_length=32, gen_length=128, steps=64,
                 block_length=32)
 
@@ -76,8 +78,7 @@ def _parse(argv=None):
                  help="override: vocabulary (≥ the character tokenizer's ids)")
   p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                  help="override: param and compute dtype (default: the preset's)")
-  p.add_argument("--attention_impl", default="auto",
-                 choices=("auto", "xla", "cudnn", "head_major"),
+  p.add_argument("--attention_impl", default="auto", choices=ATTENTION_IMPLS,
                  help="ModelConfig.attention_impl of egspo's model (auto: head_major on CPU)")
   for name in ("batch", "prompt_length", "gen_length", "steps", "block_length"):
     p.add_argument(f"--{name}", type=int, default=None, help=f"default {DEFAULTS[name]}")
@@ -194,6 +195,9 @@ def main(argv=None):
     torch.set_num_interop_threads(1)
 
   cfg = model_config(args)
+  why = llada.attention_backend_error(cfg.attention_impl, jax.default_backend())
+  if why:
+    raise SystemExit(f"error: --{why}")
   tcfg = torch_sampler.torch_config(cfg)
   # Random weights with peaked next-token distributions (as tests/test_sampler.py), so greedy
   # completions can be compared token for token without near-ties.
@@ -236,7 +240,8 @@ def main(argv=None):
   result = dict(shape=args.shape, cache_refresh=args.cache_refresh, d_model=cfg.d_model,
                 n_layers=cfg.n_layers,
                 vocab_size=cfg.vocab_size, preset=args.preset, dtype=cfg.dtype,
-                attention_impl=cfg.attention_impl, device=jax.devices()[0].device_kind, peak_tflops=args.peak_tflops,
+                attention_impl=cfg.attention_impl, device=jax.devices()[0].device_kind,
+                peak_tflops=args.peak_tflops,
                 **shape, threads=args.threads,
                 matmul_peak_gflops=peak["wall"], matmul_peak_gflops_per_cpu_s=peak["cpu"],
                 modes={})

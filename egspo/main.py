@@ -169,7 +169,12 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), workdir)
   from egspo import checkpoint as ckpt_lib
+  from egspo.model import llada
   from egspo.rl import update as update_lib
+
+  why = llada.attention_backend_error(config.model.attention_impl, jax.default_backend())
+  if why:
+    _fail(f"bad config field model.{why}")
 
   try:
     train.run(config, workdir)

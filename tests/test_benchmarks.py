@@ -118,6 +118,8 @@ def test_sampler_public_baselines_fail_fast(tmp_path, capsys):
   with pytest.raises(SystemExit):
     sampler_bench._parse(["--public_llada", str(tmp_path)])
   assert "--public_llada needs --public" in capsys.readouterr().err
+  from egspo.model import llada  # pylint: disable=import-outside-toplevel
+  assert sampler_bench.ATTENTION_IMPLS == llada.ATTENTION_IMPLS  # kept in step by hand
   with pytest.raises(SystemExit):
     sampler_bench._parse(["--public", str(tmp_path), "--temperature", "0.5"])
   assert "--public compares greedy runs" in capsys.readouterr().err

@@ -137,6 +137,15 @@ def test_head_major_attention_is_jax_attention(kv_heads, dtype, tol):
                                               mask)), np.asarray(got))
 
 
+def test_attention_backend_error():
+  """cuDNN attention is refused off GPUs in one line (egspo.main checks it before building)."""
+  assert llada.attention_backend_error("cudnn", "gpu") is None
+  for impl in ("auto", "xla", "head_major"):
+    assert llada.attention_backend_error(impl, "cpu") is None
+  why = llada.attention_backend_error("cudnn", "tpu")
+  assert "\n" not in why and "'cudnn' needs a GPU backend, this one is 'tpu'" in why
+
+
 def test_left_padding_equals_prompt_alone(torch_sd):
   cfg = small_config(n_kv_heads=2)
   sd = torch_sd[2]

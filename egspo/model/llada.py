@@ -313,6 +313,15 @@ def resolve_attention(impl: str) -> str:
   return impl
 
 
+def attention_backend_error(impl: str, backend: str) -> str | None:
+  """Why `impl` cannot run on the JAX `backend` ('cpu', 'gpu', 'tpu'), or None: cuDNN's kernel
+  exists on GPUs only (elsewhere it fails at the first trace, after the model is built)."""
+  if impl == "cudnn" and backend != "gpu":
+    return (f"attention_impl='cudnn' needs a GPU backend, this one is {backend!r} "
+            f"(use 'auto' or 'xla')")
+  return None
+
+
 def to_head_major(k, v):
   """Keys [B, S, K, H] → [B, K, H, S] and values [B, S, K, H] → [B, K, S, H]: the operands of
   `head_major_attention`'s two matmuls (and the block cache's layout with that kernel)."""
